@@ -1,0 +1,122 @@
+"""The whole model: loss_and_grads against finite differences for every parameter array."""
+import numpy as np
+import pytest
+
+import multimnist_capsnet as m
+from gradcheck import numeric_grad, rel_error
+
+TINY = dict(canvas=12, kernel=3, conv1_channels=3, primary_types=2, primary_dim=4, digit_dim=5,
+            decoder_h1=8, decoder_h2=9, recon_weight=0.5, dtype="float64")
+
+
+def tiny_batch(cfg, rng, n=3):
+    labels = np.array([rng.choice(10, 2, replace=False) for _ in range(n)])
+    a, b = rng.uniform(size=(2, n, cfg.canvas ** 2))
+    return dict(x=np.maximum(a, b).reshape(n, cfg.canvas, cfg.canvas, 1), a=a, b=b, labels=labels)
+
+
+def sample(grad, rng, k=12):
+    """k entries: half the largest |grad| (zero rows of masked capsules say little), half random."""
+    flat = np.abs(grad.reshape(-1))
+    top = np.argsort(-flat)[:k // 2]
+    rest = rng.choice(flat.size, min(flat.size, k), replace=False)
+    return np.unique(np.concatenate([top, rest]))
+
+
+def check_every_parameter(cfg, rng, loss_fn=None):
+    params = m.init_params(cfg, rng)
+    params["digit_w"] *= 4  # longer capsules, so both sides of the margin loss are exercised
+    for name in ("conv1_b", "primary_b", "dec1_b", "dec2_b", "dec3_b"):
+        params[name] += rng.standard_normal(params[name].shape) * 0.1
+    batch = tiny_batch(cfg, rng)
+    _, grads, _ = m.loss_and_grads(params, batch, cfg)
+    loss_fn = loss_fn or (lambda: m.loss_and_grads(params, batch, cfg)[0])
+    errors = {}
+    for name, p in params.items():
+        idx = sample(grads[name], rng)
+        num = numeric_grad(loss_fn, p, eps=1e-5, idx=idx).reshape(-1)[idx]
+        errors[name] = rel_error(grads[name].reshape(-1)[idx], num)
+    return errors, params, batch
+
+
+def test_every_parameter_gradient_full_routing():
+    cfg = m.Config(**TINY, routing_grad="full")
+    errors, _, _ = check_every_parameter(cfg, np.random.default_rng(1))
+    assert set(errors) == set(m.init_shapes(cfg))
+    assert max(errors.values()) < 1e-6, errors
+
+
+def test_every_parameter_gradient_frozen_routing(monkeypatch):
+    """frozen differentiates the model whose final coupling coefficients are constants: freeze them
+    at the unperturbed values and finite-difference that function."""
+    cfg = m.Config(**TINY, routing_grad="frozen")
+    rng = np.random.default_rng(2)
+    frozen_c = {}
+    original = m.routing_forward
+
+    def routing_with_frozen_c(uh, n_iters):
+        v, cache = original(uh, n_iters)
+        if "c" not in frozen_c:
+            frozen_c["c"] = cache[1][-1][0].copy()
+            return v, cache
+        return m.squash_forward(np.einsum("nji,njie->nje", frozen_c["c"], uh))[0], cache
+    monkeypatch.setattr(m, "routing_forward", routing_with_frozen_c)
+    errors, _, _ = check_every_parameter(cfg, rng)
+    assert max(errors.values()) < 1e-6, errors
+
+
+def test_default_float32_step_stays_float32():
+    cfg = m.Config(**{**TINY, "dtype": "float32"})
+    rng = np.random.default_rng(0)
+    params = m.init_params(cfg, rng)
+    batch = {k: (v.astype(np.float32) if k != "labels" else v) for k, v in tiny_batch(cfg, rng).items()}
+    _, grads, aux = m.loss_and_grads(params, batch, cfg)
+    assert all(g.dtype == np.float32 for g in grads.values())
+    assert aux["v"].dtype == np.float32
+
+
+def test_default_architecture_shapes():
+    cfg = m.Config()
+    shapes = m.init_shapes(cfg)
+    assert cfg.grid() == (28, 10) and cfg.n_primary == 800
+    assert shapes["conv1_w"] == (9, 9, 1, 32)
+    assert shapes["primary_w"] == (9, 9, 32, 64)
+    assert shapes["digit_w"] == (800, 10, 16, 8)
+    assert shapes["dec1_w"] == (160, 256) and shapes["dec2_w"] == (256, 512)
+    assert shapes["dec3_w"] == (512, 1296)
+
+
+def test_paper_preset_shapes():
+    cfg = m.Config(**m.PRESETS["paper"])
+    shapes = m.init_shapes(cfg)
+    assert cfg.n_primary == 3200 and shapes["digit_w"] == (3200, 10, 16, 8)
+    assert shapes["dec1_w"] == (160, 512) and shapes["dec3_w"] == (1024, 1296)
+
+
+def test_training_on_synthetic_digits_learns():
+    cfg = m.Config(n_train=256, n_test=100, n_epochs=3, conv1_channels=8, primary_types=4,
+                   decoder_h1=32, decoder_h2=32)
+    mnist = m.synthetic_mnist(np.random.default_rng(0))
+    run = m.new_run(cfg)
+    pool, test = m.make_data(cfg, mnist)
+    assert m.train(run, mnist, pool, test, progress=False)
+    first, last = run.history["epochs"][0], run.history["epochs"][-1]
+    assert np.mean(run.history["margin"][-8:]) < np.mean(run.history["margin"][:8])
+    assert last["set_acc"] > 1 / 45 * 5 and last["recon_mse"] < first["recon_mse"]
+
+
+def test_evaluate_counts_hits():
+    cfg = m.Config(canvas=12, kernel=3, conv1_channels=2, primary_types=1, primary_dim=2, digit_dim=2,
+                   decoder_h1=3, decoder_h2=3)
+    pairs = dict(x=np.zeros((2, 12, 12), np.uint8), a=np.zeros((2, 12, 12), np.uint8),
+                 b=np.zeros((2, 12, 12), np.uint8), labels=np.array([[1, 2], [3, 4]]))
+    v = np.zeros((2, 10, 2), np.float32)
+    v[0, 1, 0], v[0, 2, 0] = 0.9, 0.8   # both right
+    v[1, 3, 0], v[1, 7, 0] = 0.9, 0.8   # top-1 right, second wrong
+    m_predict = m.predict
+    try:
+        m.predict = lambda *a: v
+        out = m.evaluate(m.init_params(cfg, np.random.default_rng(0)), cfg, pairs)
+    finally:
+        m.predict = m_predict
+    assert out["set_acc"] == 0.5 and out["soft_acc"] == 1.0 and out["top1"] == 1.0
