@@ -509,11 +509,10 @@ def uhat_backward(duh, cache):
     """duh (N, J, I, E) -> du (N, I, D), dw (I, J, E, D)."""
     u, w = cache
     n, i_, d = u.shape
-    _, j, e, _ = w.shape
-    g = duh.transpose(2, 1, 3, 0).reshape(i_, j * e, n)           # (I, J*E, N)
-    dw = np.matmul(g, u.transpose(1, 0, 2)).reshape(w.shape)      # (I, J*E, D)
-    du = np.matmul(w.reshape(i_, j * e, d).transpose(0, 2, 1), g)  # (I, D, N)
-    return du.transpose(2, 0, 1), dw
+    g = np.ascontiguousarray(duh.transpose(2, 0, 1, 3)).reshape(i_, n, -1)  # (I, N, J*E)
+    dw = np.matmul(g.transpose(0, 2, 1), u.transpose(1, 0, 2))              # (I, J*E, D)
+    du = np.matmul(g, w.reshape(i_, -1, d))                                 # (I, N, D)
+    return du.transpose(1, 0, 2), dw.reshape(w.shape)
 
 
 def softmax(b, axis):
@@ -549,7 +548,7 @@ def routing_backward(dv, cache, full=False):
     every agreement update (the official TensorFlow reference stops no gradient here).
     """
     uh, iters = cache
-    duh = np.zeros_like(uh)
+    duh = None
     db_next = None  # gradient of the logits b_{r+1}, which iteration r's agreement feeds
     for r in reversed(range(len(iters))):
         c, v, sq = iters[r]
@@ -557,7 +556,8 @@ def routing_backward(dv, cache, full=False):
             dv = np.matmul(db_next[:, :, None, :], uh)[:, :, 0]  # (N, J, E)
             duh += db_next[..., None] * v[:, :, None, :]
         ds = squash_backward(dv, sq)                             # (N, J, E)
-        duh += c[..., None] * ds[:, :, None, :]                  # (N, J, I, E)
+        term = c[..., None] * ds[:, :, None, :]                  # (N, J, I, E)
+        duh = term if duh is None else np.add(duh, term, out=duh)
         if not full or r == 0:  # b_0 = 0 is a constant
             break
         dc = np.matmul(uh, ds[..., None])[..., 0]                # (N, J, I)
@@ -750,11 +750,13 @@ def adam_step(params, grads, state, lr, beta1=0.9, beta2=0.999, eps=1e-8):
         m *= beta1
         m += (1 - beta1) * g
         v *= beta2
-        v += (1 - beta2) * (g * g)
+        v += (1 - beta2) * np.square(g)
         denom = np.sqrt(v)
         denom *= vscale
         denom += eps
-        p -= step * m / denom
+        np.divide(m, denom, out=denom)  # reuse the buffer: denom now holds m / denom
+        denom *= step
+        p -= denom
 
 
 def learning_rate(cfg: Config, step: int) -> float:

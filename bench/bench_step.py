@@ -1,0 +1,157 @@
+"""How fast is a training step, against what this CPU can do?
+
+    python3 bench/bench_step.py            # everything, including a full default run (~2 min)
+    python3 bench/bench_step.py --no-full  # skip the full run
+
+Prints one table: the machine's sgemm/dgemm rate, the median step (forward, backward, Adam) at
+float32/float64 and batch 32/64/128 with its fraction of the sgemm peak, the time of each phase of
+a float32 batch-32 step, and the wall time and peak memory of the default 8-epoch run.
+"""
+import argparse
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import multimnist_capsnet as m  # noqa: E402
+
+
+def median_time(f, repeat):
+    f()  # warm up caches and BLAS buffers
+    ts = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        f()
+        ts.append(time.perf_counter() - t)
+    return float(np.median(ts))
+
+
+def gemm_rate(dtype, n=2048, repeat=7):
+    a = np.random.default_rng(0).standard_normal((n, n)).astype(dtype)
+    return 2 * n ** 3 / median_time(lambda: a @ a, repeat)
+
+
+def step_flops(cfg: m.Config, n: int) -> float:
+    """Multiply-adds x 2 of one training step's matrix work (forward + backward)."""
+    k, c1, td = cfg.kernel, cfg.conv1_channels, cfg.primary_types * cfg.primary_dim
+    h1, g = cfg.grid()
+    i, j, e, d = cfg.n_primary, cfg.n_classes, cfg.digit_dim, cfg.primary_dim
+    conv1 = 2 * n * h1 * h1 * k * k * c1 * 2             # forward + weight gradient (no dx)
+    primary = 2 * n * g * g * k * k * c1 * td * 3         # forward, dW, dx
+    uhat = 2 * n * i * j * e * d * 3
+    routing = 2 * n * j * i * e * (2 * cfg.routing_iters - 1) + 2 * n * j * i * e
+    dec = 2 * 2 * n * (j * e * cfg.decoder_h1 + cfg.decoder_h1 * cfg.decoder_h2
+                       + cfg.decoder_h2 * cfg.canvas ** 2) * 3
+    return conv1 + primary + uhat + routing + dec
+
+
+def make_step(cfg: m.Config, n: int):
+    rng = np.random.default_rng(0)
+    params = m.init_params(cfg, rng)
+    adam = m.adam_init(params)
+    mnist = m.synthetic_mnist(rng, n_train=max(n, 64), n_test=10)
+    pairs = m.make_pairs(mnist["train_x"], mnist["train_y"], n, rng)
+    batch = m.batch_arrays(pairs, np.arange(n), cfg.np_dtype)
+
+    def step():
+        _, grads, _ = m.loss_and_grads(params, batch, cfg)
+        m.adam_step(params, grads, adam, cfg.lr)
+    return step
+
+
+PHASES = [  # (module function, call index within a step, label)
+    ("conv_forward", 0, "conv1 fwd"), ("relu_forward", 0, "relu fwd"),
+    ("conv_forward", 1, "primary fwd"), ("squash_forward", 0, "squash fwd"),
+    ("uhat_forward", 0, "u_hat fwd"), ("routing_forward", 0, "routing fwd"),
+    ("margin_forward", 0, "margin loss"), ("mask_forward", 0, "mask"),
+    ("decoder_forward", 0, "decoder fwd"), ("recon_forward", 0, "recon loss"),
+    ("decoder_backward", 0, "decoder bwd"), ("routing_backward", 0, "routing bwd"),
+    ("uhat_backward", 0, "u_hat bwd"), ("squash_backward", 0, "squash bwd"),
+    ("conv_backward", 0, "primary bwd"), ("relu_backward", 0, "relu bwd"),
+    ("conv_backward", 1, "conv1 bwd"), ("adam_step", 0, "adam"),
+]
+
+
+def phase_times(cfg: m.Config, n: int, repeat: int) -> dict[str, float]:
+    """Median seconds of each top-level layer call, by wrapping the module's functions."""
+    names = sorted({p[0] for p in PHASES})
+    originals = {k: getattr(m, k) for k in names}
+    calls, depth = [], [0]
+
+    def timed(name, f):
+        def wrapper(*args, **kw):
+            depth[0] += 1
+            t = time.perf_counter()
+            try:
+                return f(*args, **kw)
+            finally:
+                depth[0] -= 1
+                if depth[0] == 0:
+                    calls.append((name, time.perf_counter() - t))
+        return wrapper
+    for k in names:
+        setattr(m, k, timed(k, originals[k]))
+    try:
+        step = make_step(cfg, n)
+        step()
+        per_step = []
+        for _ in range(repeat):
+            calls.clear()
+            step()
+            per_step.append(list(calls))
+    finally:
+        for k, f in originals.items():
+            setattr(m, k, f)
+    out = {}
+    for name, idx, label in PHASES:
+        ts = [[t for nm, t in s if nm == name][idx] for s in per_step]
+        out[label] = float(np.median(ts))
+    return out
+
+
+def full_run() -> tuple[float, float]:
+    """Wall seconds and peak resident memory (GiB) of the default 8-epoch run."""
+    t = time.perf_counter()
+    subprocess.run([sys.executable, str(ROOT / "multimnist_capsnet.py"), "--quiet"], check=True,
+                   stdout=subprocess.DEVNULL)
+    wall = time.perf_counter() - t
+    return wall, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2 ** 20
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--repeat", type=int, default=15, help="steps timed per setting (default: 15)")
+    p.add_argument("--no-full", action="store_true", help="skip the full default run")
+    args = p.parse_args()
+    print(f"numpy {np.__version__}, {os.cpu_count()} cpus, "
+          f"OPENBLAS_NUM_THREADS={os.environ.get('OPENBLAS_NUM_THREADS', 'unset')}")
+    peak = {"float32": gemm_rate(np.float32), "float64": gemm_rate(np.float64)}
+    print(f"{'sgemm 2048^3':<28}{peak['float32'] / 1e9:8.1f} GFLOP/s")
+    print(f"{'dgemm 2048^3':<28}{peak['float64'] / 1e9:8.1f} GFLOP/s")
+    print(f"\n{'step (fwd+bwd+adam)':<28}{'median ms':>10}{'GFLOP/s':>10}{'of sgemm':>10}")
+    for dtype in ("float32", "float64"):
+        for n in (32, 64, 128):
+            cfg = m.Config(dtype=dtype, batch_size=n)
+            t = median_time(make_step(cfg, n), args.repeat)
+            rate = step_flops(cfg, n) / t
+            print(f"{dtype + ' batch ' + str(n):<28}{t * 1e3:10.1f}{rate / 1e9:10.1f}"
+                  f"{rate / peak['float32']:10.0%}")
+    print(f"\nphases, float32 batch 32 (median ms; {step_flops(m.Config(), 32) / 1e9:.2f} GFLOP a step)")
+    phases = phase_times(m.Config(), 32, args.repeat)
+    for label, t in phases.items():
+        print(f"  {label:<26}{t * 1e3:10.2f}")
+    print(f"  {'sum of phases':<26}{sum(phases.values()) * 1e3:10.2f}")
+    if not args.no_full:
+        wall, mem = full_run()
+        print(f"\nfull default run (8 epochs x 6000 pairs, eval each epoch): {wall:.1f} s wall, "
+              f"peak memory {mem:.2f} GiB")
+
+
+if __name__ == "__main__":
+    main()
