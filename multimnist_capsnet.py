@@ -123,9 +123,17 @@ def validate(cfg: Config) -> None:
         raise CapsNetError(f"dtype must be float32 or float64, got {cfg.dtype!r}")
     if cfg.grid()[1] < 1:
         raise CapsNetError(f"kernel {cfg.kernel} is too large for a {cfg.canvas}px canvas")
-    n_params = cfg.n_primary * cfg.n_classes * cfg.digit_dim * cfg.primary_dim
+    if cfg.seed < 0:
+        raise CapsNetError(f"seed must be >= 0, got {cfg.seed}")
+    if cfg.routing_iters > 100:
+        raise CapsNetError(f"routing_iters must be at most 100, got {cfg.routing_iters}")
+    k2, j, e, d = cfg.kernel ** 2, cfg.n_classes, cfg.digit_dim, cfg.primary_dim
+    n_params = (k2 * cfg.conv1_channels * (1 + cfg.primary_types * d)   # conv1, primary caps
+                + cfg.n_primary * j * e * d                              # routing weights
+                + j * e * cfg.decoder_h1 + cfg.decoder_h1 * cfg.decoder_h2
+                + cfg.decoder_h2 * cfg.canvas ** 2)                       # decoder
     if n_params > 2e8 or cfg.n_train > 10_000_000 or cfg.n_test > 1_000_000:
-        raise CapsNetError("configuration too large for this machine (over 2e8 routing weights "
+        raise CapsNetError("configuration too large for this machine (over 2e8 weights "
                            "or 1e7 training pairs)")
 
 
@@ -761,7 +769,10 @@ def adam_step(params, grads, state, lr, beta1=0.9, beta2=0.999, eps=1e-8):
 
 def learning_rate(cfg: Config, step: int) -> float:
     """lr * lr_decay ** (step / lr_decay_steps), the paper's exponential decay."""
-    return cfg.lr * cfg.lr_decay ** (step / cfg.lr_decay_steps)
+    try:
+        return cfg.lr * cfg.lr_decay ** (step / cfg.lr_decay_steps)
+    except OverflowError:  # a decay factor > 1 grew it past 1e308: check_finite reports it
+        return math.inf
 
 
 # ----------------------------------------------------------------------------------------------
@@ -806,10 +817,11 @@ def make_data(cfg: Config, mnist: dict) -> tuple[dict | None, dict]:
 
 def check_finite(run: Run, loss: float, aux: dict, grads: dict, lr: float) -> None:
     bad = [k for k, g in grads.items() if not np.isfinite(g).all()]
-    if math.isfinite(loss) and not bad:
+    if math.isfinite(loss) and not bad and math.isfinite(lr):
         return
     what = (f"loss is {loss} (margin {aux['margin']}, recon {aux['recon']})"
-            if not math.isfinite(loss) else f"gradient of {', '.join(bad)} is not finite")
+            if not math.isfinite(loss) else f"gradient of {', '.join(bad)} is not finite"
+            if bad else "the learning rate overflowed")
     raise Diverged(f"training diverged at step {run.step + 1}: {what}; lr was {lr:g}, "
                    f"try a lower --lr")
 
@@ -963,6 +975,7 @@ def load_checkpoint(path, cfg: Config | None = None) -> Run:
             params = {k: z[f"param.{k}"] for k in names}
             adam = dict(t=int(meta["adam_t"]), m={k: z[f"adam_m.{k}"] for k in names},
                         v={k: z[f"adam_v.{k}"] for k in names})
+        np.random.default_rng().bit_generator.state = meta["rng_state"]  # a PCG64 state, or raise
         saved = Config(**meta["config"])
         run = Run(saved, params, adam, meta["rng_state"], meta["step"], meta["epoch"],
                   meta["history"])
@@ -1014,6 +1027,8 @@ def check_writable(path: str) -> str | None:
     parent = Path(path).expanduser().resolve().parent
     if Path(path).is_dir():
         return f"{path} is a directory"
+    if parent.exists() and not parent.is_dir():
+        return f"{parent} is not a directory"
     if not parent.is_dir():
         return f"directory {parent} does not exist"
     if not os.access(parent, os.W_OK | os.X_OK):
@@ -1113,6 +1128,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    old_sigint = signal.getsignal(signal.SIGINT)
+    try:
+        return _main(argv)
+    finally:
+        signal.signal(signal.SIGINT, old_sigint)  # a library caller gets its Ctrl-C back
+
+
+def _main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
@@ -1125,14 +1148,19 @@ def main(argv=None) -> int:
     err = lambda msg: print(f"{parser.prog}: error: {msg}", file=sys.stderr)
     stop = StopFlag()
     t0 = time.perf_counter()
+    last_good = [args.resume]  # the newest checkpoint known to be on disk
+
+    def save(r):
+        save_checkpoint(args.save, r)
+        last_good[0] = args.save
     try:
         run = load_checkpoint(args.resume, cfg) if args.resume else new_run(cfg)
         mnist = load_data(args, cfg)
         pool, test = make_data(cfg, mnist)
-        save = (lambda r: save_checkpoint(args.save, r)) if args.save else None
         signal.signal(signal.SIGINT, stop)
-        finished = train(run, mnist, pool, test, on_epoch=save, should_stop=lambda: stop.requested,
-                         progress=not args.quiet)
+        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):  # check_finite reports
+            finished = train(run, mnist, pool, test, on_epoch=save if args.save else None,
+                             should_stop=lambda: stop.requested, progress=not args.quiet)
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # never interrupt the final writes
         ckpt = args.save or (None if finished else "capsnet-interrupted.npz")
         if ckpt:
@@ -1140,10 +1168,11 @@ def main(argv=None) -> int:
         if args.metrics_json:
             write_metrics(args.metrics_json, run, time.perf_counter() - t0)
     except KeyboardInterrupt:
-        err("interrupted twice; stopped at once (files on disk are whole: every write is atomic)")
+        err("interrupted twice; stopped at once (files on disk are whole: every write is atomic)"
+            if stop.requested else "interrupted before training started; nothing was saved")
         return 130
     except Diverged as e:
-        kept = f"; the last good checkpoint is {args.save}" if args.save and run.epoch else ""
+        kept = f"; the last good checkpoint is {last_good[0]}" if last_good[0] else ""
         err(f"{e}{kept}")
         return 1
     except CapsNetError as e:
