@@ -51,7 +51,9 @@ def step_flops(cfg: m.Config, n: int) -> float:
     return conv1 + primary + uhat + routing + dec
 
 
-def make_step(cfg: m.Config, n: int):
+def make_step(cfg: m.Config, n: int, workers=None):
+    """One training step as train() runs it: (sharded) forward + backward, then Adam."""
+    m.keep_freed_memory()  # as train() does
     rng = np.random.default_rng(0)
     params = m.init_params(cfg, rng)
     adam = m.adam_init(params)
@@ -60,8 +62,8 @@ def make_step(cfg: m.Config, n: int):
     batch = m.batch_arrays(pairs, np.arange(n), cfg.np_dtype)
 
     def step():
-        _, grads, _ = m.loss_and_grads(params, batch, cfg)
-        m.adam_step(params, grads, adam, cfg.lr)
+        _, grads, _ = m.sharded_loss_and_grads(params, batch, cfg, workers)
+        m.adam_step(params, grads, adam, cfg.lr, workers=workers)
     return step
 
 
@@ -134,15 +136,18 @@ def main():
     peak = {"float32": gemm_rate(np.float32), "float64": gemm_rate(np.float64)}
     print(f"{'sgemm 2048^3':<28}{peak['float32'] / 1e9:8.1f} GFLOP/s")
     print(f"{'dgemm 2048^3':<28}{peak['float64'] / 1e9:8.1f} GFLOP/s")
-    print(f"\n{'step (fwd+bwd+adam)':<28}{'median ms':>10}{'GFLOP/s':>10}{'of sgemm':>10}")
-    for dtype in ("float32", "float64"):
-        for n in (32, 64, 128):
-            cfg = m.Config(dtype=dtype, batch_size=n)
-            t = median_time(make_step(cfg, n), args.repeat)
-            rate = step_flops(cfg, n) / t
-            print(f"{dtype + ' batch ' + str(n):<28}{t * 1e3:10.1f}{rate / 1e9:10.1f}"
-                  f"{rate / peak['float32']:10.0%}")
-    print(f"\nphases, float32 batch 32 (median ms; {step_flops(m.Config(), 32) / 1e9:.2f} GFLOP a step)")
+    print(f"\n{'step (fwd+bwd+adam)':<34}{'median ms':>10}{'GFLOP/s':>10}{'of sgemm':>10}")
+    for workers in (m.Config().workers, 1):
+        for dtype in ("float32", "float64"):
+            for n in (32, 64, 128):
+                cfg = m.Config(dtype=dtype, batch_size=n, workers=workers)
+                with m.worker_pool(workers) as pool:
+                    t = median_time(make_step(cfg, n, pool), args.repeat)
+                rate = step_flops(cfg, n) / t
+                label = f"{dtype} batch {n} workers {workers}"
+                print(f"{label:<34}{t * 1e3:10.1f}{rate / 1e9:10.1f}{rate / peak['float32']:10.0%}")
+    print(f"\nphases, float32 batch 32, one worker (median ms; "
+          f"{step_flops(m.Config(), 32) / 1e9:.2f} GFLOP a step)")
     phases = phase_times(m.Config(), 32, args.repeat)
     for label, t in phases.items():
         print(f"  {label:<26}{t * 1e3:10.2f}")

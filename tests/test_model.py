@@ -120,3 +120,33 @@ def test_evaluate_counts_hits():
     finally:
         m.predict = m_predict
     assert out["set_acc"] == 0.5 and out["soft_acc"] == 1.0 and out["top1"] == 1.0
+
+
+def test_sharded_step_equals_one_batch():
+    """Two worker threads, each on half the batch, give the full batch's loss and gradients."""
+    cfg = m.Config(**TINY)
+    rng = np.random.default_rng(3)
+    params = m.init_params(cfg, rng)
+    batch = tiny_batch(cfg, rng, n=5)  # odd: shards of 2 and 3, weighted by size
+    loss, grads, aux = m.loss_and_grads(params, batch, cfg)
+    with m.worker_pool(2) as pool:
+        assert pool is not None, "OpenBLAS thread control not found: the sharded path is untested"
+        loss2, grads2, aux2 = m.sharded_loss_and_grads(params, batch, cfg, pool)
+    assert loss2 == pytest.approx(loss, rel=1e-12) and aux2["recon"] == pytest.approx(aux["recon"])
+    for k in params:
+        np.testing.assert_allclose(grads2[k], grads[k], rtol=1e-10, atol=1e-13)
+    np.testing.assert_array_equal(aux2["v"], aux["v"])
+
+
+def test_adam_in_worker_threads_equals_serial():
+    rng = np.random.default_rng(4)
+    params = {"a": rng.standard_normal((7, 3)), "b": rng.standard_normal(5), "c": rng.standard_normal(1)}
+    grads = {k: rng.standard_normal(p.shape) for k, p in params.items()}
+    serial, threaded = ({k: p.copy() for k, p in params.items()} for _ in range(2))
+    s1, s2 = m.adam_init(params), m.adam_init(params)
+    with m.worker_pool(2) as pool:
+        for _ in range(3):
+            m.adam_step(serial, grads, s1, 0.01)
+            m.adam_step(threaded, grads, s2, 0.01, workers=pool)
+    for k in params:
+        np.testing.assert_array_equal(serial[k], threaded[k])
