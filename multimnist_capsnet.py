@@ -130,6 +130,8 @@ def validate(cfg: Config) -> None:
         raise CapsNetError(f"kernel {cfg.kernel} is too large for a {cfg.canvas}px canvas")
     if cfg.seed < 0:
         raise CapsNetError(f"seed must be >= 0, got {cfg.seed}")
+    if cfg.workers > 64:
+        raise CapsNetError(f"workers must be at most 64, got {cfg.workers}")
     if cfg.routing_iters > 100:
         raise CapsNetError(f"routing_iters must be at most 100, got {cfg.routing_iters}")
     k2, j, e, d = cfg.kernel ** 2, cfg.n_classes, cfg.digit_dim, cfg.primary_dim
@@ -373,13 +375,22 @@ def bounding_boxes(images: np.ndarray) -> np.ndarray:
     return np.stack([top, bottom, left, right], 1)
 
 
-def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """IoU of inclusive pixel boxes (n, 4) as (top, bottom, left, right)."""
+def box_area(a: np.ndarray) -> np.ndarray:
+    """Pixels in inclusive boxes (n, 4) as (top, bottom, left, right)."""
+    return (a[:, 1] - a[:, 0] + 1) * (a[:, 3] - a[:, 2] + 1)
+
+
+def box_intersection(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Pixels shared by inclusive boxes a and b (n, 4)."""
     ih = np.clip(np.minimum(a[:, 1], b[:, 1]) - np.maximum(a[:, 0], b[:, 0]) + 1, 0, None)
     iw = np.clip(np.minimum(a[:, 3], b[:, 3]) - np.maximum(a[:, 2], b[:, 2]) + 1, 0, None)
-    area = lambda x: (x[:, 1] - x[:, 0] + 1) * (x[:, 3] - x[:, 2] + 1)
-    inter = ih * iw
-    return inter / (area(a) + area(b) - inter)
+    return ih * iw
+
+
+def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """IoU of inclusive pixel boxes (n, 4) as (top, bottom, left, right)."""
+    inter = box_intersection(a, b)
+    return inter / (box_area(a) + box_area(b) - inter)
 
 
 def place(images: np.ndarray, dy: np.ndarray, dx: np.ndarray, canvas: int) -> np.ndarray:
@@ -1180,6 +1191,9 @@ def add_training_flags(parser: argparse.ArgumentParser) -> None:
                    help="frozen: final c constant in backward; full: exact (default: %(default)s)")
     g.add_argument("--dtype", choices=("float32", "float64"), default=d.dtype,
                    help="(default: %(default)s)")
+    g.add_argument("--workers", type=int, default=d.workers,
+                   help="threads that split each batch, BLAS one thread each; results depend on "
+                        "it slightly (default: %(default)s)")
     t = parser.add_argument_group("task")
     t.add_argument("--min-iou", type=float, default=d.min_iou,
                    help="bounding-box IoU each pair must reach; 0 = paper (default: %(default)s)")
