@@ -770,7 +770,7 @@ def sharded_loss_and_grads(params, batch, cfg: Config, pool=None):
     n = len(batch["labels"])
     if pool is None or n < 2:
         return loss_and_grads(params, batch, cfg)
-    cuts = np.linspace(0, n, pool._max_workers + 1).astype(int)
+    cuts = np.linspace(0, n, cfg.workers + 1).astype(int)
     shards = [{k: v[a:b] for k, v in batch.items()} for a, b in zip(cuts[:-1], cuts[1:]) if b > a]
     results = parallel_map(pool, lambda shard: loss_and_grads(params, shard, cfg), shards)
     w = [len(shard["labels"]) / n for shard in shards]
@@ -1130,10 +1130,8 @@ def load_checkpoint(path, cfg: Config | None = None) -> Run:
 
 
 def init_shapes(cfg: Config) -> dict[str, tuple]:
-    """Parameter shapes of a configuration, without drawing any numbers."""
-    class Zeros:
-        standard_normal = staticmethod(lambda shape: np.zeros(shape))
-    return {k: p.shape for k, p in init_params(cfg, Zeros()).items()}
+    """Parameter shapes of a configuration."""
+    return {k: p.shape for k, p in init_params(cfg, np.random.default_rng(0)).items()}
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,7 +1,9 @@
-"""The seed's open questions, measured: each variant at the seed's budget, three seeds each.
+"""The seed's open questions, measured: each variant at the seed's budget, three seeds each;
+then the best this package reaches in 60 minutes on each task definition.
 
     python3 bench/experiments.py run        # train every missing run (two at a time, 1 thread each)
-    python3 bench/experiments.py summarize  # the README's table and viz/experiments.png
+    python3 bench/experiments.py long       # the two 60-minute runs, side by side, 1 thread each
+    python3 bench/experiments.py summarize  # the README's tables and viz/experiments.png
 
 Every run is one plain CLI call (printed before it starts) writing runs/exp/NAME_sSEED.json, so
 any row can be reproduced alone; a finished run is never repeated, so `run` can be resumed.
@@ -9,6 +11,7 @@ any row can be reproduced alone; a finished run is never repeated, so `run` can 
 import argparse
 import io
 import json
+import os
 import subprocess
 import sys
 import time
@@ -32,16 +35,31 @@ EXPERIMENTS = [
 EXTRA = [  # single runs on a smaller budget
     ("paper preset, 1 epoch", ["--preset", "paper", "--n-epochs", "1"], (0,)),
 ]
+LONG_MINUTES = 60
+LONG_FLAGS = ["--resample", "--n-train", "30000", "--n-epochs", "1000", "--n-test", "5000",
+              "--conv1-channels", "64", "--primary-types", "16",
+              "--lr-decay", "0.96", "--lr-decay-steps", "2000"]
+LONG = [  # stopped by SIGINT after LONG_MINUTES: the last finished epoch's evaluation counts
+    ("seed task, 60 min", LONG_FLAGS),
+    ("paper task, 60 min", LONG_FLAGS + ["--min-iou", "0", "--overlay", "clip-sum"]),
+]
 
 
 def slug(name: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in name).strip("-")
 
 
-def command(name, flags, seed):
-    out = OUT / f"{slug(name)}_s{seed}.json"
+def command(name, flags, seed, out_dir=OUT):
+    out = out_dir / f"{slug(name)}_s{seed}.json"
     return [sys.executable, "multimnist_capsnet.py", "--seed", str(seed), "--workers", "1",
             "--quiet", *flags, "--metrics-json", str(out.relative_to(ROOT))], out
+
+
+ENV = {**os.environ, "OPENBLAS_NUM_THREADS": "1"}  # two runs side by side: one core each
+
+
+def shown(cmd) -> str:
+    return "OPENBLAS_NUM_THREADS=1 python3 " + " ".join(cmd[1:])
 
 
 def all_runs():
@@ -61,10 +79,10 @@ def run(jobs: int) -> None:
     while todo or running:
         while todo and len(running) < jobs:
             cmd, out = todo.pop(0)
-            print("$ " + " ".join(cmd[1:]).replace("multimnist_capsnet.py", "python3 multimnist_capsnet.py"),
-                  flush=True)
+            print("$ " + shown(cmd), flush=True)
             log = open(out.with_suffix(".log"), "w")
-            running.append((subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT), out))
+            running.append((subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=log,
+                                             stderr=subprocess.STDOUT), out))
         time.sleep(2)
         for proc, out in list(running):
             if proc.poll() is not None:
@@ -72,10 +90,26 @@ def run(jobs: int) -> None:
                 print(f"  {'done' if proc.returncode == 0 else 'FAILED'}: {out.name}", flush=True)
 
 
-def load(name, seeds):
+def long_runs() -> None:
+    """Both 60-minute runs at once (one core each), each ended by SIGINT: it finishes its step,
+    saves its checkpoint and metrics, and exits 130."""
+    (ROOT / "runs" / "long").mkdir(parents=True, exist_ok=True)
+    procs = []
+    for name, flags in LONG:
+        cmd, out = command(name, flags, 0, ROOT / "runs" / "long")
+        cmd = ["timeout", "-s", "INT", f"{LONG_MINUTES}m", *cmd,
+               "--save", str(out.with_suffix(".npz").relative_to(ROOT))]
+        print(f"$ timeout -s INT {LONG_MINUTES}m " + shown(cmd[4:]), flush=True)
+        procs.append(subprocess.Popen(cmd, cwd=ROOT, env=ENV, stderr=subprocess.STDOUT,
+                                      stdout=open(out.with_suffix(".log"), "w")))
+    for p in procs:
+        print(f"  exit {p.wait()}", flush=True)
+
+
+def load(name, seeds, out_dir=OUT):
     docs = []
     for seed in seeds:
-        path = OUT / f"{slug(name)}_s{seed}.json"
+        path = out_dir / f"{slug(name)}_s{seed}.json"
         if path.exists():
             docs.append(json.loads(path.read_text()))
     return docs
@@ -83,7 +117,7 @@ def load(name, seeds):
 
 def summarize() -> None:
     rows = [(n, f, SEEDS) for n, f in EXPERIMENTS] + list(EXTRA)
-    print("| variant | flags | seeds | test set acc | recon MSE | wall (1 thread) |")
+    print("| variant | flags | seeds | test set acc (mean ± sd) | recon MSE | wall, 1 thread |")
     print("|---|---|---|---|---|---|")
     curves = {}
     for name, flags, seeds in rows:
@@ -97,25 +131,44 @@ def summarize() -> None:
         print(f"| {name} | `{' '.join(flags) or '(defaults)'}` | {len(docs)} | {spread(acc, '.3f')} "
               f"| {spread(mse, '.4f')} | {wall:.0f} s |")
         curves[name] = np.array([[e["set_acc"] for e in d["history"]["epochs"]] for d in docs])
-    plot(curves)
+    long = {name: load(name, (0,), ROOT / "runs" / "long") for name, _ in LONG}
+    long = {name: docs[0] for name, docs in long.items() if docs}
+    if long:
+        print("\n| 60-minute run | epochs done | pairs seen | test set acc (5000 pairs) | soft | "
+              "top-1 | recon MSE |")
+        print("|---|---|---|---|---|---|---|")
+        for name, d in long.items():
+            f = d["final"]
+            print(f"| {name} | {f['epoch']} | {f['step'] * d['config']['batch_size']:,} | "
+                  f"{f['set_acc']:.3f} | {f['soft_acc']:.3f} | {f['top1']:.3f} | "
+                  f"{f['recon_mse']:.4f} |")
+    plot(curves, long)
 
 
-def plot(curves) -> None:
+def plot(curves, long) -> None:
     from matplotlib.figure import Figure
     sys.path.insert(0, str(ROOT))
     from multimnist_capsnet import atomic_write
-    fig = Figure(figsize=(8, 4.5), dpi=100)
-    ax = fig.add_subplot()
+    fig = Figure(figsize=(13, 4.8), dpi=100)
+    ax, ax2 = fig.subplots(1, 2, gridspec_kw=dict(width_ratios=(1.25, 1)))
     for name, c in curves.items():
         epochs = np.arange(1, c.shape[1] + 1)
         line, = ax.plot(epochs, c.mean(0), marker="o", ms=3, label=f"{name} (n={len(c)})")
         if len(c) > 1:
             ax.fill_between(epochs, c.min(0), c.max(0), color=line.get_color(), alpha=0.15)
-    ax.axhline(1 / 45, color="gray", ls=":", label="chance 1/45")
-    ax.set(xlabel="epoch (6000 pairs)", ylabel="test two-digit set accuracy",
-           title="Open questions at the seed's budget: mean over seeds, band = min..max")
-    ax.legend(fontsize=7, loc="lower right", ncol=2)
-    ax.grid(alpha=0.3)
+    ax.set(xlabel="epoch (6000 composites each)", ylabel="test two-digit set accuracy",
+           title="Open questions at the seed's budget\n(mean over seeds; band = min..max)")
+    for name, d in long.items():
+        minutes = np.cumsum(d["timing"]["epoch_seconds"]) / 60
+        acc = [e["set_acc"] for e in d["history"]["epochs"]]
+        ax2.plot(minutes, acc, marker="o", ms=3, label=name)
+    ax2.set(xlabel="wall-clock minutes (one core each)", ylabel="test two-digit set accuracy",
+            title=f"The best in {LONG_MINUTES} minutes (5000 test pairs)", xlim=(0, LONG_MINUTES))
+    for a in (ax, ax2):
+        a.axhline(1 / 45, color="gray", ls=":", label="chance 1/45")
+        a.set_ylim(0, 1)
+        a.grid(alpha=0.3)
+        a.legend(fontsize=7, loc="lower right")
     buf = io.BytesIO()
     fig.savefig(buf, format="png", bbox_inches="tight")
     atomic_write(ROOT / "viz" / "experiments.png", buf.getvalue())
@@ -124,10 +177,10 @@ def plot(curves) -> None:
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("what", choices=("run", "summarize"))
+    p.add_argument("what", choices=("run", "long", "summarize"))
     p.add_argument("--jobs", type=int, default=2, help="runs at a time (default: 2)")
     args = p.parse_args()
-    run(args.jobs) if args.what == "run" else summarize()
+    {"run": lambda: run(args.jobs), "long": long_runs, "summarize": summarize}[args.what]()
 
 
 if __name__ == "__main__":
