@@ -148,6 +148,9 @@ def main(argv=None) -> int:
     cfg = viz.config_or_error(parser, args)
     if why := mc.check_writable(args.out):
         parser.error(why)
+    if args.fps > 100:
+        parser.error(f"--fps must be at most 100 (GIF frame times are whole centiseconds), "
+                     f"got {args.fps:g}")
     if args.n_watch > min(cfg.n_test, args.n_eval):
         parser.error(f"--n-watch {args.n_watch} exceeds the test pairs scored "
                      f"({min(cfg.n_test, args.n_eval)})")

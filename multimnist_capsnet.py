@@ -69,6 +69,7 @@ class Config:
     min_iou: float = 0.8            # bounding-box IoU every pair must reach (0: the paper's shifts)
     overlay: str = "max"            # 'max' (the seed) or 'clip-sum' (the paper: add, clip at 1)
     resample: bool = False          # fresh composites every epoch from all training digits
+    data: str = "mnist"             # 'mnist', or 'synthetic' random glyphs (smoke tests, no MNIST)
     canvas: int = 36                # side of the MultiMNIST canvas (digit side + 2 * max_shift)
     max_shift: int = 4              # digits move by integers in [-max_shift, max_shift] per axis
     dtype: str = "float32"          # float32 trains fast; float64 for gradient checks
@@ -124,6 +125,8 @@ def validate(cfg: Config) -> None:
         raise CapsNetError(f"routing_grad must be 'frozen' or 'full', got {cfg.routing_grad!r}")
     if cfg.overlay not in ("max", "clip-sum"):
         raise CapsNetError(f"overlay must be 'max' or 'clip-sum', got {cfg.overlay!r}")
+    if cfg.data not in ("mnist", "synthetic"):
+        raise CapsNetError(f"data must be 'mnist' or 'synthetic', got {cfg.data!r}")
     if cfg.dtype not in ("float32", "float64"):
         raise CapsNetError(f"dtype must be float32 or float64, got {cfg.dtype!r}")
     if cfg.grid()[1] < 1:
@@ -1079,8 +1082,8 @@ def evaluate(params, cfg: Config, pairs: dict, workers=None) -> dict:
 # ----------------------------------------------------------------------------------------------
 # Checkpoints: one .npz, no pickle, written atomically
 
-DATA_FIELDS = ("seed", "n_train", "batch_size", "min_iou", "overlay", "resample", "max_shift",
-               "dtype")
+DATA_FIELDS = ("seed", "n_train", "n_test", "batch_size", "min_iou", "overlay", "resample",
+               "max_shift", "data", "dtype")
 
 
 def save_checkpoint(path, run: Run) -> None:
@@ -1110,10 +1113,13 @@ def load_checkpoint(path, cfg: Config | None = None) -> Run:
                         v={k: z[f"adam_v.{k}"] for k in names})
         np.random.default_rng().bit_generator.state = meta["rng_state"]  # a PCG64 state, or raise
         saved = Config(**meta["config"])
+        validate(saved)
         run = Run(saved, params, adam, meta["rng_state"], meta["step"], meta["epoch"],
                   meta["history"])
     except FileNotFoundError:
         raise CapsNetError(f"checkpoint {path} does not exist") from None
+    except CapsNetError as e:
+        raise CapsNetError(f"{path}: its saved config is invalid: {e}") from None
     except (OSError, ValueError, KeyError, TypeError, zipfile.BadZipFile, EOFError) as e:
         raise CapsNetError(f"{path} is not a readable multimnist-capsnet checkpoint "
                            f"({type(e).__name__})") from None
@@ -1199,7 +1205,7 @@ def add_training_flags(parser: argparse.ArgumentParser) -> None:
                    help="merge by pixel-wise max or add-and-clip (paper) (default: %(default)s)")
     t.add_argument("--resample", action="store_true",
                    help="fresh training composites every epoch (default: a fixed pool)")
-    t.add_argument("--data", choices=("mnist", "synthetic"), default="mnist",
+    t.add_argument("--data", choices=("mnist", "synthetic"), default=d.data,
                    help="synthetic = random glyphs, for smoke tests (default: %(default)s)")
     t.add_argument("--data-dir", default=None,
                    help="MNIST cache (default: $HINTON_MNIST_DIR or ~/.cache/hinton-mnist)")
@@ -1228,7 +1234,8 @@ def config_from_args(args) -> Config:
 
 
 def load_data(args, cfg: Config) -> dict:
-    if args.data == "synthetic":
+    """The digits cfg.data names: MNIST from args.data_dir (or the default cache), or glyphs."""
+    if cfg.data == "synthetic":
         return synthetic_mnist(np.random.default_rng(cfg.seed))
     return load_mnist(args.data_dir)
 

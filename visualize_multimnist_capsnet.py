@@ -390,7 +390,7 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--outdir", default="viz", help="created if missing (default: %(default)s)")
     o.add_argument("--checkpoint", default=None,
                    help="a checkpoint from multimnist_capsnet.py --save: draw it, no training "
-                        "(its config replaces the training flags; --data must match)")
+                        "(its config, data source included, replaces the training flags)")
     o.add_argument("--quiet", action="store_true", help="no per-step progress bar")
     return p
 

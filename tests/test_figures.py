@@ -46,12 +46,43 @@ def test_visualize_from_checkpoint(tmp_path, capsys):
         check_png(out / name)
 
 
-def test_bad_checkpoint_is_one_line(tmp_path, capsys):
+@pytest.mark.parametrize("kind", ["text", "truncated", "foreign-npz", "missing"])
+def test_bad_checkpoint_is_one_line(tmp_path, capsys, kind):
     bad = tmp_path / "bad.npz"
-    bad.write_bytes(b"not a checkpoint")
+    if kind == "text":
+        bad.write_bytes(b"not a checkpoint")
+    elif kind == "truncated":
+        good = tmp_path / "good.npz"
+        assert mc.main(TINY + ["--save", str(good)]) == 0
+        bad.write_bytes(good.read_bytes()[:good.stat().st_size // 2])
+    elif kind == "foreign-npz":
+        np.savez(bad, weights=np.ones((3, 3)))
+    capsys.readouterr()
     assert viz.main(["--checkpoint", str(bad), "--outdir", str(tmp_path / "o")]) == 1
     err = capsys.readouterr().err.strip()
     assert err.startswith("visualize_multimnist_capsnet.py: error:") and "\n" not in err
+    assert "bad.npz" in err and not any((tmp_path / "o").glob("*"))  # no figure, no temp file
+
+
+@pytest.mark.parametrize("flags, expect", [
+    (["--snapshot-every", "0"], "--snapshot-every: must be positive"),
+    (["--snapshot-every", "x"], "--snapshot-every: invalid"),
+    (["--fps", "0"], "--fps: must be positive"),
+    (["--fps", "-6"], "--fps: must be positive"),
+    (["--fps", "nan"], "--fps: must be positive"),
+    (["--fps", "1e9"], "--fps must be at most 100"),
+    (["--n-watch", "0"], "--n-watch: must be positive"),
+    (["--n-watch", "41"], "--n-watch 41 exceeds the test pairs scored (40)"),
+    (["--n-eval", "-1"], "--n-eval: must be positive"),
+    (["--out", "{tmp}"], "is a directory"),
+])
+def test_gif_bad_flags_are_one_line_before_training(tmp_path, capsys, monkeypatch, flags, expect):
+    monkeypatch.setattr(mc, "train", lambda *a, **k: pytest.fail("trained before checking"))
+    with pytest.raises(SystemExit) as e:
+        gif.main(TINY + [f.replace("{tmp}", str(tmp_path)) for f in flags])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and expect in err[-1], err
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize("make_bad", ["file", "under_file", "read_only"])
@@ -101,5 +132,3 @@ def test_gif_unwritable_out_errors_before_training(tmp_path, capsys, monkeypatch
     with pytest.raises(SystemExit) as e:
         gif.main(TINY + ["--out", str(tmp_path / "missing" / "a.gif")])
     assert e.value.code == 2 and "does not exist" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        gif.main(TINY + ["--fps", "0"])

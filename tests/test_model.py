@@ -1,4 +1,6 @@
 """The whole model: loss_and_grads against finite differences for every parameter array."""
+import concurrent.futures
+
 import numpy as np
 import pytest
 
@@ -129,8 +131,8 @@ def test_sharded_step_equals_one_batch():
     params = m.init_params(cfg, rng)
     batch = tiny_batch(cfg, rng, n=5)  # odd: shards of 2 and 3, weighted by size
     loss, grads, aux = m.loss_and_grads(params, batch, cfg)
-    with m.worker_pool(2) as pool:
-        assert pool is not None, "OpenBLAS thread control not found: the sharded path is untested"
+    assert cfg.workers == 2
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:  # the sharding, whatever the BLAS
         loss2, grads2, aux2 = m.sharded_loss_and_grads(params, batch, cfg, pool)
     assert loss2 == pytest.approx(loss, rel=1e-12) and aux2["recon"] == pytest.approx(aux["recon"])
     for k in params:
@@ -144,9 +146,21 @@ def test_adam_in_worker_threads_equals_serial():
     grads = {k: rng.standard_normal(p.shape) for k, p in params.items()}
     serial, threaded = ({k: p.copy() for k, p in params.items()} for _ in range(2))
     s1, s2 = m.adam_init(params), m.adam_init(params)
-    with m.worker_pool(2) as pool:
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
         for _ in range(3):
             m.adam_step(serial, grads, s1, 0.01)
             m.adam_step(threaded, grads, s2, 0.01, workers=pool)
     for k in params:
         np.testing.assert_array_equal(serial[k], threaded[k])
+
+
+def test_worker_pool_only_where_blas_threads_can_be_set():
+    """Two threads each calling a multi-threaded BLAS are slower than one: the pool exists only
+    where this process's OpenBLAS can be set to one thread, and gets its thread count back."""
+    threads = m._openblas_threads()
+    with m.worker_pool(1) as pool:
+        assert pool is None
+    with m.worker_pool(2) as pool:
+        assert (pool is None) == (threads is None)
+        if threads is not None:
+            assert threads[1]() == 1
