@@ -118,7 +118,10 @@ def phase_times(cfg: m.Config, n: int, repeat: int) -> dict[str, float]:
 
 
 def full_run() -> tuple[float, float]:
-    """Wall seconds and peak resident memory (GiB) of the default 8-epoch run."""
+    """Wall seconds and peak resident memory (GiB) of the default 8-epoch run.
+
+    Run it before this process grows: a child's ru_maxrss starts at its parent's resident size at
+    fork (the pages are shared until exec), so a big parent would hide the child's own peak."""
     t = time.perf_counter()
     subprocess.run([sys.executable, str(ROOT / "multimnist_capsnet.py"), "--quiet"], check=True,
                    stdout=subprocess.DEVNULL)
@@ -131,6 +134,7 @@ def main():
     p.add_argument("--repeat", type=int, default=15, help="steps timed per setting (default: 15)")
     p.add_argument("--no-full", action="store_true", help="skip the full default run")
     args = p.parse_args()
+    full = None if args.no_full else full_run()
     print(f"numpy {np.__version__}, {os.cpu_count()} cpus, "
           f"OPENBLAS_NUM_THREADS={os.environ.get('OPENBLAS_NUM_THREADS', 'unset')}")
     peak = {"float32": gemm_rate(np.float32), "float64": gemm_rate(np.float64)}
@@ -152,8 +156,8 @@ def main():
     for label, t in phases.items():
         print(f"  {label:<26}{t * 1e3:10.2f}")
     print(f"  {'sum of phases':<26}{sum(phases.values()) * 1e3:10.2f}")
-    if not args.no_full:
-        wall, mem = full_run()
+    if full is not None:
+        wall, mem = full
         print(f"\nfull default run (8 epochs x 6000 pairs, eval each epoch): {wall:.1f} s wall, "
               f"peak memory {mem:.2f} GiB")
 
