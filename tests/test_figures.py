@@ -30,8 +30,9 @@ def test_visualize_writes_every_figure(tmp_path, capsys):
     assert viz.main(TINY + ["--outdir", str(out)]) == 0
     assert sorted(p.name for p in out.iterdir()) == sorted(FIGURES)  # no temp files left
     shapes = {name: check_png(out / name) for name in FIGURES}
-    assert shapes["training_curves.png"][1] > shapes["training_curves.png"][0]  # wide
-    assert shapes["capsule_dimensions.png"][0] > shapes["capsule_dimensions.png"][1]  # 16 rows
+    # figsize x dpi exactly (no tight bbox), so a layout change shows up here
+    assert shapes["training_curves.png"][:2] == (380, 1300)
+    assert shapes["capsule_dimensions.png"][:2] == (1100, 900)  # 16 rows of 11 decodings
 
 
 def test_visualize_from_checkpoint(tmp_path, capsys):
