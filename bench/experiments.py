@@ -32,6 +32,7 @@ EXPERIMENTS = [
     ("recon weight 0.005", ["--recon-weight", "0.005"]),
     ("routing iters 1", ["--routing-iters", "1"]),
     ("paper task", ["--min-iou", "0", "--overlay", "clip-sum"]),
+    ("resample + capacity 64/16", ["--resample", "--conv1-channels", "64", "--primary-types", "16"]),
 ]
 EXTRA = [  # single runs on a smaller budget
     ("paper preset, 1 epoch", ["--preset", "paper", "--n-epochs", "1"], (0,)),
