@@ -1061,16 +1061,20 @@ def reconstruct(params, v: np.ndarray, digits: np.ndarray) -> np.ndarray:
     return decoder_forward(mask_forward(v, digits[:, None])[0], params)[0]
 
 
+def top2_hits(v: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """v (N, J, E), labels (N, 2) -> (N, 2) bool: is the k-th longest capsule one of the labels."""
+    top2 = np.argsort(-np.linalg.norm(v, axis=2), axis=1, kind="stable")[:, :2]  # (N, 2)
+    return (top2[:, :, None] == labels[:, None, :]).any(2)
+
+
 def evaluate(params, cfg: Config, pairs: dict, workers=None) -> dict:
     """Test metrics. set_acc: top-2 capsule norms equal the label set (chance 1/45); soft_acc: at
     least one of the top-2 is a label; top1: the longest capsule is a label; recon_mse: per pixel,
     both reconstructions (masked by the true labels) against their sources; baseline_mse: every
     source predicted by the mean source image."""
     v = predict(params, cfg, pairs["x"], workers)
-    norms = np.linalg.norm(v, axis=2)                                  # (N, J)
-    top2 = np.argsort(-norms, axis=1, kind="stable")[:, :2]           # (N, 2)
     labels = pairs["labels"]
-    hits = (top2[:, :, None] == labels[:, None, :]).any(2)             # (N, 2) top-k in labels
+    hits = top2_hits(v, labels)
     n = len(v)
     targets = np.concatenate([pairs["a"], pairs["b"]]).reshape(2 * n, -1) / 255
     recon = np.concatenate([reconstruct(params, v, labels[:, 0]), reconstruct(params, v, labels[:, 1])])

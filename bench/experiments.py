@@ -64,8 +64,10 @@ def command(name, flags, seed, out_dir=OUT, workers=1):
 ENV = {**os.environ, "OPENBLAS_NUM_THREADS": "1"}  # two runs side by side: one core each
 
 
-def shown(cmd) -> str:
-    return "OPENBLAS_NUM_THREADS=1 python3 " + " ".join(cmd[1:])
+def shown(cmd, one_thread=True) -> str:
+    """cmd as a shell line, with this interpreter spelled python3."""
+    words = ["python3" if c == sys.executable else c for c in cmd]
+    return ("OPENBLAS_NUM_THREADS=1 " if one_thread else "") + " ".join(words)
 
 
 def all_runs():
@@ -106,8 +108,7 @@ def long_runs(cores: str) -> None:
         cmd, out = command(name, flags, 0, ROOT / "runs" / "long", workers=1 if split else 2)
         cmd = ["timeout", "-s", "INT", f"{LONG_MINUTES}m", *cmd,
                "--save", str(out.with_suffix(".npz").relative_to(ROOT))]
-        print(f"$ {'OPENBLAS_NUM_THREADS=1 ' if split else ''}" + " ".join(cmd[:4]) + " python3 "
-              + " ".join(cmd[5:]), flush=True)
+        print("$ " + shown(cmd, one_thread=split), flush=True)
         procs.append(subprocess.Popen(cmd, cwd=ROOT, env=ENV if split else None,
                                       stderr=subprocess.STDOUT,
                                       stdout=open(out.with_suffix(".log"), "w")))

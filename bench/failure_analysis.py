@@ -14,14 +14,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import multimnist_capsnet as m  # noqa: E402
 
 
-def analyse(path: str) -> None:
+def analyse(path: str, args) -> None:
     run = m.load_checkpoint(path)
     cfg = run.cfg
-    _, test = m.make_data(cfg, m.load_mnist())
+    _, test = m.make_data(cfg, m.load_data(args, cfg))  # the checkpoint's own data source
     v = m.predict(run.params, cfg, test["x"])
-    top2 = np.argsort(-np.linalg.norm(v, axis=2), axis=1, kind="stable")[:, :2]     # (N, 2)
-    top2 = np.sort(top2, axis=1)
-    right = (top2 == np.sort(test["labels"], axis=1)).all(1)                        # (N,)
+    right = m.top2_hits(v, test["labels"]).all(1)                                   # (N,)
     iou = test["iou"]                                                               # (N,)
     last = run.history["epochs"][-1]  # an interrupted run saved params a part-epoch past this
     print(f"\n{path}: parameters at step {run.step}: set accuracy {right.mean():.3f} on "
@@ -44,9 +42,12 @@ def analyse(path: str) -> None:
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("checkpoints", nargs="+", help="checkpoints saved with --save")
-    for path in p.parse_args().checkpoints:
+    p.add_argument("--data-dir", default=None,
+                   help="MNIST cache directory (default: $HINTON_MNIST_DIR or ~/.cache/hinton-mnist)")
+    args = p.parse_args()
+    for path in args.checkpoints:
         try:
-            analyse(path)
+            analyse(path, args)
         except m.CapsNetError as e:
             p.error(str(e))
 
