@@ -472,8 +472,14 @@ def conv_forward(x, w, b, stride):
 
 
 def conv_backward(dout, cache, need_dx=True):
-    """dout (N, Ho, Wo, F) -> dx (N, H, W, C) or None, dw (K, K, C, F), db (F,)."""
-    cols, (n, h, wd, c), w, stride = cache
+    """dout (N, Ho, Wo, F) -> dx (N, H, W, C) or None, dw (K, K, C, F), db (F,).
+
+    dx is the col2im of the column gradients: tap (i, j) of output (y, x) adds into pixel
+    (i + stride y, j + stride x). Pixels are grouped by their phase (row % stride, col % stride):
+    within a phase every tap's gradient lands as one dense (Ho, Wo, C) block, so each of the K*K
+    scatter-adds runs over long contiguous rows instead of C-long strided pieces.
+    """
+    cols, (n, h, wd, c), w, s = cache
     k, f = w.shape[0], w.shape[3]
     ho, wo = dout.shape[1:3]
     d2 = dout.reshape(-1, f)                                                # (N*Ho*Wo, F)
@@ -481,12 +487,14 @@ def conv_backward(dout, cache, need_dx=True):
     db = d2.sum(0)
     if not need_dx:
         return None, dw, db
-    dx = np.zeros((n, h, wd, c), dout.dtype)
+    hp, wp = -(-h // s), -(-wd // s)
+    dxp = np.zeros((s, s, n, hp, wp, c), dout.dtype)                       # dx[:, a::s, b::s] = dxp[a, b]
     for i in range(k):  # one kernel row at a time keeps the column gradients in cache
-        dcols = (d2 @ w[i].reshape(k * c, f).T).reshape(n, ho, wo, k, c)
+        drow = np.matmul(d2, w[i].transpose(0, 2, 1))                      # (K, N*Ho*Wo, C)
         for j in range(k):  # windows overlap whenever stride < K, so accumulate
-            dx[:, i:i + stride * ho:stride, j:j + stride * wo:stride] += dcols[:, :, :, j]
-    return dx, dw, db
+            dxp[i % s, j % s, :, i // s:i // s + ho, j // s:j // s + wo] += drow[j].reshape(n, ho, wo, c)
+    dx = dxp.transpose(2, 3, 0, 4, 1, 5).reshape(n, hp * s, wp * s, c)    # (N, ~H, ~W, C)
+    return dx[:, :h, :wd], dw, db
 
 
 def relu_forward(x):
@@ -743,12 +751,13 @@ def encode_backward(dv, cache, cfg: Config) -> dict[str, np.ndarray]:
     return g
 
 
-def loss_and_grads(params, batch, cfg: Config):
+def loss_and_grads(params, batch, cfg: Config, grad_scale: float = 1.0):
     """One forward and backward pass.
 
     batch: x (N, H, W, 1), a/b (N, H*W) the shifted sources, labels (N, 2).
     Returns (loss, grads keyed like params, aux) with aux holding the margin and reconstruction
-    losses and the digit capsules v (N, J, E).
+    losses and the digit capsules v (N, J, E). Every gradient is multiplied by grad_scale (a
+    shard's share of its batch), which costs nothing at the loss end of the backward pass.
     """
     n = len(batch["x"])
     v, enc = encode(params, batch["x"], cfg)
@@ -758,8 +767,8 @@ def loss_and_grads(params, batch, cfg: Config):
     rec, c_rec = recon_forward(recon, np.concatenate([batch["a"], batch["b"]]), n)
     loss = margin + cfg.recon_weight * rec
 
-    dz, grads = decoder_backward(recon_backward(c_rec) * cfg.recon_weight, c_dec)
-    dv = margin_backward(c_margin) + mask_backward(dz, c_mask)
+    dz, grads = decoder_backward(recon_backward(c_rec) * (cfg.recon_weight * grad_scale), c_dec)
+    dv = margin_backward(c_margin) * grad_scale + mask_backward(dz, c_mask)
     grads.update(encode_backward(dv, enc, cfg))
     return float(loss), grads, dict(margin=float(margin), recon=float(rec), v=v)
 
@@ -768,24 +777,34 @@ def sharded_loss_and_grads(params, batch, cfg: Config, pool=None):
     """loss_and_grads with the batch split into one shard per worker thread.
 
     NumPy and BLAS release the GIL, so the shards run on separate cores; each shard's losses are
-    batch means, so the shard results are averaged weighted by shard size. pool=None: one shard.
+    batch means, so the shard results are averaged weighted by shard size (its gradients come
+    already weighted and are summed in parallel). pool=None: one shard.
     """
     n = len(batch["labels"])
     if pool is None or n < 2:
         return loss_and_grads(params, batch, cfg)
     cuts = np.linspace(0, n, cfg.workers + 1).astype(int)
     shards = [{k: v[a:b] for k, v in batch.items()} for a, b in zip(cuts[:-1], cuts[1:]) if b > a]
-    results = parallel_map(pool, lambda shard: loss_and_grads(params, shard, cfg), shards)
     w = [len(shard["labels"]) / n for shard in shards]
-    grads = results[0][1]  # the shards' gradient arrays are ours: combine them in place
-    for k, g in grads.items():
-        g *= w[0]
-        for wi, r in zip(w[1:], results[1:]):
-            g += wi * r[1][k]
+    results = parallel_map(pool, lambda sw: loss_and_grads(params, sw[0], cfg, sw[1]),
+                           list(zip(shards, w)))
+    grads = results[0][1]  # the shards' gradient arrays are ours: sum them in place
+
+    def add_rest(piece):
+        k, rows = piece
+        for r in results[1:]:
+            grads[k][rows] += r[1][k][rows]
+    parallel_map(pool, add_rest, row_pieces(grads, cfg.workers))
     aux = dict(margin=sum(wi * r[2]["margin"] for wi, r in zip(w, results)),
                recon=sum(wi * r[2]["recon"] for wi, r in zip(w, results)),
                v=np.concatenate([r[2]["v"] for r in results]))
     return sum(wi * r[0] for wi, r in zip(w, results)), grads, aux
+
+
+def row_pieces(arrays: dict, n: int) -> list[tuple[str, slice]]:
+    """Work items for n threads: every array's first axis cut into n slices, biggest arrays first."""
+    return [(k, slice(i * len(a) // n, (i + 1) * len(a) // n))
+            for k, a in sorted(arrays.items(), key=lambda ka: -ka[1].size) for i in range(n)]
 
 
 def parallel_map(workers, fn, items) -> list:
@@ -870,10 +889,7 @@ def adam_step(params, grads, state, lr, beta1=0.9, beta2=0.999, eps=1e-8, worker
         np.divide(m, denom, out=denom)  # reuse the buffer: denom now holds m / denom
         denom *= step
         p -= denom
-    n = 1 if workers is None else 2
-    pieces = [(k, slice(i * len(p) // n, (i + 1) * len(p) // n))
-              for k, p in sorted(params.items(), key=lambda kp: -kp[1].size) for i in range(n)]
-    parallel_map(workers, update, pieces)
+    parallel_map(workers, update, row_pieces(params, 1 if workers is None else 2))
 
 
 def learning_rate(cfg: Config, step: int) -> float:
