@@ -73,7 +73,7 @@ class Config:
     canvas: int = 36                # side of the MultiMNIST canvas (digit side + 2 * max_shift)
     max_shift: int = 4              # digits move by integers in [-max_shift, max_shift] per axis
     dtype: str = "float32"          # float32 trains fast; float64 for gradient checks
-    eval_batch: int = 64            # composites per forward pass during evaluation
+    eval_batch: int = 8             # composites per forward pass in evaluation (small: in cache)
     workers: int = 2                # threads that split each batch, BLAS one thread each (1: off)
 
     @property
