@@ -472,14 +472,8 @@ def conv_forward(x, w, b, stride):
 
 
 def conv_backward(dout, cache, need_dx=True):
-    """dout (N, Ho, Wo, F) -> dx (N, H, W, C) or None, dw (K, K, C, F), db (F,).
-
-    dx is the col2im of the column gradients: tap (i, j) of output (y, x) adds into pixel
-    (i + stride y, j + stride x). Pixels are grouped by their phase (row % stride, col % stride):
-    within a phase every tap's gradient lands as one dense (Ho, Wo, C) block, so each of the K*K
-    scatter-adds runs over long contiguous rows instead of C-long strided pieces.
-    """
-    cols, (n, h, wd, c), w, s = cache
+    """dout (N, Ho, Wo, F) -> dx (N, H, W, C) or None, dw (K, K, C, F), db (F,)."""
+    cols, (n, h, wd, c), w, stride = cache
     k, f = w.shape[0], w.shape[3]
     ho, wo = dout.shape[1:3]
     d2 = dout.reshape(-1, f)                                                # (N*Ho*Wo, F)
@@ -487,14 +481,15 @@ def conv_backward(dout, cache, need_dx=True):
     db = d2.sum(0)
     if not need_dx:
         return None, dw, db
-    hp, wp = -(-h // s), -(-wd // s)
-    dxp = np.zeros((s, s, n, hp, wp, c), dout.dtype)                       # dx[:, a::s, b::s] = dxp[a, b]
+    dx = np.zeros((n, h, wd, c), dout.dtype)
     for i in range(k):  # one kernel row at a time keeps the column gradients in cache
-        drow = np.matmul(d2, w[i].transpose(0, 2, 1))                      # (K, N*Ho*Wo, C)
-        for j in range(k):  # windows overlap whenever stride < K, so accumulate
-            dxp[i % s, j % s, :, i // s:i // s + ho, j // s:j // s + wo] += drow[j].reshape(n, ho, wo, c)
-    dx = dxp.transpose(2, 3, 0, 4, 1, 5).reshape(n, hp * s, wp * s, c)    # (N, ~H, ~W, C)
-    return dx[:, :h, :wd], dw, db
+        dcols = (d2 @ w[i].reshape(k * c, f).T).reshape(n, ho, wo, k, c)
+        # Windows overlap whenever stride < K, so accumulate, one output column x at a time: its
+        # K taps are K*C contiguous numbers on both sides (per tap they would be C-long pieces).
+        # Descending x adds each pixel's taps in ascending j, the order of a plain tap loop.
+        for x in reversed(range(wo)):
+            dx[:, i:i + stride * ho:stride, stride * x:stride * x + k] += dcols[:, :, x]
+    return dx, dw, db
 
 
 def relu_forward(x):
