@@ -936,11 +936,13 @@ def make_data(cfg: Config, mnist: dict) -> tuple[dict | None, dict]:
 
 
 def check_finite(run: Run, loss: float, aux: dict, grads: dict, lr: float) -> None:
-    bad = [k for k, g in grads.items() if not np.isfinite(g).all()]
+    # |g|^2 is one BLAS pass and no mask array; any NaN or inf in g makes it non-finite (so does
+    # a norm beyond float range, which is divergence too)
+    bad = [k for k, g in grads.items() if not math.isfinite(np.vdot(g, g))]
     if math.isfinite(loss) and not bad and math.isfinite(lr):
         return
     what = (f"loss is {loss} (margin {aux['margin']}, recon {aux['recon']})"
-            if not math.isfinite(loss) else f"gradient of {', '.join(bad)} is not finite"
+            if not math.isfinite(loss) else f"gradient norm of {', '.join(bad)} is not finite"
             if bad else "the learning rate overflowed")
     raise Diverged(f"training diverged at step {run.step + 1}: {what}; lr was {lr:g}, "
                    f"try a lower --lr")
