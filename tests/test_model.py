@@ -164,3 +164,14 @@ def test_worker_pool_only_where_blas_threads_can_be_set():
         assert (pool is None) == (threads is None)
         if threads is not None:
             assert threads[1]() == 1
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_divergence_guard_names_a_non_finite_gradient(bad):
+    cfg = m.Config(**TINY)
+    run = m.new_run(cfg)
+    grads = {k: np.ones_like(p) for k, p in run.params.items()}
+    m.check_finite(run, 1.0, dict(margin=1.0, recon=0.0), grads, 1e-3)  # all finite: passes
+    grads["primary_w"].reshape(-1)[7] = bad
+    with pytest.raises(m.Diverged, match="gradient norm of primary_w is not finite"):
+        m.check_finite(run, 1.0, dict(margin=1.0, recon=0.0), grads, 1e-3)
