@@ -1,17 +1,19 @@
 """How fast is a training step, against what this CPU can do?
 
-    python3 bench/bench_step.py            # everything, including a full default run (~2 min)
+    python3 bench/bench_step.py            # everything, including a full default run (~2.5 min)
     python3 bench/bench_step.py --no-full  # skip the full run
 
 Prints one table: the machine's sgemm/dgemm rate, the median step (forward, backward, Adam) at
 float32/float64 and batch 32/64/128 with its fraction of the sgemm peak, the time of each phase of
-a float32 batch-32 step, and the wall time and peak memory of the default 8-epoch run.
+a default step (float32, batch 32, two worker threads: each phase's time on one core; Adam's is
+its wall time), and the wall time and peak memory of the default 8-epoch run.
 """
 import argparse
 import os
 import resource
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -81,38 +83,47 @@ PHASES = [  # (module function, call index within a step, label)
 
 
 def phase_times(cfg: m.Config, n: int, repeat: int) -> dict[str, float]:
-    """Median seconds of each top-level layer call, by wrapping the module's functions."""
+    """Median seconds of each top-level layer call, by wrapping the module's functions.
+
+    With worker threads each thread times its own calls (the depth count is per thread) and a
+    phase's time is the mean over the threads that ran it: the time one core spends on it."""
     names = sorted({p[0] for p in PHASES})
     originals = {k: getattr(m, k) for k in names}
-    calls, depth = [], [0]
+    calls, local = [], threading.local()
 
     def timed(name, f):
         def wrapper(*args, **kw):
-            depth[0] += 1
+            depth = getattr(local, "depth", 0)
+            local.depth = depth + 1
             t = time.perf_counter()
             try:
                 return f(*args, **kw)
             finally:
-                depth[0] -= 1
-                if depth[0] == 0:
-                    calls.append((name, time.perf_counter() - t))
+                local.depth = depth
+                if depth == 0:
+                    calls.append((threading.get_ident(), name, time.perf_counter() - t))
         return wrapper
     for k in names:
         setattr(m, k, timed(k, originals[k]))
     try:
-        step = make_step(cfg, n)
-        step()
-        per_step = []
-        for _ in range(repeat):
-            calls.clear()
+        with m.worker_pool(cfg.workers) as pool:
+            step = make_step(cfg, n, pool)
             step()
-            per_step.append(list(calls))
+            per_step = []
+            for _ in range(repeat):
+                calls.clear()
+                step()
+                per_step.append(list(calls))
     finally:
         for k, f in originals.items():
             setattr(m, k, f)
     out = {}
     for name, idx, label in PHASES:
-        ts = [[t for nm, t in s if nm == name][idx] for s in per_step]
+        ts = []
+        for s in per_step:
+            threads = {tid for tid, nm, _ in s if nm == name}
+            ts.append(np.mean([[t for tid, nm, t in s if nm == name and tid == th][idx]
+                               for th in threads]))
         out[label] = float(np.median(ts))
     return out
 
@@ -150,9 +161,10 @@ def main():
                 rate = step_flops(cfg, n) / t
                 label = f"{dtype} batch {n} workers {workers}"
                 print(f"{label:<34}{t * 1e3:10.1f}{rate / 1e9:10.1f}{rate / peak['float32']:10.0%}")
-    print(f"\nphases, float32 batch 32, one worker (median ms; "
-          f"{step_flops(m.Config(), 32) / 1e9:.2f} GFLOP a step)")
-    phases = phase_times(m.Config(), 32, args.repeat)
+    cfg = m.Config()
+    print(f"\nphases, float32 batch 32, {cfg.workers} workers (median ms of one core's share; "
+          f"{step_flops(cfg, 32) / 1e9:.2f} GFLOP a step)")
+    phases = phase_times(cfg, 32, args.repeat)
     for label, t in phases.items():
         print(f"  {label:<26}{t * 1e3:10.2f}")
     print(f"  {'sum of phases':<26}{sum(phases.values()) * 1e3:10.2f}")
