@@ -3,7 +3,7 @@
     python3 bench/bench_step.py            # everything, including a full default run (~2.5 min)
     python3 bench/bench_step.py --no-full  # skip the full run
 
-Prints one table: the machine's sgemm/dgemm rate, the median step (forward, backward, Adam) at
+Prints one table: the machine's sgemm/dgemm rate, the median step (forward, backward, guard, Adam) at
 float32/float64 and batch 32/64/128 with its fraction of the sgemm peak, the time of each phase of
 a default step (float32, batch 32, two worker threads: each phase's time on one core; Adam's is
 its wall time), and the wall time and peak memory of the default 8-epoch run.
@@ -54,19 +54,34 @@ def step_flops(cfg: m.Config, n: int) -> float:
 
 
 def make_step(cfg: m.Config, n: int, workers=None):
-    """One training step as train() runs it: (sharded) forward + backward, then Adam."""
+    """One training step as train() runs it: (sharded) forward + backward, the divergence guard,
+    then Adam."""
     m.keep_freed_memory()  # as train() does
     rng = np.random.default_rng(0)
     params = m.init_params(cfg, rng)
-    adam = m.adam_init(params)
+    run = m.Run(cfg, params, m.adam_init(params), rng.bit_generator.state)
     mnist = m.synthetic_mnist(rng, n_train=max(n, 64), n_test=10)
     pairs = m.make_pairs(mnist["train_x"], mnist["train_y"], n, rng)
     batch = m.batch_arrays(pairs, np.arange(n), cfg.np_dtype)
 
     def step():
-        _, grads, _ = m.sharded_loss_and_grads(params, batch, cfg, workers)
-        m.adam_step(params, grads, adam, cfg.lr, workers=workers)
+        loss, grads, aux = m.sharded_loss_and_grads(run.params, batch, cfg, workers)
+        m.check_finite(run, loss, aux, grads, cfg.lr)
+        m.adam_step(run.params, grads, run.adam, cfg.lr, workers=workers)
     return step
+
+
+def primary_gemm_rate(cfg: m.Config, n: int, repeat: int) -> float:
+    """FLOP/s of one thread on the PrimaryCaps forward GEMM of n composites (one worker's share),
+    the matrix work that dominates a step: cols (n*G*G, K*K*C1) @ w (K*K*C1, types*D)."""
+    g = cfg.grid()[1]
+    rows, depth = n * g * g, cfg.kernel ** 2 * cfg.conv1_channels
+    cols_per = cfg.primary_types * cfg.primary_dim
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((rows, depth)).astype(cfg.np_dtype)
+    w = rng.standard_normal((depth, cols_per)).astype(cfg.np_dtype)
+    with m.worker_pool(2):  # BLAS at one thread, as in training
+        return 2 * rows * depth * cols_per / median_time(lambda: a @ w, repeat)
 
 
 PHASES = [  # (module function, call index within a step, label)
@@ -78,7 +93,8 @@ PHASES = [  # (module function, call index within a step, label)
     ("decoder_backward", 0, "decoder bwd"), ("routing_backward", 0, "routing bwd"),
     ("uhat_backward", 0, "u_hat bwd"), ("squash_backward", 0, "squash bwd"),
     ("conv_backward", 0, "primary bwd"), ("relu_backward", 0, "relu bwd"),
-    ("conv_backward", 1, "conv1 bwd"), ("adam_step", 0, "adam"),
+    ("conv_backward", 1, "conv1 bwd"), ("check_finite", 0, "divergence guard"),
+    ("adam_step", 0, "adam"),
 ]
 
 
@@ -121,9 +137,14 @@ def phase_times(cfg: m.Config, n: int, repeat: int) -> dict[str, float]:
     for name, idx, label in PHASES:
         ts = []
         for s in per_step:
-            threads = {tid for tid, nm, _ in s if nm == name}
-            ts.append(np.mean([[t for tid, nm, t in s if nm == name and tid == th][idx]
-                               for th in threads]))
+            by_thread = {}
+            for tid, nm, t in s:
+                if nm == name:
+                    by_thread.setdefault(tid, []).append(t)
+            mine = [t[idx] for t in by_thread.values() if len(t) > idx]
+            if not mine:
+                raise RuntimeError(f"no thread made call {idx} of {name}: PHASES is out of date")
+            ts.append(np.mean(mine))
         out[label] = float(np.median(ts))
     return out
 
@@ -151,7 +172,7 @@ def main():
     peak = {"float32": gemm_rate(np.float32), "float64": gemm_rate(np.float64)}
     print(f"{'sgemm 2048^3':<28}{peak['float32'] / 1e9:8.1f} GFLOP/s")
     print(f"{'dgemm 2048^3':<28}{peak['float64'] / 1e9:8.1f} GFLOP/s")
-    print(f"\n{'step (fwd+bwd+adam)':<34}{'median ms':>10}{'GFLOP/s':>10}{'of sgemm':>10}")
+    print(f"\n{'step (fwd+bwd+guard+adam)':<34}{'median ms':>10}{'GFLOP/s':>10}{'of sgemm':>10}")
     for workers in (m.Config().workers, 1):
         for dtype in ("float32", "float64"):
             for n in (32, 64, 128):
@@ -162,7 +183,11 @@ def main():
                 label = f"{dtype} batch {n} workers {workers}"
                 print(f"{label:<34}{t * 1e3:10.1f}{rate / 1e9:10.1f}{rate / peak['float32']:10.0%}")
     cfg = m.Config()
-    print(f"\nphases, float32 batch 32, {cfg.workers} workers (median ms of one core's share; "
+    with m.worker_pool(cfg.workers) as pool:
+        threads = f"{cfg.workers} workers" if pool is not None else "1 worker (BLAS threads not settable)"
+    print(f"\nPrimaryCaps forward GEMM of one worker's 16 composites, one thread: "
+          f"{primary_gemm_rate(cfg, 16, args.repeat) / 1e9:.1f} GFLOP/s")
+    print(f"\nphases, float32 batch 32, {threads} (median ms of one core's share; "
           f"{step_flops(cfg, 32) / 1e9:.2f} GFLOP a step)")
     phases = phase_times(cfg, 32, args.repeat)
     for label, t in phases.items():

@@ -166,9 +166,10 @@ def test_worker_pool_only_where_blas_threads_can_be_set():
             assert threads[1]() == 1
 
 
-@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf, 3e19])
 def test_divergence_guard_names_a_non_finite_gradient(bad):
-    cfg = m.Config(**TINY)
+    """NaN and inf anywhere, and a float32 norm that overflows (3e19 squared > 3.4e38)."""
+    cfg = m.Config(**dict(TINY, dtype="float32"))
     run = m.new_run(cfg)
     grads = {k: np.ones_like(p) for k, p in run.params.items()}
     m.check_finite(run, 1.0, dict(margin=1.0, recon=0.0), grads, 1e-3)  # all finite: passes

@@ -1,0 +1,95 @@
+"""A/B of the default training step between two versions of the model module.
+
+    python3 bench/ab_step.py 6a93d8b           # that commit against the working tree
+    python3 bench/ab_step.py 6a93d8b HEAD~2    # two commits
+
+Both versions are loaded into one process and timed in alternating rounds (each round: a fresh
+step, one warm-up, then the median of --steps steps), so machine noise hits both alike. Prints the
+median of the round medians of each side and their ratio, and whether the two versions give
+bit-identical gradients and parameters after three steps on the same batch.
+"""
+import argparse
+import importlib.util
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+import bench_step  # noqa: E402
+
+
+def load(rev: str | None, name: str, tmp: Path):
+    """The module at git revision rev (None: the working tree), imported under name."""
+    path = ROOT / "multimnist_capsnet.py"
+    if rev is not None:
+        src = subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:multimnist_capsnet.py"],
+                             check=True, capture_output=True, text=True).stdout
+        path = tmp / f"{name}.py"
+        path.write_text(src)
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod  # dataclasses look their module up here
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def round_median(mod, steps: int) -> float:
+    bench_step.m = mod  # make_step builds the step from this module
+    cfg = mod.Config()
+    with mod.worker_pool(cfg.workers) as pool:
+        step = bench_step.make_step(cfg, cfg.batch_size, pool)
+        step()
+        ts = []
+        for _ in range(steps):
+            t = time.perf_counter()
+            step()
+            ts.append(time.perf_counter() - t)
+    return float(np.median(ts))
+
+
+def three_steps(mod):
+    cfg = mod.Config()
+    rng = np.random.default_rng(0)
+    params = mod.init_params(cfg, rng)
+    adam = mod.adam_init(params)
+    mnist = mod.synthetic_mnist(rng, 64, 10)
+    pairs = mod.make_pairs(mnist["train_x"], mnist["train_y"], cfg.batch_size, rng)
+    batch = mod.batch_arrays(pairs, np.arange(cfg.batch_size), cfg.np_dtype)
+    with mod.worker_pool(cfg.workers) as pool:
+        for _ in range(3):
+            _, grads, _ = mod.sharded_loss_and_grads(params, batch, cfg, pool)
+            mod.adam_step(params, grads, adam, cfg.lr, workers=pool)
+    return grads, params
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("old", help="git revision of side A")
+    p.add_argument("new", nargs="?", help="git revision of side B (default: the working tree)")
+    p.add_argument("--rounds", type=int, default=6, help="alternating rounds (default: 6)")
+    p.add_argument("--steps", type=int, default=15, help="timed steps per round (default: 15)")
+    args = p.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        mods = [load(args.old, "side_a", Path(tmp)), load(args.new, "side_b", Path(tmp))]
+    mods[0].keep_freed_memory()
+    times = [[], []]
+    for _ in range(args.rounds):
+        for side, mod in enumerate(mods):
+            times[side].append(round_median(mod, args.steps))
+    labels = [args.old, args.new or "working tree"]
+    for label, ts in zip(labels, times):
+        print(f"{label:<16} median step {np.median(ts) * 1e3:6.1f} ms   rounds: "
+              + " ".join(f"{t * 1e3:.1f}" for t in ts))
+    print(f"ratio B/A {np.median(times[1]) / np.median(times[0]):.3f}")
+    (ga, pa), (gb, pb) = three_steps(mods[0]), three_steps(mods[1])
+    same = all(np.array_equal(ga[k], gb[k]) for k in ga) and all(np.array_equal(pa[k], pb[k]) for k in pa)
+    print(f"bit-identical gradients and parameters after 3 steps: {same}")
+
+
+if __name__ == "__main__":
+    main()
