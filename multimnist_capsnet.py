@@ -498,7 +498,7 @@ def relu_forward(x):
 
 
 def relu_backward(dout, out):
-    """dout, out (...) -> dx (...). A product with the mask: 8x faster than np.where(out > 0, dout,
+    """dout, out (...) -> dx (...). A product with the mask: ~7x faster than np.where(out > 0, dout,
     0); dead units get +-0, and a NaN or inf in dout gives NaN, which the divergence guard sees."""
     return dout * (out > 0)
 
@@ -945,8 +945,8 @@ def check_finite(run: Run, loss: float, aux: dict, grads: dict, lr: float) -> No
     if math.isfinite(loss) and not bad and math.isfinite(lr):
         return
     what = (f"loss is {loss} (margin {aux['margin']}, recon {aux['recon']})"
-            if not math.isfinite(loss) else f"gradient norm of {', '.join(bad)} is not finite (NaN, inf, or beyond float range)"
-            if bad else "the learning rate overflowed")
+            if not math.isfinite(loss) else f"gradient norm of {', '.join(bad)} is not finite "
+            "(NaN, inf, or beyond float range)" if bad else "the learning rate overflowed")
     raise Diverged(f"training diverged at step {run.step + 1}: {what}; lr was {lr:g}, "
                    f"try a lower --lr")
 

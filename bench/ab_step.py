@@ -13,7 +13,6 @@ import importlib.util
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -42,14 +41,7 @@ def round_median(mod, steps: int) -> float:
     bench_step.m = mod  # make_step builds the step from this module
     cfg = mod.Config()
     with mod.worker_pool(cfg.workers) as pool:
-        step = bench_step.make_step(cfg, cfg.batch_size, pool)
-        step()
-        ts = []
-        for _ in range(steps):
-            t = time.perf_counter()
-            step()
-            ts.append(time.perf_counter() - t)
-    return float(np.median(ts))
+        return bench_step.median_time(bench_step.make_step(cfg, cfg.batch_size, pool), steps)
 
 
 def three_steps(mod):

@@ -14,18 +14,14 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 import multimnist_capsnet as m  # noqa: E402
+from bench_step import median_time  # noqa: E402
 
 
 def ms(f, repeat):
-    f()
-    ts = []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        f()
-        ts.append(time.perf_counter() - t)
-    return float(np.median(ts)) * 1e3
+    return median_time(f, repeat) * 1e3
 
 
 def col2im_per_tap(d2, w, n, h, ho, stride):
