@@ -4,11 +4,13 @@
     python3 bench/bench_step.py --no-full  # skip the full run
 
 Prints one table: the machine's sgemm/dgemm rate, the median step (forward, backward, guard, Adam) at
-float32/float64 and batch 32/64/128 with its fraction of the sgemm peak, the time of each phase of
+float32/float64 and batch 32/64/128 with its fraction of the sgemm peak, the time of the default
+step's matrix products alone (the floor of any step with these shapes), the time of each phase of
 a default step (float32, batch 32, two worker threads: each phase's time on one core; Adam's is
 its wall time), and the wall time and peak memory of the default 8-epoch run.
 """
 import argparse
+import math
 import os
 import resource
 import subprocess
@@ -39,18 +41,46 @@ def gemm_rate(dtype, n=2048, repeat=7):
     return 2 * n ** 3 / median_time(lambda: a @ a, repeat)
 
 
-def step_flops(cfg: m.Config, n: int) -> float:
-    """Multiply-adds x 2 of one training step's matrix work (forward + backward)."""
+def matmuls(cfg: m.Config, n: int) -> list[tuple[tuple, tuple]]:
+    """Operand shapes (A, B) of every matrix product A @ B of one training step on n composites,
+    forward and backward, in the shapes the module uses (more than two axes: a batched product).
+    Routing's backward outer product c ds is the product with inner size 1 (the code: einsum)."""
     k, c1, td = cfg.kernel, cfg.conv1_channels, cfg.primary_types * cfg.primary_dim
     h1, g = cfg.grid()
-    i, j, e, d = cfg.n_primary, cfg.n_classes, cfg.digit_dim, cfg.primary_dim
-    conv1 = 2 * n * h1 * h1 * k * k * c1 * 2             # forward + weight gradient (no dx)
-    primary = 2 * n * g * g * k * k * c1 * td * 3         # forward, dW, dx
-    uhat = 2 * n * i * j * e * d * 3
-    routing = 2 * n * j * i * e * (2 * cfg.routing_iters - 1) + 2 * n * j * i * e
-    dec = 2 * 2 * n * (j * e * cfg.decoder_h1 + cfg.decoder_h1 * cfg.decoder_h2
-                       + cfg.decoder_h2 * cfg.canvas ** 2) * 3
-    return conv1 + primary + uhat + routing + dec
+    i, j, e, d, r = cfg.n_primary, cfg.n_classes, cfg.digit_dim, cfg.primary_dim, cfg.routing_iters
+    pix, prim = n * h1 * h1, n * g * g
+    out = [((pix, k * k), (k * k, c1)), ((k * k, pix), (pix, c1))]     # conv1: forward, dW (no dx)
+    out += [((prim, k * k * c1), (k * k * c1, td)), ((k * k * c1, prim), (prim, td))]  # PrimaryCaps
+    out += [((prim, td), (td, k * c1))] * k                             # its dx, one kernel row each
+    out += [((i, n, d), (i, d, j * e)), ((i, j * e, n), (i, n, d)), ((i, n, j * e), (i, j * e, d))]
+    out += [((n, j, 1, i), (n, j, i, e))] * r                           # routing: s = c u_hat
+    out += [((n, j, i, e), (n, j, e, 1))] * (r - 1)                     # agreements u_hat . v
+    out += [((n, j, i, 1), (n, j, 1, e))]                               # backward: c ds
+    widths = (j * e, cfg.decoder_h1, cfg.decoder_h2, cfg.canvas ** 2)
+    for a, b in zip(widths[:-1], widths[1:]):                           # decoder, both digits at once
+        out += [((2 * n, a), (a, b)), ((2 * n, b), (b, a)), ((a, 2 * n), (2 * n, b))]
+    return out
+
+
+def step_flops(cfg: m.Config, n: int) -> float:
+    """Multiply-adds x 2 of one training step's matrix products (forward + backward)."""
+    return float(sum(2 * math.prod(a) * b[-1] for a, b in matmuls(cfg, n)))
+
+
+def matmul_floor(cfg: m.Config, repeat: int) -> float:
+    """Median seconds of a default step's matrix products alone: each worker runs its shard's
+    products (matmuls(), one after another, on random contiguous operands), all workers at once.
+    No step with these shapes can be faster on this machine, whatever the code around them."""
+    rng = np.random.default_rng(0)
+    shards = np.diff(np.linspace(0, cfg.batch_size, cfg.workers + 1).astype(int))
+    operands = [[(rng.standard_normal(a).astype(cfg.np_dtype), rng.standard_normal(b).astype(cfg.np_dtype))
+                 for a, b in matmuls(cfg, int(n))] for n in shards]
+
+    def products(ops):
+        for a, b in ops:  # an inner size of 1 is an outer product: einsum, 2.5x faster than matmul
+            np.einsum("...ik,...kj->...ij", a, b) if a.shape[-1] == 1 else a @ b
+    with m.worker_pool(cfg.workers) as pool:
+        return median_time(lambda: m.parallel_map(pool, products, operands), repeat)
 
 
 def make_step(cfg: m.Config, n: int, workers=None):
@@ -187,6 +217,10 @@ def main():
         threads = f"{cfg.workers} workers" if pool is not None else "1 worker (BLAS threads not settable)"
     print(f"\nPrimaryCaps forward GEMM of one worker's 16 composites, one thread: "
           f"{primary_gemm_rate(cfg, 16, args.repeat) / 1e9:.1f} GFLOP/s")
+    floor = matmul_floor(cfg, args.repeat)
+    goal = step_flops(cfg, cfg.batch_size) / (0.4 * peak["float32"])
+    print(f"matrix products of a default step alone, {threads}: {floor * 1e3:.1f} ms "
+          f"(a step at 40% of sgemm: {goal * 1e3:.1f} ms)")
     print(f"\nphases, float32 batch 32, {threads} (median ms of one core's share; "
           f"{step_flops(cfg, 32) / 1e9:.2f} GFLOP a step)")
     phases = phase_times(cfg, 32, args.repeat)
