@@ -956,12 +956,17 @@ def keep_freed_memory() -> None:
 
     A step allocates ~150 MB of short-lived arrays. By default glibc maps each big one fresh and
     unmaps it on free, so every step page-faults all of it back in: a third of the step time on
-    the 2-core machines this was measured on. The setting is process-wide and stays after train()
-    returns (a library caller's process keeps up to 1 GB of freed heap). No effect off glibc.
+    the 2-core machines this was measured on. Raising the mmap threshold covers arrays up to
+    32 MB, glibc's cap; bigger ones (batch 64 and up, the paper preset) come from the heap only with
+    mmap off, and only in one arena: each worker thread's own arena is a mapped heap that glibc
+    trims by itself. The setting is process-wide and stays after train() returns (a library
+    caller's process keeps up to 1 GB of freed heap). No effect off glibc.
     """
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c"))
         libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD: arrays up to 32 MB come from the heap
+        libc.mallopt(-4, 0)         # M_MMAP_MAX: bigger ones too, never a fresh mapping
+        libc.mallopt(-8, 1)         # M_ARENA_MAX: worker threads allocate from the main heap
         libc.mallopt(-1, 1 << 30)   # M_TRIM_THRESHOLD: keep up to 1 GB of freed heap
     except (OSError, AttributeError, TypeError):
         pass
