@@ -41,46 +41,65 @@ def gemm_rate(dtype, n=2048, repeat=7):
     return 2 * n ** 3 / median_time(lambda: a @ a, repeat)
 
 
-def matmuls(cfg: m.Config, n: int) -> list[tuple[tuple, tuple]]:
-    """Operand shapes (A, B) of every matrix product A @ B of one training step on n composites,
-    forward and backward, in the shapes the module uses (more than two axes: a batched product).
-    Routing's backward outer product c ds is the product with inner size 1 (the code: einsum)."""
+def matmuls(cfg: m.Config, n: int) -> list[tuple[str, tuple, tuple]]:
+    """(layer, shape of A, shape of B) of every matrix product A @ B of one training step on n
+    composites, forward and backward, in the shapes the module uses (more than two axes: a batched
+    product). Routing's backward outer product c ds is the product with inner size 1 (the code
+    uses einsum)."""
     k, c1, td = cfg.kernel, cfg.conv1_channels, cfg.primary_types * cfg.primary_dim
     h1, g = cfg.grid()
     i, j, e, d, r = cfg.n_primary, cfg.n_classes, cfg.digit_dim, cfg.primary_dim, cfg.routing_iters
     pix, prim = n * h1 * h1, n * g * g
-    out = [((pix, k * k), (k * k, c1)), ((k * k, pix), (pix, c1))]     # conv1: forward, dW (no dx)
-    out += [((prim, k * k * c1), (k * k * c1, td)), ((k * k * c1, prim), (prim, td))]  # PrimaryCaps
-    out += [((prim, td), (td, k * c1))] * k                             # its dx, one kernel row each
-    out += [((i, n, d), (i, d, j * e)), ((i, j * e, n), (i, n, d)), ((i, n, j * e), (i, j * e, d))]
-    out += [((n, j, 1, i), (n, j, i, e))] * r                           # routing: s = c u_hat
-    out += [((n, j, i, e), (n, j, e, 1))] * (r - 1)                     # agreements u_hat . v
-    out += [((n, j, i, 1), (n, j, 1, e))]                               # backward: c ds
+    out = [("conv1", (pix, k * k), (k * k, c1)), ("conv1", (k * k, pix), (pix, c1))]  # no dx
+    out += [("PrimaryCaps", (prim, k * k * c1), (k * k * c1, td)),
+            ("PrimaryCaps", (k * k * c1, prim), (prim, td))]
+    out += [("PrimaryCaps", (prim, td), (td, k * c1))] * k             # dx, one kernel row each
+    out += [("u_hat", (i, n, d), (i, d, j * e)), ("u_hat", (i, j * e, n), (i, n, d)),
+            ("u_hat", (i, n, j * e), (i, j * e, d))]
+    out += [("routing", (n, j, 1, i), (n, j, i, e))] * r               # s = c u_hat
+    out += [("routing", (n, j, i, e), (n, j, e, 1))] * (r - 1)         # agreements u_hat . v
+    out += [("routing", (n, j, i, 1), (n, j, 1, e))]                   # backward: c ds
     widths = (j * e, cfg.decoder_h1, cfg.decoder_h2, cfg.canvas ** 2)
-    for a, b in zip(widths[:-1], widths[1:]):                           # decoder, both digits at once
-        out += [((2 * n, a), (a, b)), ((2 * n, b), (b, a)), ((a, 2 * n), (2 * n, b))]
+    for a, b in zip(widths[:-1], widths[1:]):                           # both digits at once
+        out += [("decoder", (2 * n, a), (a, b)), ("decoder", (2 * n, b), (b, a)),
+                ("decoder", (a, 2 * n), (2 * n, b))]
     return out
+
+
+def flops(products) -> float:
+    return float(sum(2 * math.prod(a) * b[-1] for _, a, b in products))
 
 
 def step_flops(cfg: m.Config, n: int) -> float:
     """Multiply-adds x 2 of one training step's matrix products (forward + backward)."""
-    return float(sum(2 * math.prod(a) * b[-1] for a, b in matmuls(cfg, n)))
+    return flops(matmuls(cfg, n))
 
 
-def matmul_floor(cfg: m.Config, repeat: int) -> float:
-    """Median seconds of a default step's matrix products alone: each worker runs its shard's
-    products (matmuls(), one after another, on random contiguous operands), all workers at once.
-    No step with these shapes can be faster on this machine, whatever the code around them."""
+def matmul_floor(cfg: m.Config, repeat: int) -> dict[str, tuple[int, float, float]]:
+    """The default step's matrix products alone: each worker runs its shard's products
+    (matmuls(), one after another, on random contiguous operands), all workers at once.
+
+    Returns layer -> (products, median seconds, FLOP/s of one core), and "all" for every product
+    of the step in one go: no step with these shapes can be faster on this machine, whatever the
+    code around them."""
     rng = np.random.default_rng(0)
     shards = np.diff(np.linspace(0, cfg.batch_size, cfg.workers + 1).astype(int))
-    operands = [[(rng.standard_normal(a).astype(cfg.np_dtype), rng.standard_normal(b).astype(cfg.np_dtype))
-                 for a, b in matmuls(cfg, int(n))] for n in shards]
+    work = [matmuls(cfg, int(n)) for n in shards]
+    operands = [[(layer, rng.standard_normal(a).astype(cfg.np_dtype),
+                  rng.standard_normal(b).astype(cfg.np_dtype)) for layer, a, b in w] for w in work]
 
-    def products(ops):
-        for a, b in ops:  # an inner size of 1 is an outer product: einsum, 2.5x faster than matmul
-            np.einsum("...ik,...kj->...ij", a, b) if a.shape[-1] == 1 else a @ b
+    def products(ops, only):
+        for layer, a, b in ops:  # inner size 1 is an outer product: einsum, 2.5x faster than matmul
+            if only in (layer, "all"):
+                np.einsum("...ik,...kj->...ij", a, b) if a.shape[-1] == 1 else a @ b
+    out = {}
     with m.worker_pool(cfg.workers) as pool:
-        return median_time(lambda: m.parallel_map(pool, products, operands), repeat)
+        for only in [*dict.fromkeys(layer for layer, _, _ in work[0]), "all"]:
+            mine = [p for p in work[0] if only in (p[0], "all")]
+            t = median_time(lambda: m.parallel_map(pool, lambda ops: products(ops, only), operands),
+                            repeat)
+            out[only] = (len(mine), t, flops(mine) / t)
+    return out
 
 
 def make_step(cfg: m.Config, n: int, workers=None):
@@ -219,8 +238,11 @@ def main():
           f"{primary_gemm_rate(cfg, 16, args.repeat) / 1e9:.1f} GFLOP/s")
     floor = matmul_floor(cfg, args.repeat)
     goal = step_flops(cfg, cfg.batch_size) / (0.4 * peak["float32"])
-    print(f"matrix products of a default step alone, {threads}: {floor * 1e3:.1f} ms "
-          f"(a step at 40% of sgemm: {goal * 1e3:.1f} ms)")
+    print(f"\nmatrix products of a default step alone, {threads} at once (one core's share)")
+    print(f"  {'layer':<14}{'products':>9}{'median ms':>11}{'GFLOP/s':>9}")
+    for layer, (count, t, rate) in floor.items():
+        print(f"  {layer:<14}{count:9d}{t * 1e3:11.1f}{rate / 1e9:9.1f}")
+    print(f"  a step at 40% of sgemm takes {goal * 1e3:.1f} ms")
     print(f"\nphases, float32 batch 32, {threads} (median ms of one core's share; "
           f"{step_flops(cfg, 32) / 1e9:.2f} GFLOP a step)")
     phases = phase_times(cfg, 32, args.repeat)
