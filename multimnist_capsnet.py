@@ -956,16 +956,19 @@ def keep_freed_memory() -> None:
 
     A step allocates ~150 MB of short-lived arrays. By default glibc maps each big one fresh and
     unmaps it on free, so every step page-faults all of it back in: a third of the step time on
-    the 2-core machines this was measured on. Raising the mmap threshold covers arrays up to
-    32 MB, glibc's cap; bigger ones (batch 64 and up, the paper preset) come from the heap only with
-    mmap off, and only in one arena: each worker thread's own arena is a mapped heap that glibc
-    trims by itself. The setting is process-wide and stays after train() returns (a library
-    caller's process keeps up to 1 GB of freed heap). No effect off glibc.
+    the 2-core machines this was measured on. So no array gets a fresh mapping (the mmap threshold
+    alone is capped at 32 MB, which batch 64, float64 or a bigger network pass per worker), and
+    all threads share the main heap (a worker thread's own arena is a mapped heap that glibc
+    grows and shrinks by itself).
+
+    The settings are process-wide and stay after train() returns: a library caller's process then
+    keeps up to 1 GB of freed heap, serves every thread from one arena (one malloc lock), and
+    hands freed memory back to the OS only from the top of the heap. No effect off glibc.
     """
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c"))
-        libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD: arrays up to 32 MB come from the heap
-        libc.mallopt(-4, 0)         # M_MMAP_MAX: bigger ones too, never a fresh mapping
+        libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD: fixed at glibc's cap, not adaptive
+        libc.mallopt(-4, 0)         # M_MMAP_MAX: no fresh mapping for any array, however big
         libc.mallopt(-8, 1)         # M_ARENA_MAX: worker threads allocate from the main heap
         libc.mallopt(-1, 1 << 30)   # M_TRIM_THRESHOLD: keep up to 1 GB of freed heap
     except (OSError, AttributeError, TypeError):
