@@ -4,12 +4,13 @@
     python3 bench/bench_step.py --no-full  # skip the full run
 
 Prints one table: the machine's sgemm/dgemm rate, the median step (forward, backward, guard, Adam) at
-float32/float64 and batch 32/64/128 with its fraction of the sgemm peak, the time of the default
-step's matrix products alone (the floor of any step with these shapes), the time of each phase of
+float32/float64 and batch 32/64/128 with its fraction of the sgemm peak, the default step's matrix
+products alone (nothing but the products, as the module computes them), the time of each phase of
 a default step (float32, batch 32, two worker threads: each phase's time on one core; Adam's is
 its wall time), and the wall time and peak memory of the default 8-epoch run.
 """
 import argparse
+import functools
 import math
 import os
 import resource
@@ -45,7 +46,7 @@ def matmuls(cfg: m.Config, n: int) -> list[tuple[str, tuple, tuple]]:
     """(layer, shape of A, shape of B) of every matrix product A @ B of one training step on n
     composites, forward and backward, in the shapes the module uses (more than two axes: a batched
     product). Routing's backward outer product c ds is the product with inner size 1 (the code
-    uses einsum)."""
+    uses einsum). The routing backward counted is the default, routing_grad='frozen'."""
     k, c1, td = cfg.kernel, cfg.conv1_channels, cfg.primary_types * cfg.primary_dim
     h1, g = cfg.grid()
     i, j, e, d, r = cfg.n_primary, cfg.n_classes, cfg.digit_dim, cfg.primary_dim, cfg.routing_iters
@@ -67,6 +68,7 @@ def matmuls(cfg: m.Config, n: int) -> list[tuple[str, tuple, tuple]]:
 
 
 def flops(products) -> float:
+    """Multiply-adds x 2 of (layer, A shape, B shape) products (batched: same batch shape)."""
     return float(sum(2 * math.prod(a) * b[-1] for _, a, b in products))
 
 
@@ -76,28 +78,35 @@ def step_flops(cfg: m.Config, n: int) -> float:
 
 
 def matmul_floor(cfg: m.Config, repeat: int) -> dict[str, tuple[int, float, float]]:
-    """The default step's matrix products alone: each worker runs its shard's products
-    (matmuls(), one after another, on random contiguous operands), all workers at once.
+    """The default step's matrix products alone, as the module computes them: each worker runs
+    its shard's products (matmuls(), one after another, each on fresh random contiguous operands),
+    all workers at once.
 
     Returns layer -> (products, median seconds, FLOP/s of one core), and "all" for every product
-    of the step in one go: no step with these shapes can be faster on this machine, whatever the
-    code around them."""
+    of the step in one go. "all" takes longer than the layers' sum: one layer's operands stay in
+    cache from one repeat to the next, the whole step's do not (nor do they in training)."""
     rng = np.random.default_rng(0)
-    shards = np.diff(np.linspace(0, cfg.batch_size, cfg.workers + 1).astype(int))
-    work = [matmuls(cfg, int(n)) for n in shards]
-    operands = [[(layer, rng.standard_normal(a).astype(cfg.np_dtype),
-                  rng.standard_normal(b).astype(cfg.np_dtype)) for layer, a, b in w] for w in work]
-
-    def products(ops, only):
-        for layer, a, b in ops:  # inner size 1 is an outer product: einsum, 2.5x faster than matmul
-            if only in (layer, "all"):
-                np.einsum("...ik,...kj->...ij", a, b) if a.shape[-1] == 1 else a @ b
     out = {}
     with m.worker_pool(cfg.workers) as pool:
+        n_shards = cfg.workers if pool is not None else 1
+        shards = np.diff(np.linspace(0, cfg.batch_size, n_shards + 1).astype(int))
+        work = [matmuls(cfg, int(n)) for n in shards]
+        operands = [[(layer, rng.standard_normal(a).astype(cfg.np_dtype),
+                      rng.standard_normal(b).astype(cfg.np_dtype)) for layer, a, b in w]
+                    for w in work]
+
+        def products(ops, only):
+            for layer, a, b in ops:
+                if only not in (layer, "all"):
+                    continue
+                if a.shape[-1] == 1:  # an outer product: einsum, as the module does
+                    np.einsum("...ik,...kj->...ij", a, b)
+                else:
+                    a @ b
         for only in [*dict.fromkeys(layer for layer, _, _ in work[0]), "all"]:
             mine = [p for p in work[0] if only in (p[0], "all")]
-            t = median_time(lambda: m.parallel_map(pool, lambda ops: products(ops, only), operands),
-                            repeat)
+            t = median_time(lambda: m.parallel_map(pool, functools.partial(products, only=only),
+                                                   operands), repeat)
             out[only] = (len(mine), t, flops(mine) / t)
     return out
 
@@ -234,11 +243,12 @@ def main():
     cfg = m.Config()
     with m.worker_pool(cfg.workers) as pool:
         threads = f"{cfg.workers} workers" if pool is not None else "1 worker (BLAS threads not settable)"
+        at_once = " at once" if pool is not None else ""
     print(f"\nPrimaryCaps forward GEMM of one worker's 16 composites, one thread: "
           f"{primary_gemm_rate(cfg, 16, args.repeat) / 1e9:.1f} GFLOP/s")
     floor = matmul_floor(cfg, args.repeat)
     goal = step_flops(cfg, cfg.batch_size) / (0.4 * peak["float32"])
-    print(f"\nmatrix products of a default step alone, {threads} at once (one core's share)")
+    print(f"\nmatrix products of a default step alone, {threads}{at_once} (one core's share)")
     print(f"  {'layer':<14}{'products':>9}{'median ms':>11}{'GFLOP/s':>9}")
     for layer, (count, t, rate) in floor.items():
         print(f"  {layer:<14}{count:9d}{t * 1e3:11.1f}{rate / 1e9:9.1f}")

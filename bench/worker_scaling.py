@@ -3,9 +3,10 @@
     python3 bench/worker_scaling.py
 
 Times one worker's share of the default step (forward and backward on 16 of the 32 composites)
-alone, then with the second worker running its own 16 at the same time, as training does. Equal
-times mean the cores do not contend (memory bandwidth, the GIL): the step is as fast as one core's
-share of the work allows. Median ms of --repeat calls, alternating the two settings --rounds times.
+on a worker thread alone, then with the second worker running its own 16 at the same time, as
+training does ("both" is the slower of the two). Equal times mean the cores do not contend (for
+memory bandwidth, the GIL, the allocator's lock): the step is as fast as one core's share of the
+work allows. Median ms of --repeat calls, alternating the two settings --rounds times.
 """
 import argparse
 import sys
@@ -41,7 +42,7 @@ def main():
         if pool is None:
             sys.exit("worker_scaling: this process's BLAS threads cannot be set, so training runs serially")
         for _ in range(args.rounds):
-            alone.append(median_time(lambda: share(shards[0]), args.repeat))
+            alone.append(median_time(lambda: pool.submit(share, shards[0]).result(), args.repeat))
             both.append(median_time(lambda: list(pool.map(share, shards)), args.repeat))
     ms = [" ".join(f"{t * 1e3:.1f}" for t in ts) for ts in (alone, both)]
     print(f"one worker's share ({half} composites, forward + backward), ms per round")
