@@ -3,6 +3,7 @@ then the best this package reaches in 60 minutes on each task definition.
 
     python3 bench/experiments.py run        # train every missing run (two at a time, 1 thread each)
     python3 bench/experiments.py long       # the two 60-minute runs, one after the other, 2 cores each
+                                            # (into runs/long; earlier ones: runs/long/at-1327707)
     python3 bench/experiments.py long-split # the same two side by side, 1 core each
     python3 bench/experiments.py summarize  # the README's tables and viz/experiments.png
 
@@ -49,6 +50,9 @@ TASKS = [("seed task", []), ("paper task", ["--min-iou", "0", "--overlay", "clip
 # run at a time with the whole machine (two worker threads); "1 core": both at once, one core each.
 LONG = {cores: [(f"{task}, 60 min, {cores}", LONG_FLAGS + flags) for task, flags in TASKS]
         for cores in ("2 cores", "1 core")}
+# The 60-minute runs made with the code of commit 1327707, before the speed commits 7e6086d to
+# adf31df (the very same steps, ~1.3x slower at this network size), moved here from runs/long.
+EARLIER, EARLIER_LABEL = ROOT / "runs" / "long" / "at-1327707", ", code of 1327707"
 
 
 def slug(name: str) -> str:
@@ -149,9 +153,12 @@ def summarize() -> None:
         print(f"| {name} | `{' '.join(flags) or '(defaults)'}` | {len(docs)} | {spread(acc, '.3f')} "
               f"| {delta} | {spread(mse, '.4f')} | {wall:.0f} s |")
         curves[name] = np.array([[e["set_acc"] for e in d["history"]["epochs"]] for d in docs])
-    long = {name: load(name, (0,), ROOT / "runs" / "long") for runs in LONG.values()
-            for name, _ in runs}
-    long = {name: docs[0] for name, docs in long.items() if docs}
+    long = {}
+    for where, suffix in ((ROOT / "runs" / "long", ""), (EARLIER, EARLIER_LABEL)):
+        for name, _ in LONG["2 cores"] + LONG["1 core"]:
+            docs = load(name, (0,), where)
+            if docs:
+                long[name + suffix] = docs[0]
     if long:
         print("\n| 60-minute run | epochs done | pairs seen | test set acc (5000 pairs) | soft | "
               "top-1 | recon MSE |")
@@ -188,8 +195,10 @@ def plot(curves, long) -> None:
         task = name.split(",")[0]
         minutes = np.cumsum(d["timing"]["epoch_seconds"]) / 60
         acc = [e["set_acc"] for e in d["history"]["epochs"]]
-        ax2.plot(minutes, acc, marker="o", ms=3, color=colors[task],
-                 ls="-" if "2 cores" in name else ":", label=f"{name}: {acc[-1]:.3f}")
+        earlier = name.endswith(EARLIER_LABEL)
+        ax2.plot(minutes, acc, marker="o", ms=2 if earlier else 3, color=colors[task],
+                 alpha=0.45 if earlier else 1, ls="-" if "2 cores" in name else ":",
+                 label=f"{name}: {acc[-1]:.3f}")
     for task, goal in goals.items():
         ax2.axhline(goal, color=colors[task], ls="--", lw=1, label=f"goal {goal:.0%} ({task})")
     ax2.set(xlabel="wall-clock minutes (2 cores: alone on the machine; 1 core: side by side)",
