@@ -10,7 +10,6 @@ a default step (float32, batch 32, two worker threads: each phase's time on one 
 its wall time), and the wall time and peak memory of the default 8-epoch run.
 """
 import argparse
-import functools
 import math
 import os
 import resource
@@ -95,20 +94,25 @@ def matmul_floor(cfg: m.Config, repeat: int) -> dict[str, tuple[int, float, floa
                       rng.standard_normal(b).astype(cfg.np_dtype)) for layer, a, b in w]
                     for w in work]
 
-        def products(ops, only):
-            for layer, a, b in ops:
-                if only not in (layer, "all"):
-                    continue
+        def products(ops):
+            for a, b in ops:
                 if a.shape[-1] == 1:  # an outer product: einsum, as the module does
                     np.einsum("...ik,...kj->...ij", a, b)
                 else:
                     a @ b
         for only in [*dict.fromkeys(layer for layer, _, _ in work[0]), "all"]:
-            mine = [p for p in work[0] if only in (p[0], "all")]
-            t = median_time(lambda: m.parallel_map(pool, functools.partial(products, only=only),
-                                                   operands), repeat)
-            out[only] = (len(mine), t, flops(mine) / t)
+            picked = [i for i, (layer, _, _) in enumerate(work[0]) if only in (layer, "all")]
+            ops = [[w[i][1:] for i in picked] for w in operands]   # shards list products alike
+            t = median_time(lambda: m.parallel_map(pool, products, ops), repeat)
+            out[only] = (len(picked), t, flops([work[0][i] for i in picked]) / t)
     return out
+
+
+def training_batch(cfg: m.Config, n: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """n composites of synthetic glyphs (no MNIST needed) as one batch in cfg's dtype."""
+    mnist = m.synthetic_mnist(rng, n_train=max(n, 64), n_test=10)
+    pairs = m.make_pairs(mnist["train_x"], mnist["train_y"], n, rng)
+    return m.batch_arrays(pairs, np.arange(n), cfg.np_dtype)
 
 
 def make_step(cfg: m.Config, n: int, workers=None):
@@ -118,9 +122,7 @@ def make_step(cfg: m.Config, n: int, workers=None):
     rng = np.random.default_rng(0)
     params = m.init_params(cfg, rng)
     run = m.Run(cfg, params, m.adam_init(params), rng.bit_generator.state)
-    mnist = m.synthetic_mnist(rng, n_train=max(n, 64), n_test=10)
-    pairs = m.make_pairs(mnist["train_x"], mnist["train_y"], n, rng)
-    batch = m.batch_arrays(pairs, np.arange(n), cfg.np_dtype)
+    batch = training_batch(cfg, n, rng)
 
     def step():
         loss, grads, aux = m.sharded_loss_and_grads(run.params, batch, cfg, workers)

@@ -17,7 +17,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 import multimnist_capsnet as m  # noqa: E402
-from bench_step import median_time  # noqa: E402
+from bench_step import median_time, training_batch  # noqa: E402
 
 
 def main():
@@ -29,9 +29,7 @@ def main():
     cfg = m.Config()
     rng = np.random.default_rng(0)
     params = m.init_params(cfg, rng)
-    mnist = m.synthetic_mnist(rng, n_train=64, n_test=10)
-    batch = m.batch_arrays(m.make_pairs(mnist["train_x"], mnist["train_y"], cfg.batch_size, rng),
-                           np.arange(cfg.batch_size), cfg.np_dtype)
+    batch = training_batch(cfg, cfg.batch_size, rng)
     half = cfg.batch_size // 2
     shards = [{k: v[:half] for k, v in batch.items()}, {k: v[half:] for k, v in batch.items()}]
 
