@@ -124,21 +124,24 @@ def positive(kind):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="make_multimnist_capsnet_gif.py",
+    p = mc.ArgumentParser(prog="make_multimnist_capsnet_gif.py",
                                 description="Train a CapsNet on MultiMNIST from scratch and "
                                             "animate it into a GIF.")
     mc.add_training_flags(p)
     o = p.add_argument_group("animation")
-    o.add_argument("--out", default="multimnist_capsnet.gif", help="(default: %(default)s)")
+    o.add_argument("--out", default="multimnist_capsnet.gif",
+                   help="the GIF to write (default: %(default)s)")
     o.add_argument("--snapshot-every", type=positive(int), default=75,
                    help="Adam steps between frames (default: %(default)s)")
-    o.add_argument("--fps", type=positive(float), default=6, help="(default: %(default)s)")
+    o.add_argument("--fps", type=positive(float), default=6,
+                   help="frames per second, at most 100 (default: %(default)s)")
     o.add_argument("--n-watch", type=positive(int), default=4,
                    help="test composites shown in every frame (default: %(default)s)")
     o.add_argument("--n-eval", type=positive(int), default=200,
                    help="test pairs scored at every frame, kept small for speed "
                         "(default: %(default)s)")
-    o.add_argument("--quiet", action="store_true", help="no per-step progress bar")
+    o.add_argument("--quiet", action="store_true",
+                   help="no progress bar (it is drawn only when stderr is a terminal)")
     return p
 
 

