@@ -824,7 +824,6 @@ CNN_KERNELS = (9, 5)          # conv1, conv2 kernel sides (paper)
 CNN_WIDTHS = (512, 256, 1024)  # conv1 channels, conv2 channels, fully connected units (paper)
 
 
-
 def pad_forward(x, p):
     """Zero-pad the spatial dims: x (N, H, W, C) -> out (N, H+2p, W+2p, C).
 
@@ -1373,7 +1372,8 @@ def save_model(path, run: Run, storage: str = "float32", **info) -> None:
     a model to predict with, not a run to resume. info (metrics, the command) goes into meta."""
     arrays = {f"param.{k}": p.astype(storage) for k, p in run.params.items()}
     meta = dict(format=1, kind="model", config=dataclasses.asdict(run.cfg), step=run.step,
-                epoch=run.epoch, history=dict(epochs=run.history["epochs"]), **info)
+                epoch=run.epoch, history=dict(epochs=run.history["epochs"]), storage=storage,
+                **info)
     _savez(path, arrays, meta, compressed=True)
 
 
@@ -1773,7 +1773,9 @@ def read_image(path, canvas: int, background: str = "auto") -> np.ndarray:
 def build_predict_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(prog="multimnist_capsnet.py predict",
                        description="Name the two digits in each image: the two longest digit "
-                                   "capsules of a trained CapsNet.")
+                                   "capsules of a trained CapsNet (or the CNN's two highest "
+                                   "outputs). Trained on pairs only, it always names two; on a "
+                                   "single digit the first is the answer.")
     p.add_argument("images", nargs="+", metavar="IMAGE",
                    help=f"PNG, JPEG or .npy, grey or colour: a {DIGIT_SIDE}x{DIGIT_SIDE} digit "
                         "(placed at the centre) or a 36x36 composite")

@@ -138,10 +138,11 @@ def smooth(y: np.ndarray, w: int) -> np.ndarray:
 
 
 def plot_loss(ax, history: dict, key: str, epoch_key: str, color: str, ylabel: str) -> None:
-    y = np.asarray(history[key], np.float64)
-    steps = np.arange(1, len(y) + 1)
-    ax.plot(steps, y, color=color, alpha=0.2, lw=0.7, label="per step")
-    ax.plot(steps, smooth(y, max(1, len(y) // 40)), color=color, lw=1.6, label="smoothed")
+    y = np.asarray(history.get(key, ()), np.float64)  # a model file keeps the epoch means only
+    if len(y):
+        steps = np.arange(1, len(y) + 1)
+        ax.plot(steps, y, color=color, alpha=0.2, lw=0.7, label="per step")
+        ax.plot(steps, smooth(y, max(1, len(y) // 40)), color=color, lw=1.6, label="smoothed")
     ep = history["epochs"]
     if ep:  # a segment over the steps each mean covers
         ends = np.array([m["step"] for m in ep])

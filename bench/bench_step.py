@@ -111,7 +111,8 @@ def matmul_floor(cfg: m.Config, repeat: int) -> dict[str, tuple[int, float, floa
 def training_batch(cfg: m.Config, n: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
     """n composites of synthetic glyphs (no MNIST needed) as one batch in cfg's dtype."""
     mnist = m.synthetic_mnist(rng, n_train=max(n, 64), n_test=10)
-    pairs = m.make_pairs(mnist["train_x"], mnist["train_y"], n, rng)
+    pairs = m.make_pairs(mnist["train_x"], mnist["train_y"], n, rng, min_iou=cfg.min_iou,
+                         overlay=cfg.overlay)
     return m.batch_arrays(pairs, np.arange(n), cfg.np_dtype)
 
 

@@ -83,23 +83,30 @@ def all_runs():
             yield name, flags, seed
 
 
-def run(jobs: int) -> None:
-    OUT.mkdir(parents=True, exist_ok=True)
-    todo = [command(n, f, s) for n, f, s in all_runs()]
-    todo = [(cmd, out) for cmd, out in todo if not out.exists()]
+def run_jobs(todo, jobs: int, env=ENV, on_done=None) -> None:
+    """Run the (cmd, out) pairs of todo, jobs at a time, each logging to out's .log beside it;
+    on_done(returncode, out) after each."""
     running = []
     while todo or running:
         while todo and len(running) < jobs:
             cmd, out = todo.pop(0)
             print("$ " + shown(cmd), flush=True)
             log = open(out.with_suffix(".log"), "w")
-            running.append((subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=log,
+            running.append((subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log,
                                              stderr=subprocess.STDOUT), out))
         time.sleep(2)
         for proc, out in list(running):
             if proc.poll() is not None:
                 running.remove((proc, out))
-                print(f"  {'done' if proc.returncode == 0 else 'FAILED'}: {out.name}", flush=True)
+                print(f"  exit {proc.returncode}: {out.name}", flush=True)
+                if on_done is not None:
+                    on_done(proc.returncode, out)
+
+
+def run(jobs: int) -> None:
+    OUT.mkdir(parents=True, exist_ok=True)
+    todo = [command(n, f, s) for n, f, s in all_runs()]
+    run_jobs([(cmd, out) for cmd, out in todo if not out.exists()], jobs)
 
 
 def long_runs(cores: str) -> None:

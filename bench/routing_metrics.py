@@ -28,9 +28,9 @@ PROG = "routing_metrics.py"
 
 def task_name(cfg: mc.Config) -> str:
     if cfg.min_iou == 0 and cfg.overlay == "clip-sum":
-        return "paper"
+        return "paper's"
     if cfg.min_iou == 0.8 and cfg.overlay == "max":
-        return "seed"
+        return "IoU >= 0.8"
     return f"IoU >= {cfg.min_iou:g}, {cfg.overlay}"
 
 
@@ -85,7 +85,8 @@ def positive_int(text: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
-    p.add_argument("checkpoints", nargs="+", metavar="CKPT", help="checkpoints saved with --save")
+    p.add_argument("checkpoints", nargs="+", metavar="CKPT",
+                   help="checkpoints saved with --save, or model files")
     p.add_argument("--n-test", type=positive_int, default=None,
                    help="test composites per checkpoint (default: the run's own n_test)")
     p.add_argument("--data-dir", default=None,

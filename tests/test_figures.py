@@ -48,6 +48,17 @@ def test_visualize_from_checkpoint(tmp_path, capsys):
         check_png(out / name)
 
 
+def test_visualize_a_model_file(tmp_path, capsys):
+    """A model file (parameters and per-epoch history only, as models/ ships) draws every figure."""
+    ckpt, model = tmp_path / "run.npz", tmp_path / "model.npz"
+    assert mc.main(TINY + ["--save", str(ckpt)]) == 0
+    mc.save_model(model, mc.load_checkpoint(ckpt), storage="float16")
+    out = tmp_path / "viz"
+    assert viz.main(["--quiet", "--checkpoint", str(model), "--outdir", str(out)]) == 0
+    for name in FIGURES:
+        check_png(out / name)
+
+
 @pytest.mark.parametrize("kind", ["text", "truncated", "foreign-npz", "missing"])
 def test_bad_checkpoint_is_one_line(tmp_path, capsys, kind):
     bad = tmp_path / "bad.npz"

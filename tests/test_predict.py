@@ -183,7 +183,11 @@ def font_digit(d: int, dx: int = 0, dy: int = 0) -> np.ndarray:
     return mc.place(img[None], np.array([dy]), np.array([dx]), 36)[0]
 
 
-SHIPPED_CASES = [((3, 7), (-2, 0, 2, 1))]  # (digits, (dy_a, dx_a, dy_b, dx_b))
+# Font digits are not MNIST's handwriting: the shipped model names both digits of 17 of the 45
+# font pairs at these shifts. These four it gets with a wide margin (the second-longest capsule
+# 0.36-0.51 longer than the third), so they pin its behaviour without resting on a near tie.
+SHIPPED_CASES = [((2, 3), (-2, 0, 2, 1)), ((4, 7), (-2, 0, 2, 1)), ((3, 5), (-2, 0, 2, 1)),
+                 ((0, 5), (-2, 0, 2, 1))]  # (digits, (dy_a, dx_a, dy_b, dx_b))
 
 
 def test_the_shipped_model_loads_without_pickle_and_reads_a_composite_it_never_saw():
@@ -196,4 +200,5 @@ def test_the_shipped_model_loads_without_pickle_and_reads_a_composite_it_never_s
         v = mc.predict(run.params, run.cfg, x[None])
         lengths = np.linalg.norm(v[0], axis=1)
         assert set(np.argsort(-lengths)[:2]) == {a, b}, lengths.round(3)
+        assert np.sort(lengths)[-2] - np.sort(lengths)[-3] > 0.2, lengths.round(3)
         np.testing.assert_array_equal(mc.predict(run.params, run.cfg, x[None]), v)  # deterministic

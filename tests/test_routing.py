@@ -176,7 +176,7 @@ def test_bench_table(checkpoint, capsys):
     assert bench().main([str(checkpoint), str(checkpoint), "--n-test", "12"]) == 0
     out = capsys.readouterr().out
     rows = [line for line in out.splitlines() if line.startswith("| run.npz |")]
-    assert len(rows) == 2 and "| seed | 4 | 12 |" in rows[0]
+    assert len(rows) == 2 and "| IoU >= 0.8 | 4 | 12 |" in rows[0]
     assert "| 0.1000 / 0.1000 |" in rows[0]                     # iteration 1, both digits
     assert "purity iter 3 (a / b)" in out
 

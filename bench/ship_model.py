@@ -1,0 +1,82 @@
+"""Make the shipped model (models/capsnet-multimnist.npz) from a training checkpoint.
+
+    python3 bench/ship_model.py runs/ship/paper-task-36-epochs_s0.npz
+
+The checkpoint comes from the training command in docs/reproducing.md (the paper's task, fresh
+pairs, Conv1 64 / 16 capsule types, 36 epochs of 30,000 pairs). This script evaluates its
+parameters on 10,000 fresh test pairs of both tasks (the paper's, and the original description's
+IoU >= 0.8), once as stored in float32 and once rounded to float16; it stores float16 when neither
+task's set accuracy moves by more than --tolerance, else float32. The model file holds the
+parameters, the config, the per-epoch history and these metrics; no Adam state.
+Metrics also go to runs/ship/model_metrics.json.
+"""
+import argparse
+import dataclasses
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import multimnist_capsnet as mc  # noqa: E402
+
+TASKS = {"paper's task (free shifts, add-and-clip)": dict(min_iou=0.0, overlay="clip-sum"),
+         "original description's task (IoU >= 0.8, max)": dict(min_iou=0.8, overlay="max")}
+
+
+def test_metrics(params, cfg, mnist, n_test, workers) -> dict:
+    """set/soft/top-1 accuracy on n_test fresh test pairs of each task (seed cfg.seed)."""
+    out = {}
+    for task, kw in TASKS.items():
+        tcfg = dataclasses.replace(cfg, n_test=n_test, resample=True, **kw)
+        _, test = mc.make_data(tcfg, mnist)
+        out[task] = mc.evaluate(params, tcfg, test, workers)
+    return out
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("checkpoint", help="a training checkpoint (multimnist_capsnet.py --save)")
+    p.add_argument("--out", default=str(mc.MODEL_FILE), help="(default: %(default)s)")
+    p.add_argument("--n-test", type=int, default=10_000, help="test pairs per task (default: %(default)s)")
+    p.add_argument("--tolerance", type=float, default=0.002,
+                   help="largest set-accuracy change float16 may cause (default: %(default)s)")
+    p.add_argument("--data-dir", default=None, help="MNIST cache (default: the module's)")
+    args = p.parse_args()
+    try:
+        run = mc.load_checkpoint(args.checkpoint)
+        mnist = mc.load_data(args, run.cfg)
+        t0 = time.perf_counter()
+        with mc.worker_pool(run.cfg.workers) as workers:
+            f32 = test_metrics(run.params, run.cfg, mnist, args.n_test, workers)
+            half = {k: a.astype("float16").astype(a.dtype) for k, a in run.params.items()}
+            f16 = test_metrics(half, run.cfg, mnist, args.n_test, workers)
+    except mc.CapsNetError as e:
+        print(f"ship_model.py: error: {e}", file=sys.stderr)
+        return 1
+    moved = max(abs(f16[t]["set_acc"] - f32[t]["set_acc"]) for t in TASKS)
+    storage = "float16" if moved <= args.tolerance else "float32"
+    commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
+                            capture_output=True, text=True).stdout.strip()
+    metrics = dict(n_test=args.n_test, storage=storage, float32=f32, float16=f16,
+                   largest_change=moved, eval_seconds=round(time.perf_counter() - t0, 1))
+    info = dict(test_metrics=metrics[storage], n_test=args.n_test,
+                made_by=f"python3 bench/ship_model.py {args.checkpoint}", source_commit=commit)
+    mc.save_model(args.out, run, storage=storage, **info)
+    out = Path(args.out).resolve()
+    shown = out.relative_to(ROOT) if out.is_relative_to(ROOT) else out
+    doc = dict(checkpoint=args.checkpoint, model=str(shown), **metrics)
+    mc.atomic_write(ROOT / "runs" / "ship" / "model_metrics.json",
+                    (json.dumps(doc, indent=1) + "\n").encode())
+    for t in TASKS:
+        print(f"{t}: set acc float32 {f32[t]['set_acc']:.4f}, float16 {f16[t]['set_acc']:.4f}, "
+              f"soft {f32[t]['soft_acc']:.4f}, top-1 {f32[t]['top1']:.4f}")
+    size = Path(args.out).stat().st_size
+    print(f"wrote {args.out} ({storage}, {size / 2 ** 20:.2f} MiB); largest change {moved:.4f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

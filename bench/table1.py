@@ -1,0 +1,134 @@
+"""The paper's Table 1 on this machine: does routing matter, and does CapsNet beat a CNN, at equal
+CPU time on the paper's MultiMNIST task?
+
+    python3 bench/table1.py calibrate           # one step of every row, one core: ms per step
+    python3 bench/table1.py run [--minutes 15]  # every row x 3 seeds, two at a time, one core each
+    python3 bench/table1.py long                # the 60-minute rows, one seed, two at a time
+    python3 bench/table1.py summarize           # the markdown table from runs/table1/
+
+Every run is one plain CLI call, printed before it starts, stopped by SIGINT when its budget is
+spent (it finishes its step, saves its checkpoint and exits 130), then scored from that checkpoint
+on 10,000 fresh test pairs (bench/ship_model.test_metrics, the paper's task). So every row is
+scored at the very step its budget ended, whatever the epoch. Outputs: runs/table1/NAME_sSEED.json
+(training metrics), .eval.json (the score); checkpoints and logs stay out of git.
+"""
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+import bench_step  # noqa: E402
+import multimnist_capsnet as mc  # noqa: E402
+from experiments import run_jobs, shown  # noqa: E402
+from ship_model import test_metrics  # noqa: E402
+
+OUT = ROOT / "runs" / "table1"
+SEEDS = (0, 1, 2)
+PAPER_TASK = "paper's task (free shifts, add-and-clip)"
+# The paper's task with fresh pairs; small epochs (6000 pairs) so the per-epoch curve is dense.
+TASK = ["--min-iou", "0", "--overlay", "clip-sum", "--resample", "--n-train", "6000",
+        "--n-test", "1000", "--n-epochs", "100000"]
+# Every CapsNet row: the shipped model's size and recipe (Conv1 64, 16 capsule types, decoder
+# 256/512, recon weight 0.005, lr decay 0.96 per 500 steps); rows change one thing each.
+CAPSNET = ["--conv1-channels", "64", "--primary-types", "16", "--recon-weight", "0.005",
+           "--lr-decay", "0.96", "--lr-decay-steps", "500"]
+CNN_MATCHED = ["--cnn-conv1", "56", "--cnn-conv2", "112", "--cnn-fc", "1024"]  # calibrate: 1.05x
+ROWS = [
+    ("CNN, the paper's small widths 32/64/512", ["--model", "cnn", "--cnn-conv1", "32",
+                                                  "--cnn-conv2", "64", "--cnn-fc", "512"]),
+    ("CNN widened to CapsNet's step time", ["--model", "cnn", *CNN_MATCHED]),
+    ("CapsNet, 1 routing iteration", [*CAPSNET, "--routing-iters", "1"]),
+    ("CapsNet, 3 routing iterations", CAPSNET),
+    ("CapsNet, 3 iterations, no reconstruction", [*CAPSNET, "--recon-weight", "0"]),
+    ("CapsNet, 3 iterations, exact routing gradient", [*CAPSNET, "--routing-grad", "full"]),
+]
+LONG_ROWS = (1, 2, 3)  # best CNN row (set after the short runs), CapsNet 1 and 3 iterations
+
+
+def slug(name: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in name).strip("-").replace("--", "-")
+
+
+def command(name, flags, seed, minutes):
+    base = OUT / f"{slug(name)}{'_long' if minutes >= 60 else ''}_s{seed}"
+    cmd = ["timeout", "-s", "INT", f"{minutes}m", sys.executable, "multimnist_capsnet.py",
+           "--seed", str(seed), "--workers", "1", "--quiet", *TASK, *flags,
+           "--save", str(base.with_suffix(".npz").relative_to(ROOT)),
+           "--metrics-json", str(base.with_suffix(".json").relative_to(ROOT))]
+    return cmd, base
+
+
+def score(base: Path) -> None:
+    """The checkpoint at base.npz on 10,000 fresh test pairs of the paper's task."""
+    run = mc.load_checkpoint(base.with_suffix(".npz"))
+    mnist = mc.load_data(argparse.Namespace(data_dir=None), run.cfg)
+    metrics = test_metrics(run.params, run.cfg, mnist, 10_000, None)[PAPER_TASK]
+    n_params = sum(p.size for p in run.params.values())
+    doc = dict(metrics, step=run.step, pairs=run.step * run.cfg.batch_size, n_params=n_params)
+    mc.atomic_write(base.with_suffix(".eval.json"), (json.dumps(doc, indent=1) + "\n").encode())
+
+
+def run_all(jobs, minutes, rows, seeds) -> None:
+    OUT.mkdir(parents=True, exist_ok=True)
+    todo = [command(n, f, s, minutes) for i, (n, f) in enumerate(ROWS) if i in rows for s in seeds]
+    todo = [(c, b) for c, b in todo if not b.with_suffix(".eval.json").exists()]
+    # 130: stopped by SIGINT when the budget ran out, as intended; 0: finished before it
+    run_jobs(todo, jobs, on_done=lambda rc, base: score(base) if rc in (0, 130) else None)
+
+
+def calibrate() -> None:
+    """ms per training step of every row, batch 32, one worker, one BLAS thread (set the
+    environment's OPENBLAS_NUM_THREADS=1), synthetic digits: the CNN row's widths are picked
+    here to match CapsNet's step."""
+    extra = [("CNN 128/256/1024", ["--model", "cnn", "--cnn-conv1", "128", "--cnn-conv2", "256",
+                                   "--cnn-fc", "1024"]),
+             ("CNN, the paper's 512/256/1024", ["--model", "cnn"])]
+    parser = mc.build_parser()
+    for name, flags in ROWS + extra:
+        cfg = mc.config_from_args(parser.parse_args([*TASK, *flags, "--workers", "1"]))
+        ms = 1e3 * bench_step.median_time(bench_step.make_step(cfg, cfg.batch_size), 10)
+        n_params = sum(p.size for p in mc.init_params(cfg, np.random.default_rng(0)).values())
+        print(f"| {name} | {n_params / 1e6:.2f}M | {ms:.0f} ms |", flush=True)
+
+
+def summarize() -> None:
+    print("| row | seeds | test set acc (10,000 pairs), mean ± s.e. | soft | top-1 | steps | "
+          "params |")
+    print("|---|---|---|---|---|---|---|")
+    for suffix, label in (("", ""), ("_long", ", 60 min")):
+        for name, _ in ROWS:
+            docs = [json.loads(p.read_text()) for p in
+                    sorted(OUT.glob(f"{slug(name)}{suffix}_s*.eval.json"))]
+            if not docs:
+                continue
+            acc = np.array([d["set_acc"] for d in docs])
+            se = acc.std(ddof=1) / np.sqrt(len(acc)) if len(acc) > 1 else float("nan")
+            mean = lambda k: np.mean([d[k] for d in docs])
+            print(f"| {name}{label} | {len(docs)} | {acc.mean():.3f} ± {se:.3f} | "
+                  f"{mean('soft_acc'):.3f} | {mean('top1'):.3f} | {mean('step'):,.0f} | "
+                  f"{docs[0]['n_params'] / 1e6:.2f}M |")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("what", choices=("calibrate", "run", "long", "summarize"))
+    p.add_argument("--minutes", type=int, default=15, help="budget per run (default: %(default)s)")
+    p.add_argument("--jobs", type=int, default=2, help="runs at a time (default: %(default)s)")
+    args = p.parse_args()
+    if args.what == "calibrate":
+        calibrate()
+    elif args.what == "run":
+        run_all(args.jobs, args.minutes, range(len(ROWS)), SEEDS)
+    elif args.what == "long":
+        run_all(args.jobs, 60, LONG_ROWS, (0,))
+    else:
+        summarize()
+
+
+if __name__ == "__main__":
+    main()
