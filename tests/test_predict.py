@@ -76,6 +76,15 @@ def test_forms_of_the_same_digit_read_alike(tmp_path, form):
     np.testing.assert_allclose(mc.read_image(path, 36).astype(int), want, atol=1)
 
 
+@pytest.mark.parametrize("background", ["black", "white"])
+def test_a_jpeg_reads_like_its_png_up_to_compression(tmp_path, background):
+    img = digit(np.random.default_rng(4))
+    iio.imwrite(tmp_path / "d.jpg", img if background == "black" else 255 - img, quality=95)
+    x = mc.read_image(tmp_path / "d.jpg", 36).astype(int)
+    want = mc.place(img[None], np.zeros(1, int), np.zeros(1, int), 36)[0].astype(int)
+    assert np.abs(x - want).mean() < 3 and np.abs(x - want).max() < 80  # JPEG's ringing at edges
+
+
 def test_background_flag_forces_the_inversion(tmp_path):
     img = digit(np.random.default_rng(2))
     np.save(tmp_path / "d.npy", img)
