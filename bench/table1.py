@@ -2,15 +2,16 @@
 CPU time on the paper's MultiMNIST task?
 
     python3 bench/table1.py calibrate           # one step of every row, one core: ms per step
-    python3 bench/table1.py run [--minutes 15]  # every row x 3 seeds, two at a time, one core each
+    python3 bench/table1.py run [--minutes 15] [--seeds 0 1 2]  # every row x seeds, two at a time
     python3 bench/table1.py long                # the 60-minute rows, one seed, two at a time
     python3 bench/table1.py summarize           # the markdown table from runs/table1/
 
 Every run is one plain CLI call, printed before it starts, stopped by SIGINT when its budget is
-spent (it finishes its step, saves its checkpoint and exits 130), then scored from that checkpoint
-on 10,000 fresh test pairs (bench/ship_model.test_metrics, the paper's task). So every row is
-scored at the very step its budget ended, whatever the epoch. Outputs: runs/table1/NAME_sSEED.json
-(training metrics), .eval.json (the score); checkpoints and logs stay out of git.
+spent (it finishes its step and saves its checkpoint; timeout then exits 124), then scored from
+that checkpoint on 10,000 fresh test pairs (bench/ship_model.test_metrics, the paper's task):
+every row is scored at the very step its budget ended, whatever the epoch. Outputs:
+runs/table1/NAME_sSEED.json (training metrics), .eval.json (the score); checkpoints and logs stay
+out of git. `score` scores runs whose scoring was missed.
 """
 import argparse
 import json
@@ -77,8 +78,9 @@ def run_all(jobs, minutes, rows, seeds) -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     todo = [command(n, f, s, minutes) for i, (n, f) in enumerate(ROWS) if i in rows for s in seeds]
     todo = [(c, b) for c, b in todo if not b.with_suffix(".eval.json").exists()]
-    # 130: stopped by SIGINT when the budget ran out, as intended; 0: finished before it
-    run_jobs(todo, jobs, on_done=lambda rc, base: score(base) if rc in (0, 130) else None)
+    # 124: timeout's status when the budget ran out (the run saved on its SIGINT, as intended);
+    # 0: finished before it
+    run_jobs(todo, jobs, on_done=lambda rc, base: score(base) if rc in (0, 124) else None)
 
 
 def calibrate() -> None:
@@ -107,25 +109,33 @@ def summarize() -> None:
             if not docs:
                 continue
             acc = np.array([d["set_acc"] for d in docs])
-            se = acc.std(ddof=1) / np.sqrt(len(acc)) if len(acc) > 1 else float("nan")
+            se = (f" ± {acc.std(ddof=1) / np.sqrt(len(acc)):.3f}" if len(acc) > 1
+                  else " (one seed)")
             mean = lambda k: np.mean([d[k] for d in docs])
-            print(f"| {name}{label} | {len(docs)} | {acc.mean():.3f} ± {se:.3f} | "
+            print(f"| {name}{label} | {len(docs)} | {acc.mean():.3f}{se} | "
                   f"{mean('soft_acc'):.3f} | {mean('top1'):.3f} | {mean('step'):,.0f} | "
                   f"{docs[0]['n_params'] / 1e6:.2f}M |")
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("what", choices=("calibrate", "run", "long", "summarize"))
+    p.add_argument("what", choices=("calibrate", "run", "long", "score", "summarize"))
     p.add_argument("--minutes", type=int, default=15, help="budget per run (default: %(default)s)")
     p.add_argument("--jobs", type=int, default=2, help="runs at a time (default: %(default)s)")
+    p.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS),
+                   help="seeds of the short runs (default: %(default)s)")
     args = p.parse_args()
     if args.what == "calibrate":
         calibrate()
     elif args.what == "run":
-        run_all(args.jobs, args.minutes, range(len(ROWS)), SEEDS)
+        run_all(args.jobs, args.minutes, range(len(ROWS)), args.seeds)
     elif args.what == "long":
         run_all(args.jobs, 60, LONG_ROWS, (0,))
+    elif args.what == "score":  # finished runs whose .eval.json is missing
+        for ckpt in sorted(OUT.glob("*.npz")):
+            if not ckpt.with_suffix(".eval.json").exists():
+                print(f"scoring {ckpt.name}", flush=True)
+                score(ckpt.with_suffix(""))
     else:
         summarize()
 
