@@ -1316,10 +1316,14 @@ def class_scores(out: np.ndarray) -> np.ndarray:
     return np.linalg.norm(out, axis=2) if out.ndim == 3 else sigmoid(out)
 
 
+def top2(scores: np.ndarray) -> np.ndarray:
+    """scores (N, J) -> (N, 2) the classes of the two highest, highest first (ties: lower class)."""
+    return np.argsort(-scores, axis=1, kind="stable")[:, :2]
+
+
 def top2_hits(scores: np.ndarray, labels: np.ndarray) -> np.ndarray:
     """scores (N, J), labels (N, 2) -> (N, 2) bool: is the k-th highest score one of the labels."""
-    top2 = np.argsort(-scores, axis=1, kind="stable")[:, :2]  # (N, 2)
-    return (top2[:, :, None] == labels[:, None, :]).any(2)
+    return (top2(scores)[:, :, None] == labels[:, None, :]).any(2)
 
 
 def evaluate(params, cfg: Config, pairs: dict, workers=None) -> dict:
@@ -1805,15 +1809,15 @@ def predict_main(argv) -> int:
             raise CapsNetError(f"--out draws the capsules' reconstructions; a {cfg.model} has none")
         out = predict(run.params, cfg, x)                                 # (N, J, E) or (N, J)
         scores = class_scores(out)                                        # (N, J)
-        top2 = np.argsort(-scores, axis=1, kind="stable")[:, :2]          # (N, 2)
+        best = top2(scores)                                               # (N, 2)
         what = "capsule lengths" if cfg.model == "capsnet" else "sigmoid outputs"
-        for path, s, (a, b) in zip(args.images, scores, top2):
+        for path, s, (a, b) in zip(args.images, scores, best):
             print(f"{path}: {a} and {b}  ({what} {s[a]:.2f}, {s[b]:.2f})")
             if args.verbose:
                 print("  all ten: " + "  ".join(f"{k}:{sk:.2f}" for k, sk in enumerate(s)))
         if args.out:
-            recon = [reconstruct(run.params, out, top2[:, k]) for k in (0, 1)]
-            _write_predictions(args.out, args.images, x, top2, recon)
+            recon = [reconstruct(run.params, out, best[:, k]) for k in (0, 1)]
+            _write_predictions(args.out, args.images, x, best, recon)
             print(f"wrote {args.out}")
     except CapsNetError as e:
         print(f"{parser.prog}: error: {e}", file=sys.stderr)

@@ -106,7 +106,7 @@ def analyse(params, cfg: mc.Config, pairs: dict) -> dict:
     """
     v = mc.predict(params, cfg, pairs["x"])
     norms = np.linalg.norm(v, axis=2)                                   # (N, J)
-    top2 = np.argsort(-norms, axis=1, kind="stable")[:, :2]
+    top2 = mc.top2(norms)
     labels = pairs["labels"]
     swap = (top2[:, 0] == labels[:, 1]) | (top2[:, 1] == labels[:, 0])
     pred = np.where(swap[:, None], top2[:, ::-1], top2)
