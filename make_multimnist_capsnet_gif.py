@@ -27,8 +27,8 @@ def draw_frame(run: mc.Run, sub: dict, an: dict, acc: list, n_watch: int) -> np.
     grid = fig.add_gridspec(3, n_watch, left=0.05, right=0.57, top=0.86, bottom=0.07,
                             hspace=0.45, wspace=0.12, height_ratios=[1, 1, 0.7])
     labels = sub["labels"][:n_watch]
-    ra = viz.decode(run.params, an["v"][:n_watch], labels[:, 0])
-    rb = viz.decode(run.params, an["v"][:n_watch], labels[:, 1])
+    ra = viz.decode(run.eval_params, an["v"][:n_watch], labels[:, 0])
+    rb = viz.decode(run.eval_params, an["v"][:n_watch], labels[:, 1])
     for c in range(n_watch):
         ok = an["hits"][c] == 2
         viz.show(fig.add_subplot(grid[0, c]), viz.as_image(sub["x"][c]),
@@ -96,7 +96,7 @@ class Recorder:
     def snapshot(self, run: mc.Run) -> None:
         if self.steps and self.steps[-1] == run.step:
             return  # the last training step was already a multiple of `every`
-        an = viz.analyse(run.params, run.cfg, self.sub)
+        an = viz.analyse(run.eval_params, run.cfg, self.sub)
         self.acc.append((run.step, (an["hits"] == 2).mean(), (an["hits"] > 0).mean()))
         self.frames.append(draw_frame(run, self.sub, an, self.acc, self.n_watch))
         self.steps.append(run.step)

@@ -58,6 +58,10 @@ class Config:
     lr: float = 1e-3                # Adam step size
     lr_decay: float = 1.0           # multiply lr by this every lr_decay_steps steps (1.0: constant)
     lr_decay_steps: int = 2000      # steps per decay factor (continuous, as tf exponential_decay)
+    lr_schedule: str = "exp"        # 'exp': the decay above; 'cosine': lr to 0 at the last step
+    lr_warmup_steps: int = 0        # lr rises linearly from 0 over this many first steps (0: none)
+    ema: float = 0.0                # decay of an average of the weights, evaluated and shipped
+                                    # instead of the weights themselves (0: off; try 0.999)
     conv1_channels: int = 32        # paper: 256
     primary_types: int = 8          # capsule types in PrimaryCaps; paper: 32
     primary_dim: int = 8            # D, dims of a primary capsule (paper: 8)
@@ -66,6 +70,14 @@ class Config:
     primary_stride: int = 2         # PrimaryCaps stride (paper: 2)
     routing_iters: int = 3          # R, routing-by-agreement iterations (paper: 3)
     routing_grad: str = "frozen"    # 'frozen': final c constant in backward; 'full': exact backward
+    leaky_routing: bool = False     # TF reference option: a zero logit beside the J digit logits
+                                    # takes the share of a vote that fits no digit capsule
+    digit_bias: bool = False        # TF reference: a bias (J, E) added to s_j before the squash
+    bias_init: float = 0.0          # initial value of every CapsNet bias (TF reference: 0.1)
+    init: str = "fan-in"            # 'fan-in': He / 1/sqrt(fan-in) normals; 'truncated': the TF
+                                    # reference's truncated normals (std 0.05 conv1, 0.1 others)
+    margin_loss: str = "paper"      # 'paper': summed over the J classes; 'tf': the TF reference's,
+                                    # averaged over them and halved (the paper's / 20)
     decoder_h1: int = 256           # decoder hidden widths; paper: 512
     decoder_h2: int = 512           # paper: 1024
     cnn_conv1: int = 512            # CNN baseline widths (paper: 512, 256, 1024; the paper's small
@@ -133,6 +145,17 @@ def validate(cfg: Config) -> None:
         raise CapsNetError(f"batch_size ({cfg.batch_size}) is larger than n_train ({cfg.n_train})")
     if cfg.routing_grad not in ("frozen", "full"):
         raise CapsNetError(f"routing_grad must be 'frozen' or 'full', got {cfg.routing_grad!r}")
+    for name, allowed in (("lr_schedule", ("exp", "cosine")), ("init", ("fan-in", "truncated")),
+                          ("margin_loss", ("paper", "tf"))):
+        if getattr(cfg, name) not in allowed:
+            raise CapsNetError(f"{name} must be {' or '.join(map(repr, allowed))}, "
+                               f"got {getattr(cfg, name)!r}")
+    if cfg.lr_warmup_steps < 0:
+        raise CapsNetError(f"lr_warmup_steps must be >= 0, got {cfg.lr_warmup_steps}")
+    if not 0 <= cfg.ema < 1:
+        raise CapsNetError(f"ema must be in [0, 1), got {cfg.ema}")
+    if not math.isfinite(cfg.bias_init):
+        raise CapsNetError(f"bias_init must be a finite number, got {cfg.bias_init}")
     if cfg.overlay not in ("max", "clip-sum"):
         raise CapsNetError(f"overlay must be 'max' or 'clip-sum', got {cfg.overlay!r}")
     if cfg.model not in LOSS_TERMS:
@@ -597,35 +620,49 @@ def softmax(b, axis):
     return z / z.sum(axis=axis, keepdims=True)
 
 
-def routing_forward(uh, n_iters):
+def coupling(b, leaky=False):
+    """Coupling coefficients c (N, J, I) from logits b (N, J, I): softmax over the J digit
+    capsules; leaky adds a constant zero logit to that softmax and drops its share, so c sums
+    to less than 1 over J. Either way its backward is db = c (dc - sum_j c dc)."""
+    if not leaky:
+        return softmax(b, axis=1)
+    top = np.maximum(b.max(axis=1, keepdims=True), 0)            # (N, 1, I), the leak included
+    z = np.exp(b - top)
+    return z / (z.sum(axis=1, keepdims=True) + np.exp(-top))
+
+
+def routing_forward(uh, n_iters, bias=None, leaky=False):
     """Routing by agreement (Procedure 1 of the paper).
 
-    uh (N, J, I, E) -> v (N, J, E). Logits b (N, J, I) start at 0; each iteration
-    c = softmax_j(b), s_j = sum_i c_ij uh_ij, v_j = squash(s_j), then b_ij += uh_ij . v_j.
-    The cache keeps c, v and the squash cache of every iteration.
+    uh (N, J, I, E), bias (J, E) or None -> v (N, J, E). Logits b (N, J, I) start at 0; each
+    iteration c = coupling(b), s_j = sum_i c_ij uh_ij (+ bias_j), v_j = squash(s_j), then
+    b_ij += uh_ij . v_j. The cache keeps c, v and the squash cache of every iteration.
     """
     n, j, i_, e = uh.shape
     b = np.zeros((n, j, i_), uh.dtype)
     iters = []
     for r in range(n_iters):
-        c = softmax(b, axis=1)                                   # (N, J, I), sums to 1 over J
+        c = coupling(b, leaky)                                   # (N, J, I)
         s = np.matmul(c[:, :, None, :], uh)[:, :, 0]             # (N, J, E)
+        if bias is not None:
+            s = s + bias
         v, sq = squash_forward(s)
         iters.append((c, v, sq))
         if r < n_iters - 1:
             b = b + np.matmul(uh, v[..., None])[..., 0]          # (N, J, I) agreement
-    return v, (uh, iters)
+    return v, (uh, iters, bias is not None)
 
 
 def routing_backward(dv, cache, full=False):
-    """dv (N, J, E) -> duh (N, J, I, E).
+    """dv (N, J, E) -> duh (N, J, I, E), and dbias (J, E) when the forward pass had a bias.
 
-    full=False: the final coupling coefficients c are constants, so gradient reaches uh only
-    through s = sum_i c_ij uh_ij (the seed's choice). full=True: exact, through every softmax and
-    every agreement update (the official TensorFlow reference stops no gradient here).
+    full=False: the final coupling coefficients c are constants, so gradient reaches uh (and the
+    bias) only through the last s = sum_i c_ij uh_ij (+ bias) (the seed's choice). full=True:
+    exact, through every coupling and every agreement update (the official TensorFlow reference
+    stops no gradient here).
     """
-    uh, iters = cache
-    duh = None
+    uh, iters, has_bias = cache
+    duh = dbias = None
     db_next = None  # gradient of the logits b_{r+1}, which iteration r's agreement feeds
     for r in reversed(range(len(iters))):
         c, v, sq = iters[r]
@@ -633,6 +670,7 @@ def routing_backward(dv, cache, full=False):
             dv = np.matmul(db_next[:, :, None, :], uh)[:, :, 0]  # (N, J, E)
             duh += db_next[..., None] * v[:, :, None, :]
         ds = squash_backward(dv, sq)                             # (N, J, E)
+        dbias = ds.sum(0) if dbias is None else dbias + ds.sum(0)  # (J, E)
         if duh is None:  # stored i-major, the layout uhat_backward's matmuls read; einsum is
             # 2x faster here than the broadcast multiply, whose inner loop would be E long
             duh = np.einsum("nji,nje->inje", c, ds, order="C")  # (I, N, J, E)
@@ -642,33 +680,34 @@ def routing_backward(dv, cache, full=False):
         if not full or r == 0:  # b_0 = 0 is a constant
             break
         dc = np.matmul(uh, ds[..., None])[..., 0]                # (N, J, I)
-        db = c * (dc - (c * dc).sum(1, keepdims=True))           # softmax Jacobian over J
+        db = c * (dc - (c * dc).sum(1, keepdims=True))           # the coupling's Jacobian
         db_next = db if db_next is None else db + db_next        # b_r also feeds b_{r+1} directly
-    return duh
+    return (duh, dbias) if has_bias else duh
 
 
 # ----------------------------------------------------------------------------------------------
 # Losses and the decoder
 
-def margin_forward(v, labels):
-    """Margin loss, summed over digit capsules, averaged over the batch.
+def margin_forward(v, labels, scale=1.0):
+    """Margin loss, summed over digit capsules, averaged over the batch, times scale.
 
     v (N, J, E), labels (N, 2) -> loss scalar. T_k = 1 for both labels:
-    L_k = T_k max(0, 0.9 - |v_k|)^2 + 0.5 (1 - T_k) max(0, |v_k| - 0.1)^2.
+    L_k = T_k max(0, 0.9 - |v_k|)^2 + 0.5 (1 - T_k) max(0, |v_k| - 0.1)^2. The TF reference
+    averages L_k over k and halves it: scale 1 / (2 J).
     """
     n = len(v)
     t = np.zeros(v.shape[:2], v.dtype)                          # (N, J)
     t[np.arange(n)[:, None], labels] = 1
     length = np.sqrt(np.einsum("nje,nje->nj", v, v))             # (N, J)
     pos, neg = np.maximum(0, 0.9 - length), np.maximum(0, length - 0.1)
-    loss = (t * pos ** 2 + 0.5 * (1 - t) * neg ** 2).sum() / n
-    return loss, (v, t, length, pos, neg)
+    loss = (t * pos ** 2 + 0.5 * (1 - t) * neg ** 2).sum() / n * scale
+    return loss, (v, t, length, pos, neg, scale)
 
 
 def margin_backward(cache):
     """-> dv (N, J, E), the gradient of the loss above (its upstream gradient is 1)."""
-    v, t, length, pos, neg = cache
-    dlen = (-2 * t * pos + (1 - t) * neg) / len(v)               # (N, J)
+    v, t, length, pos, neg, scale = cache
+    dlen = (-2 * t * pos + (1 - t) * neg) / len(v) * scale       # (N, J)
     safe = np.maximum(length, np.finfo(v.dtype).tiny)
     return (dlen / safe)[..., None] * v
 
@@ -744,24 +783,43 @@ def recon_backward(cache):
 # ----------------------------------------------------------------------------------------------
 # The whole network
 
+def truncated_normal(rng: np.random.Generator, shape, std: float) -> np.ndarray:
+    """N(0, std^2) with every draw beyond 2 std drawn again (tf.truncated_normal_initializer)."""
+    z = rng.standard_normal(shape)
+    while (far := np.abs(z) > 2).any():
+        z[far] = rng.standard_normal(int(far.sum()))
+    return z * std
+
+
 def capsnet_init_params(cfg: Config, rng: np.random.Generator) -> dict[str, np.ndarray]:
-    """Weights by fan-in (He for ReLU layers, 1/sqrt(fan_in) otherwise), routing W ~ N(0, 0.05^2),
-    every bias zero. All arrays in cfg.dtype."""
+    """init 'fan-in': weights by fan-in (He for ReLU layers, 1/sqrt(fan_in) otherwise), routing W
+    ~ N(0, 0.05^2). init 'truncated': the TF reference's truncated normals, std 0.05 for conv1 and
+    0.1 for the rest, except PrimaryCaps: 0.1 / T, because the reference scales its PrimaryCaps
+    votes by the 1/T coupling of its one-iteration routing over the T capsule types (folded into
+    the weights here: the same function at step 0, not the same per-layer step size under Adam).
+    Every bias starts at cfg.bias_init. All arrays in cfg.dtype."""
     k, c1, t, d, e, j = (cfg.kernel, cfg.conv1_channels, cfg.primary_types, cfg.primary_dim,
                          cfg.digit_dim, cfg.n_classes)
-    normal = lambda shape, std: rng.standard_normal(shape) * std
+    h1, h2 = cfg.decoder_h1, cfg.decoder_h2
+
+    def normal(shape, std, tf_std):
+        if cfg.init == "truncated":
+            return truncated_normal(rng, shape, tf_std)
+        return rng.standard_normal(shape) * std
+    bias = lambda shape: np.full(shape, cfg.bias_init)
     p = {
-        "conv1_w": normal((k, k, 1, c1), math.sqrt(2 / (k * k))),
-        "conv1_b": np.zeros(c1),
-        "primary_w": normal((k, k, c1, t * d), math.sqrt(1 / (k * k * c1))),
-        "primary_b": np.zeros(t * d),
-        "digit_w": normal((cfg.n_primary, j, e, d), 0.05),
-        "dec1_w": normal((j * e, cfg.decoder_h1), math.sqrt(2 / (j * e))),
-        "dec1_b": np.zeros(cfg.decoder_h1),
-        "dec2_w": normal((cfg.decoder_h1, cfg.decoder_h2), math.sqrt(2 / cfg.decoder_h1)),
-        "dec2_b": np.zeros(cfg.decoder_h2),
-        "dec3_w": normal((cfg.decoder_h2, cfg.canvas ** 2), math.sqrt(1 / cfg.decoder_h2)),
-        "dec3_b": np.zeros(cfg.canvas ** 2),
+        "conv1_w": normal((k, k, 1, c1), math.sqrt(2 / (k * k)), 0.05),
+        "conv1_b": bias(c1),
+        "primary_w": normal((k, k, c1, t * d), math.sqrt(1 / (k * k * c1)), 0.1 / t),
+        "primary_b": bias(t * d),
+        "digit_w": normal((cfg.n_primary, j, e, d), 0.05, 0.1),
+        **({"digit_b": bias((j, e))} if cfg.digit_bias else {}),
+        "dec1_w": normal((j * e, h1), math.sqrt(2 / (j * e)), 0.1),
+        "dec1_b": bias(h1),
+        "dec2_w": normal((h1, h2), math.sqrt(2 / h1), 0.1),
+        "dec2_b": bias(h2),
+        "dec3_w": normal((h2, cfg.canvas ** 2), math.sqrt(1 / h2), 0.1),
+        "dec3_b": bias(cfg.canvas ** 2),
     }
     return {name: a.astype(cfg.dtype) for name, a in p.items()}
 
@@ -774,7 +832,8 @@ def encode(params, x, cfg: Config):
     n = len(x)
     u, c_sq = squash_forward(s.reshape(n, -1, cfg.primary_dim))                 # (N, I, D)
     uh, c_uh = uhat_forward(u, params["digit_w"])                               # (N, J, I, E)
-    v, c_route = routing_forward(uh, cfg.routing_iters)                         # (N, J, E)
+    v, c_route = routing_forward(uh, cfg.routing_iters, params.get("digit_b"),
+                                 cfg.leaky_routing)                             # (N, J, E)
     return v, (c_conv1, c_relu, c_prim, s.shape, c_sq, c_uh, c_route)
 
 
@@ -783,12 +842,17 @@ def encode_backward(dv, cache, cfg: Config) -> dict[str, np.ndarray]:
     c_conv1, c_relu, c_prim, s_shape, c_sq, c_uh, c_route = cache
     g = {}
     duh = routing_backward(dv, c_route, full=cfg.routing_grad == "full")
+    if cfg.digit_bias:
+        duh, g["digit_b"] = duh
     du, g["digit_w"] = uhat_backward(duh, c_uh)
     ds = squash_backward(du, c_sq).reshape(s_shape)
     dh, g["primary_w"], g["primary_b"] = conv_backward(ds, c_prim)
     _, g["conv1_w"], g["conv1_b"] = conv_backward(relu_backward(dh, c_relu), c_conv1,
                                                    need_dx=False)
     return g
+
+
+MARGIN_SCALE = dict(paper=1.0, tf=1 / 20)  # tf: averaged over the 10 classes, halved
 
 
 def capsnet_loss_and_grads(params, batch, cfg: Config, grad_scale: float = 1.0):
@@ -801,7 +865,7 @@ def capsnet_loss_and_grads(params, batch, cfg: Config, grad_scale: float = 1.0):
     """
     n = len(batch["x"])
     v, enc = encode(params, batch["x"], cfg)
-    margin, c_margin = margin_forward(v, batch["labels"])
+    margin, c_margin = margin_forward(v, batch["labels"], MARGIN_SCALE[cfg.margin_loss])
     z, c_mask = mask_forward(v, batch["labels"])                               # (2N, J*E)
     recon, c_dec = decoder_forward(z, params)                                  # (2N, H*W)
     rec, c_rec = recon_forward(recon, np.concatenate([batch["a"], batch["b"]]), n)
@@ -1105,9 +1169,16 @@ def adam_step(params, grads, state, lr, beta1=0.9, beta2=0.999, eps=1e-8, worker
 
 
 def learning_rate(cfg: Config, step: int) -> float:
-    """lr * lr_decay ** (step / lr_decay_steps), the paper's exponential decay."""
+    """The step size of Adam step `step` (0-based). 'exp': lr * lr_decay ** (step /
+    lr_decay_steps), the paper's exponential decay; 'cosine': lr (1 + cos(pi step / S)) / 2 over
+    the run's S = n_epochs * steps-per-epoch steps. Either way times min(1, (step + 1) / W) for
+    a warm-up of W = lr_warmup_steps steps."""
+    warm = min(1.0, (step + 1) / cfg.lr_warmup_steps) if cfg.lr_warmup_steps else 1.0
+    if cfg.lr_schedule == "cosine":
+        total = cfg.n_epochs * (cfg.n_train // cfg.batch_size)
+        return warm * cfg.lr * 0.5 * (1 + math.cos(math.pi * min(step / total, 1.0)))
     try:
-        return cfg.lr * cfg.lr_decay ** (step / cfg.lr_decay_steps)
+        return warm * cfg.lr * cfg.lr_decay ** (step / cfg.lr_decay_steps)
     except OverflowError:  # a decay factor > 1 grew it past 1e308: check_finite reports it
         return math.inf
 
@@ -1129,10 +1200,21 @@ class Run:
     step: int = 0                   # Adam steps taken
     epoch: int = 0                  # epochs completed
     history: dict = None            # per-step loss terms (LOSS_TERMS) and per-epoch metrics
+    ema: dict = None                # with cfg.ema: the running average of params, zero-started
 
     def __post_init__(self):
         if self.history is None:
             self.history = {**{t: [] for t in LOSS_TERMS[self.cfg.model]}, "epochs": []}
+
+    @property
+    def eval_params(self) -> dict:
+        """The weights to evaluate, predict with and ship: with cfg.ema the average of the
+        weights after every step so far, weighted by ema ** age (the zero start divided out, as
+        Adam's moments), else the weights themselves."""
+        if self.ema is None or self.step == 0:
+            return self.params
+        debias = 1 / (1 - self.cfg.ema ** self.step)
+        return {k: a * a.dtype.type(debias) for k, a in self.ema.items()}
 
     def steps_per_epoch(self) -> int:
         return self.cfg.n_train // self.cfg.batch_size  # the last partial batch is dropped
@@ -1143,7 +1225,16 @@ def new_run(cfg: Config) -> Run:
     spawned from one generator seeded with cfg.seed."""
     _, init_rng, train_rng = np.random.default_rng(cfg.seed).spawn(3)
     params = init_params(cfg, init_rng)
-    return Run(cfg, params, adam_init(params), train_rng.bit_generator.state)
+    ema = {k: np.zeros_like(p) for k, p in params.items()} if cfg.ema else None
+    return Run(cfg, params, adam_init(params), train_rng.bit_generator.state, ema=ema)
+
+
+def ema_step(run: Run) -> None:
+    """In place: ema = d ema + (1 - d) params, after each Adam step."""
+    d = run.cfg.ema
+    for k, a in run.ema.items():
+        a *= d
+        a += (1 - d) * run.params[k]
 
 
 def make_data(cfg: Config, mnist: dict) -> tuple[dict | None, dict]:
@@ -1237,6 +1328,8 @@ def _train_epoch(run: Run, mnist, pool, test, workers, bar, on_step, should_stop
         lr = learning_rate(cfg, run.step)
         check_finite(run, loss, aux, grads, lr)
         adam_step(run.params, grads, run.adam, lr, workers=workers)
+        if run.ema is not None:
+            ema_step(run)
         run.step += 1
         for t in LOSS_TERMS[cfg.model]:
             run.history[t].append(aux[t])
@@ -1249,7 +1342,7 @@ def _train_epoch(run: Run, mnist, pool, test, workers, bar, on_step, should_stop
             return False
     run.epoch += 1
     run.rng_state = rng.bit_generator.state
-    metrics = evaluate(run.params, cfg, test, workers)
+    metrics = evaluate(run.eval_params, cfg, test, workers)
     recent = slice(run.step - spe, run.step)
     metrics.update(epoch=run.epoch, step=run.step,
                    **{f"train_{t}": float(np.mean(run.history[t][recent]))
@@ -1366,6 +1459,7 @@ def save_checkpoint(path, run: Run) -> None:
     arrays = {f"param.{k}": p for k, p in run.params.items()}
     arrays.update({f"adam_m.{k}": m for k, m in run.adam["m"].items()})
     arrays.update({f"adam_v.{k}": v for k, v in run.adam["v"].items()})
+    arrays.update({f"ema.{k}": a for k, a in (run.ema or {}).items()})
     meta = dict(format=1, kind="run", config=dataclasses.asdict(run.cfg), step=run.step,
                 epoch=run.epoch, adam_t=run.adam["t"], rng_state=run.rng_state, history=run.history)
     _savez(path, arrays, meta)
@@ -1373,8 +1467,9 @@ def save_checkpoint(path, run: Run) -> None:
 
 def save_model(path, run: Run, storage: str = "float32", **info) -> None:
     """Parameters only (no Adam state, no per-step history), stored as `storage` and compressed:
-    a model to predict with, not a run to resume. info (metrics, the command) goes into meta."""
-    arrays = {f"param.{k}": p.astype(storage) for k, p in run.params.items()}
+    a model to predict with, not a run to resume; with cfg.ema, the averaged ones. info (metrics,
+    the command) goes into meta."""
+    arrays = {f"param.{k}": p.astype(storage) for k, p in run.eval_params.items()}
     meta = dict(format=1, kind="model", config=dataclasses.asdict(run.cfg), step=run.step,
                 epoch=run.epoch, history=dict(epochs=run.history["epochs"]), storage=storage,
                 **info)
@@ -1392,13 +1487,15 @@ def load_checkpoint(path) -> Run:
             validate(saved)
             names = [k[len("param."):] for k in z.files if k.startswith("param.")]
             params = {k: z[f"param.{k}"].astype(saved.dtype, copy=False) for k in names}
-            adam = rng_state = None
+            adam = rng_state = ema = None
             if meta.get("kind", "run") == "run":
                 adam = dict(t=int(meta["adam_t"]), m={k: z[f"adam_m.{k}"] for k in names},
                             v={k: z[f"adam_v.{k}"] for k in names})
+                ema = {k: z[f"ema.{k}"] for k in names} if saved.ema else None
                 rng_state = meta["rng_state"]
                 np.random.default_rng().bit_generator.state = rng_state  # a PCG64 state, or raise
-        run = Run(saved, params, adam, rng_state, meta["step"], meta["epoch"], meta["history"])
+        run = Run(saved, params, adam, rng_state, meta["step"], meta["epoch"], meta["history"],
+                  ema)
     except FileNotFoundError:
         raise CapsNetError(f"checkpoint {path} does not exist") from None
     except CapsNetError as e:
@@ -1477,10 +1574,32 @@ def add_training_flags(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--lr-decay-steps", type=int, default=d.lr_decay_steps,
                    help="steps over which the lr shrinks by --lr-decay, applied smoothly "
                         "(default: %(default)s)")
+    g.add_argument("--lr-schedule", choices=("exp", "cosine"), default=d.lr_schedule,
+                   help="exp: the decay above; cosine: from --lr to 0 over --n-epochs "
+                        "(default: %(default)s)")
+    g.add_argument("--lr-warmup-steps", type=int, default=d.lr_warmup_steps,
+                   help="lr rises linearly from 0 over this many first steps (default: %(default)s)")
+    g.add_argument("--ema", type=float, default=d.ema,
+                   help="decay of a moving average of the weights, which evaluation, checkpoints "
+                        "and model files use; 0 = off, try 0.999 (default: %(default)s)")
     g.add_argument("--recon-weight", type=float, default=d.recon_weight,
                    help="reconstruction loss weight (default: %(default)s)")
+    g.add_argument("--margin-loss", choices=("paper", "tf"), default=d.margin_loss,
+                   help="paper: summed over the classes; tf: the TF reference's, averaged over "
+                        "them and halved, 1/20 of it (default: %(default)s)")
     g.add_argument("--routing-grad", choices=("frozen", "full"), default=d.routing_grad,
                    help="frozen: final c constant in backward; full: exact (default: %(default)s)")
+    g.add_argument("--leaky-routing", action="store_true",
+                   help="TF reference option: a zero logit beside the digit capsules' takes the "
+                        "votes that fit none of them (default: off)")
+    g.add_argument("--digit-bias", action="store_true",
+                   help="TF reference: a learned bias added to each digit capsule before its "
+                        "squash (default: off)")
+    g.add_argument("--bias-init", type=float, default=d.bias_init,
+                   help="initial value of every CapsNet bias; TF reference 0.1 (default: %(default)s)")
+    g.add_argument("--init", choices=("fan-in", "truncated"), default=d.init,
+                   help="fan-in: He / 1/sqrt(fan-in) normals; truncated: the TF reference's "
+                        "truncated normals (default: %(default)s)")
     g.add_argument("--dtype", choices=("float32", "float64"), default=d.dtype,
                    help="float32 trains fast; float64 for gradient checks (default: %(default)s)")
     g.add_argument("--workers", type=int, default=d.workers,
@@ -1807,7 +1926,8 @@ def predict_main(argv) -> int:
         x = np.stack([read_image(p, cfg.canvas, args.background) for p in args.images])
         if args.out and cfg.model != "capsnet":
             raise CapsNetError(f"--out draws the capsules' reconstructions; a {cfg.model} has none")
-        out = predict(run.params, cfg, x)                                 # (N, J, E) or (N, J)
+        params = run.eval_params
+        out = predict(params, cfg, x)                                     # (N, J, E) or (N, J)
         scores = class_scores(out)                                        # (N, J)
         best = top2(scores)                                               # (N, 2)
         what = "capsule lengths" if cfg.model == "capsnet" else "sigmoid outputs"
@@ -1816,7 +1936,7 @@ def predict_main(argv) -> int:
             if args.verbose:
                 print("  all ten: " + "  ".join(f"{k}:{sk:.2f}" for k, sk in enumerate(s)))
         if args.out:
-            recon = [reconstruct(run.params, out, best[:, k]) for k in (0, 1)]
+            recon = [reconstruct(params, out, best[:, k]) for k in (0, 1)]
             _write_predictions(args.out, args.images, x, best, recon)
             print(f"wrote {args.out}")
     except CapsNetError as e:

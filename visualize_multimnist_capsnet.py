@@ -554,15 +554,16 @@ def purity_str(ulen, c, owner) -> str:
 
 
 def write_figures(run: mc.Run, test: dict, outdir: Path) -> list[Path]:
-    an = analyse(run.params, run.cfg, test)
+    params = run.eval_params
+    an = analyse(params, run.cfg, test)
     figs = {
         "training_curves.png": fig_training_curves(run),
-        "reconstructions.png": fig_reconstructions(run.params, test, an, pick(an, 8, 3)),
+        "reconstructions.png": fig_reconstructions(params, test, an, pick(an, 8, 3)),
         "capsule_activations.png": fig_capsule_activations(test, an),
         "multimnist_examples.png": fig_examples(test),
-        "paper_overlay.png": fig_paper_overlay(run.params, test, an),
-        "capsule_dimensions.png": fig_capsule_dimensions(run.params, test, an),
-        "routing.png": fig_routing(run.params, run.cfg, test, pick(an, 6, 3)),
+        "paper_overlay.png": fig_paper_overlay(params, test, an),
+        "capsule_dimensions.png": fig_capsule_dimensions(params, test, an),
+        "routing.png": fig_routing(params, run.cfg, test, pick(an, 6, 3)),
     }
     for name, fig in figs.items():
         save_png(fig, outdir / name)

@@ -18,7 +18,7 @@ def analyse(path: str, args) -> None:
     run = m.load_checkpoint(path)
     cfg = run.cfg
     _, test = m.make_data(cfg, m.load_data(args, cfg))  # the checkpoint's own data source
-    v = m.predict(run.params, cfg, test["x"])
+    v = m.predict(run.eval_params, cfg, test["x"])
     right = m.top2_hits(m.class_scores(v), test["labels"]).all(1)                  # (N,)
     iou = test["iou"]                                                               # (N,)
     last = run.history["epochs"][-1]  # an interrupted run saved params a part-epoch past this

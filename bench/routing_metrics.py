@@ -44,11 +44,12 @@ def checkpoint_test_pairs(cfg: mc.Config, args) -> tuple[mc.Config, dict]:
 
 def measure(run: mc.Run, args) -> dict:
     cfg, test = checkpoint_test_pairs(run.cfg, args)
-    v = mc.predict(run.params, cfg, test["x"])
+    params = run.eval_params
+    v = mc.predict(params, cfg, test["x"])
     set_acc = float(mc.top2_hits(mc.class_scores(v), test["labels"]).all(1).mean())
     return dict(cfg=cfg, n=len(test["x"]), set_acc=set_acc,
-                purity=viz.routing_purity(run.params, cfg, test),
-                seg=viz.segmentation_accuracy(run.params, cfg, test, v=v))
+                purity=viz.routing_purity(params, cfg, test),
+                seg=viz.segmentation_accuracy(params, cfg, test, v=v))
 
 
 def fmt(x: float) -> str:

@@ -61,8 +61,9 @@ def main() -> int:
         mnist = mc.load_data(args, run.cfg)
         t0 = time.perf_counter()
         with mc.worker_pool(run.cfg.workers) as workers:
-            f32 = test_metrics(run.params, run.cfg, mnist, args.n_test, workers)
-            half = {k: a.astype("float16").astype(a.dtype) for k, a in run.params.items()}
+            params = run.eval_params
+            f32 = test_metrics(params, run.cfg, mnist, args.n_test, workers)
+            half = {k: a.astype("float16").astype(a.dtype) for k, a in params.items()}
             f16 = test_metrics(half, run.cfg, mnist, args.n_test, workers)
     except mc.CapsNetError as e:
         print(f"ship_model.py: error: {e}", file=sys.stderr)

@@ -68,7 +68,7 @@ def score(base: Path) -> None:
     """The checkpoint at base.npz on 10,000 fresh test pairs of the paper's task."""
     run = mc.load_checkpoint(base.with_suffix(".npz"))
     mnist = mc.load_data(argparse.Namespace(data_dir=None), run.cfg)
-    metrics = test_metrics(run.params, run.cfg, mnist, 10_000, None)[PAPER_TASK]
+    metrics = test_metrics(run.eval_params, run.cfg, mnist, 10_000, None)[PAPER_TASK]
     n_params = sum(p.size for p in run.params.values())
     doc = dict(metrics, step=run.step, pairs=run.step * run.cfg.batch_size, n_params=n_params)
     mc.atomic_write(base.with_suffix(".eval.json"), (json.dumps(doc, indent=1) + "\n").encode())

@@ -179,6 +179,33 @@ def test_resume_equals_uninterrupted(tmp_path):
     assert metrics_wo_timing(tmp_path / "a.json") == metrics_wo_timing(tmp_path / "b.json")
 
 
+TF_OPTIONS = ("--ema", 0.9, "--digit-bias", "--leaky-routing", "--bias-init", 0.1,
+              "--margin-loss", "tf", "--init", "truncated", "--lr-warmup-steps", 3)
+
+
+def test_resume_with_ema_and_the_tf_options_equals_uninterrupted(tmp_path):
+    """The average of the weights is checkpointed too: the resumed run ends bit for bit where the
+    uninterrupted one does, and evaluates the averaged weights (not the raw ones)."""
+    a, b = tmp_path / "a.npz", tmp_path / "b.npz"
+    assert main_in(tiny("--n-epochs", 2, *TF_OPTIONS, "--save", a))[0] == 0
+    assert main_in(["--resume", a, "--save", a, "--n-epochs", 4, "--quiet"])[0] == 0
+    assert main_in(tiny("--n-epochs", 4, *TF_OPTIONS, "--save", b,
+                        "--metrics-json", tmp_path / "b.json"))[0] == 0
+    assert_same_checkpoint(a, b)
+    run = mc.load_checkpoint(a)
+    assert run.cfg.ema == 0.9 and run.cfg.digit_bias and "digit_b" in run.ema
+    pool, test = mc.make_data(run.cfg, mc.synthetic_mnist(np.random.default_rng(run.cfg.seed)))
+    final = metrics_wo_timing(tmp_path / "b.json")["final"]
+    assert mc.evaluate(run.eval_params, run.cfg, test)["set_acc"] == final["set_acc"]
+    raw = {k: p.astype(np.float64) for k, p in run.params.items()}
+    assert any(np.abs(raw[k] - run.eval_params[k]).max() > 1e-6 for k in raw)
+    mc.save_model(tmp_path / "model.npz", run)  # a model file ships the averaged weights
+    model = mc.load_checkpoint(tmp_path / "model.npz")
+    assert model.ema is None
+    for k, p in run.eval_params.items():
+        np.testing.assert_array_equal(model.eval_params[k], p)
+
+
 def test_cnn_baseline_runs_through_the_same_cli_checkpoints_and_resume(tmp_path, capsys):
     cnn = ("--model", "cnn", "--cnn-conv1", 4, "--cnn-conv2", 4, "--cnn-fc", 8)
     a, b = tmp_path / "a.npz", tmp_path / "b.npz"
@@ -753,6 +780,15 @@ MATRIX = [
     C("recon-inf", ("--recon-weight", "inf"), "recon_weight must be a finite number >= 0", ""),
     C("recon-1e400", ("--recon-weight", "1e400"), "recon_weight must be a finite number", "inf"),
     # -- --min-iou (float; 0 is valid: the paper's setting)
+    C("ema-1", ("--ema", "1"), "ema must be in [0, 1)", "an average that never moves"),
+    C("ema-neg", ("--ema", "-0.5"), "ema must be in [0, 1)", "validate"),
+    C("ema-nan", ("--ema", "nan"), "ema must be in [0, 1)", "nan fails 0 <= x < 1"),
+    C("warmup-neg", ("--lr-warmup-steps", "-1"), "lr_warmup_steps must be >= 0", "validate"),
+    C("warmup-abc", ("--lr-warmup-steps", "abc"), "invalid int value", "argparse"),
+    C("bias-init-nan", ("--bias-init", "nan"), "bias_init must be a finite number", "validate"),
+    C("bias-init-inf", ("--bias-init", "inf"), "bias_init must be a finite number", "validate"),
+    C("schedule-abc", ("--lr-schedule", "step"), "invalid choice", "argparse"),
+    C("margin-abc", ("--margin-loss", "hinge"), "invalid choice", "argparse"),
     C("min-iou-neg", ("--min-iou", "-0.1"), "min_iou must be in [0, 1)", "validate"),
     C("min-iou-1", ("--min-iou", "1"), "min_iou must be in [0, 1)", "validate"),
     C("min-iou-big", ("--min-iou", "1e12"), "min_iou must be in [0, 1)", "validate"),

@@ -106,7 +106,7 @@ def test_routing_forward_matches_naive(rng, iters):
 
 
 def test_routing_coupling_sums_to_one_over_digit_capsules(rng):
-    _, (_, iters) = m.routing_forward(rng.standard_normal((2, 4, 6, 3)), 3)
+    _, (_, iters, _) = m.routing_forward(rng.standard_normal((2, 4, 6, 3)), 3)
     for c, _, _ in iters:
         np.testing.assert_allclose(c.sum(1), 1)
 
@@ -134,6 +134,46 @@ def test_frozen_and_full_routing_gradients_differ(rng):
     assert rel_error(m.routing_backward(d, cache, False), m.routing_backward(d, cache, True)) > 1e-3
 
 
+def test_leaky_coupling_is_the_softmax_with_a_zero_logit_dropped(rng):
+    b = rng.standard_normal((2, 4, 6)) * 3
+    full = m.softmax(np.concatenate([np.zeros((2, 1, 6)), b], axis=1), axis=1)
+    np.testing.assert_allclose(m.coupling(b, leaky=True), full[:, 1:], rtol=1e-12)
+    assert (m.coupling(b, leaky=True).sum(1) < 1).all()
+    big = np.full((1, 3, 2), 800.0)  # exp(800) overflows: the max is taken out first
+    np.testing.assert_allclose(m.coupling(big, leaky=True), 1 / 3)
+
+
+def routing_variant(uh, iters, bias, leaky):
+    """The plain forward with the bias added to every s_j and the leaky coupling."""
+    b = np.zeros(uh.shape[:3])
+    for r in range(iters):
+        c = m.coupling(b, leaky)
+        v = m.squash_forward(np.einsum("nji,njie->nje", c, uh) + bias)[0]
+        b = b + np.einsum("njie,nje->nji", uh, v)
+    return v
+
+
+@pytest.mark.parametrize("leaky", [False, True])
+@pytest.mark.parametrize("iters", [1, 3])
+def test_routing_with_bias_and_leak_full_backward_is_exact(rng, iters, leaky):
+    """Both the votes' and the bias's gradient, through every iteration."""
+    uh, bias = rng.standard_normal((2, 4, 6, 3)) * 0.7, rng.standard_normal((4, 3)) * 0.3
+    f = lambda: m.routing_forward(uh, iters, bias, leaky)[0]
+    np.testing.assert_allclose(f(), routing_variant(uh, iters, bias, leaky), rtol=1e-12)
+    grads = lambda d: m.routing_backward(d, m.routing_forward(uh, iters, bias, leaky)[1], True)
+    check(f, uh, lambda d: grads(d)[0], rng)
+    check(f, bias, lambda d: grads(d)[1], rng)
+
+
+def test_routing_with_bias_frozen_backward_differentiates_the_frozen_c_function(rng):
+    uh, bias = rng.standard_normal((2, 4, 6, 3)) * 0.7, rng.standard_normal((4, 3)) * 0.3
+    c_final = m.routing_forward(uh, 3, bias, True)[1][1][-1][0].copy()
+    frozen = lambda: m.squash_forward(np.einsum("nji,njie->nje", c_final, uh) + bias)[0]
+    grads = lambda d: m.routing_backward(d, m.routing_forward(uh, 3, bias, True)[1], False)
+    check(frozen, uh, lambda d: grads(d)[0], rng)
+    check(frozen, bias, lambda d: grads(d)[1], rng)
+
+
 def test_margin_loss_value_by_hand():
     v = np.zeros((1, 10, 2))
     v[0, 3] = [0.6, 0.0]    # label, too short: (0.9 - 0.6)^2 = 0.09
@@ -143,11 +183,24 @@ def test_margin_loss_value_by_hand():
     assert loss == pytest.approx(0.09 + 0.08)
 
 
-def test_margin_backward(rng):
+@pytest.mark.parametrize("scale", [1.0, 1 / 20])
+def test_margin_backward(rng, scale):
     v = rng.standard_normal((4, 10, 5)) * 0.4
     labels = np.array([[0, 1], [2, 9], [5, 3], [7, 8]])
-    check(lambda: m.margin_forward(v, labels)[0], v,
-          lambda d: d * m.margin_backward(m.margin_forward(v, labels)[1]), rng)
+    check(lambda: m.margin_forward(v, labels, scale)[0], v,
+          lambda d: d * m.margin_backward(m.margin_forward(v, labels, scale)[1]), rng)
+
+
+def test_tf_margin_loss_is_the_mean_over_classes_halved(rng):
+    """The TF reference: 0.5 T pos^2 + 0.25 (1 - T) neg^2, averaged over batch and classes."""
+    v = rng.standard_normal((4, 10, 5)) * 0.4
+    labels = np.array([[0, 1], [2, 9], [5, 3], [7, 8]])
+    t = np.zeros((4, 10))
+    t[np.arange(4)[:, None], labels] = 1
+    length = np.linalg.norm(v, axis=-1)
+    tf = (0.5 * t * np.maximum(0, 0.9 - length) ** 2
+          + 0.25 * (1 - t) * np.maximum(0, length - 0.1) ** 2).mean()
+    assert m.margin_forward(v, labels, m.MARGIN_SCALE["tf"])[0] == pytest.approx(tf, rel=1e-12)
 
 
 def decoder_params(rng, e=3, hw=16):
@@ -218,6 +271,35 @@ def test_learning_rate_decay():
     cfg = m.Config(lr=0.01, lr_decay=0.96, lr_decay_steps=100)
     assert m.learning_rate(cfg, 0) == 0.01
     assert m.learning_rate(cfg, 200) == pytest.approx(0.01 * 0.96 ** 2)
+
+
+def test_learning_rate_warm_up_and_cosine():
+    cfg = m.Config(lr=0.01, lr_decay=0.96, lr_decay_steps=100, lr_warmup_steps=10)
+    assert m.learning_rate(cfg, 0) == pytest.approx(0.001)
+    assert m.learning_rate(cfg, 4) == pytest.approx(0.005 * 0.96 ** 0.04)  # both factors
+    assert m.learning_rate(cfg, 200) == pytest.approx(0.01 * 0.96 ** 2)  # warm-up is over
+    cos = m.Config(lr=0.01, lr_schedule="cosine", n_epochs=2, n_train=640, batch_size=32)  # 40 steps
+    assert m.learning_rate(cos, 0) == 0.01
+    assert m.learning_rate(cos, 20) == pytest.approx(0.005)
+    assert m.learning_rate(cos, 40) == pytest.approx(0, abs=1e-18)
+
+
+def test_truncated_normal_stays_within_two_std():
+    z = m.truncated_normal(np.random.default_rng(0), (100_000,), 0.1)
+    assert np.abs(z).max() <= 0.2 and abs(z.std() - 0.088) < 0.001  # 0.1 * 0.8796, TF's too
+
+
+def test_ema_step_and_its_debiased_average():
+    """ema after steps p1, p2 (decay d, zero start): (1-d)(d p1 + p2) / (1 - d^2)."""
+    cfg = m.Config(ema=0.9)
+    p1, p2 = np.array([1.0, 2.0]), np.array([3.0, -1.0])
+    run = m.Run(cfg, {"w": p1.copy()}, None, None, ema={"w": np.zeros(2)})
+    assert run.eval_params["w"] is run.params["w"]  # step 0: nothing averaged yet
+    m.ema_step(run)
+    run.step, run.params["w"][:] = 1, p2
+    m.ema_step(run)
+    run.step = 2
+    np.testing.assert_allclose(run.eval_params["w"], (0.9 * p1 + p2) * 0.1 / (1 - 0.81))
 
 
 def test_a_broken_backward_fails_the_check(rng):

@@ -57,8 +57,8 @@ def test_every_parameter_gradient_frozen_routing(monkeypatch):
     frozen_c = {}
     original = m.routing_forward
 
-    def routing_with_frozen_c(uh, n_iters):
-        v, cache = original(uh, n_iters)
+    def routing_with_frozen_c(uh, n_iters, bias=None, leaky=False):
+        v, cache = original(uh, n_iters, bias, leaky)
         if "c" not in frozen_c:
             frozen_c["c"] = cache[1][-1][0].copy()
             return v, cache
@@ -66,6 +66,29 @@ def test_every_parameter_gradient_frozen_routing(monkeypatch):
     monkeypatch.setattr(m, "routing_forward", routing_with_frozen_c)
     errors, _, _ = check_every_parameter(cfg, rng)
     assert max(errors.values()) < 1e-6, errors
+
+
+def test_every_parameter_gradient_with_the_tf_reference_options():
+    """Digit-capsule biases, leaky routing, the TF margin loss, exact routing. (The TF init changes
+    no gradient code; its 4x longer votes here would make the routing too sharp for the finite
+    differences at eps 1e-5: 3e-6 error.)"""
+    cfg = m.Config(**TINY, routing_grad="full", digit_bias=True, bias_init=0.1,
+                   leaky_routing=True, margin_loss="tf")
+    errors, params, _ = check_every_parameter(cfg, np.random.default_rng(3))
+    assert "digit_b" in errors and set(errors) == set(m.init_shapes(cfg))
+    assert max(errors.values()) < 1e-6, errors
+
+
+def test_truncated_init_uses_the_tf_references_stds_and_bias():
+    cfg = m.Config(init="truncated", bias_init=0.1, digit_bias=True)
+    p = m.init_params(cfg, np.random.default_rng(0))
+    z = 0.8796  # the std of a unit normal truncated at 2
+    for name, std in (("conv1_w", 0.05), ("primary_w", 0.1 / cfg.primary_types),
+                      ("digit_w", 0.1), ("dec3_w", 0.1)):
+        assert abs(p[name].std() / (std * z) - 1) < 0.05, name
+        assert np.abs(p[name]).max() <= 2 * std * (1 + 1e-6), name
+    assert all((p[k] == np.float32(0.1)).all() for k in p if k.endswith("_b"))
+    assert p["digit_b"].shape == (10, cfg.digit_dim)
 
 
 def test_default_float32_step_stays_float32():
