@@ -1,0 +1,171 @@
+"""The paper's task to 90%: A/Bs of the training recipe at equal wall-clock time, then the long run.
+
+    python3 bench/recipe.py ab [--minutes 25] [--arms N ...] [--seeds 0]  # two at a time, 1 core each
+    python3 bench/recipe.py long [--minutes 120]    # the final run, alone on the machine, 2 cores
+    python3 bench/recipe.py summarize               # the A/B table, and viz/recipe.png of the long run
+
+Every arm is one plain CLI call (printed before it starts) on top of BASE, the shipped model's
+recipe; every run keeps an average of its weights (--ema 0.999), which changes nothing in its
+training, so each run is scored twice from its checkpoint on the same 10,000 fresh test pairs of
+the paper's task: its raw weights (the arm itself) and its averaged weights (the arm + EMA). A run
+ends by SIGINT when its budget is spent (timeout's exit 124: it saved its checkpoint) or when its
+epochs are done. Outputs in runs/recipe/: NAME_sSEED.json (training metrics), .eval.json (both
+scores); checkpoints and logs stay out of git.
+"""
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+import bench_step  # noqa: E402
+import multimnist_capsnet as mc  # noqa: E402
+from experiments import run_jobs  # noqa: E402
+from ship_model import test_metrics  # noqa: E402
+
+OUT = ROOT / "runs" / "recipe"
+PAPER_TASK = "paper's task (free shifts, add-and-clip)"
+# The shipped model's recipe (bench/ship_model.py): the paper's task with fresh pairs, Conv1 64,
+# 16 capsule types, recon weight 0.005, lr decay 0.96 per 500 steps, batch 32.
+BASE = ["--min-iou", "0", "--overlay", "clip-sum", "--resample", "--n-train", "30000",
+        "--n-test", "1000", "--n-epochs", "1000", "--conv1-channels", "64", "--primary-types", "16",
+        "--recon-weight", "0.005", "--lr-decay", "0.96", "--lr-decay-steps", "500", "--ema", "0.999"]
+# Steps per minute of BASE on one core beside another run (bench/table1.py's 15-minute CapsNet
+# runs on the AMD EPYC: 2,851 steps), for the schedules that must know their length in advance.
+STEPS_PER_MINUTE_1CORE = 190
+TF_RECIPE = ["--batch-size", "128", "--lr-decay-steps", "2000", "--digit-bias", "--bias-init", "0.1",
+             "--margin-loss", "tf", "--recon-weight", "0.0005", "--init", "truncated",
+             "--routing-grad", "full"]
+
+
+def cosine(minutes: float, batch: int = 32, n_train: int = 30000) -> list[str]:
+    """--n-epochs for a cosine schedule that reaches 0 about when the budget ends."""
+    epochs = max(1, round(minutes * STEPS_PER_MINUTE_1CORE * 32 / batch / (n_train // batch)))
+    return ["--lr-schedule", "cosine", "--n-epochs", str(epochs)]
+
+
+def arms(minutes: float) -> list[tuple[str, list[str]]]:
+    return [
+        ("current best", []),
+        # the TF reference all at once (its batch, decay, biases, margin loss, recon balance,
+        # init and exact routing gradient: research/capsules in tensorflow/models)
+        ("TF reference recipe", TF_RECIPE),
+        ("warm-up 500, cosine", ["--lr-warmup-steps", "500", *cosine(minutes)]),
+        ("batch 64", ["--batch-size", "64", "--lr-decay-steps", "250"]),
+        ("digit-capsule biases 0.1", ["--digit-bias", "--bias-init", "0.1"]),
+        ("leaky routing", ["--leaky-routing"]),
+        ("TF margin loss and recon balance", ["--margin-loss", "tf", "--recon-weight", "0.0005"]),
+        ("capacity 128/16", ["--conv1-channels", "128"]),
+    ]
+
+
+def slug(name: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in name).strip("-").replace("--", "-")
+
+
+def command(name, flags, seed, minutes, workers, base=BASE):
+    stem = OUT / f"{slug(name)}_s{seed}"
+    cmd = ["timeout", "-s", "INT", f"{minutes}m", sys.executable, "multimnist_capsnet.py",
+           "--seed", str(seed), "--workers", str(workers), "--quiet", *base, *flags,
+           "--save", str(stem.with_suffix(".npz").relative_to(ROOT)),
+           "--metrics-json", str(stem.with_suffix(".json").relative_to(ROOT))]
+    return cmd, stem
+
+
+def score(stem: Path, n_test: int = 10_000) -> dict:
+    """The checkpoint stem.npz, raw and averaged weights, on n_test fresh pairs of the paper's
+    task -> stem.eval.json."""
+    run = mc.load_checkpoint(stem.with_suffix(".npz"))
+    mnist = mc.load_data(argparse.Namespace(data_dir=None), run.cfg)
+    with mc.worker_pool(run.cfg.workers) as workers:
+        doc = {which: test_metrics(params, run.cfg, mnist, n_test, workers)[PAPER_TASK]
+               for which, params in (("raw", run.params), ("averaged", run.eval_params))}
+    doc.update(step=run.step, epoch=run.epoch, pairs=run.step * run.cfg.batch_size,
+               n_params=sum(p.size for p in run.params.values()), n_test=n_test)
+    mc.atomic_write(stem.with_suffix(".eval.json"), (json.dumps(doc, indent=1) + "\n").encode())
+    return doc
+
+
+def ab(minutes: int, names, seeds, jobs: int) -> None:
+    OUT.mkdir(parents=True, exist_ok=True)
+    todo = [command(n, f, s, minutes, 1) for n, f in arms(minutes) if not names or n in names
+            for s in seeds]
+    todo = [(c, b) for c, b in todo if not b.with_suffix(".eval.json").exists()]
+    run_jobs(todo, jobs, on_done=lambda rc, stem: score(stem) if rc in (0, 124) else None)
+
+
+def long(minutes: int) -> None:
+    """The final run, alone on the machine: LONG's recipe with a cosine schedule sized by a
+    measured step time to end with the budget, evaluated on 10,000 test pairs every epoch."""
+    OUT.mkdir(parents=True, exist_ok=True)
+    flags = [*BASE, *LONG]
+    cfg = mc.config_from_args(mc.build_parser().parse_args([*flags, "--workers", "2"]))
+    with mc.worker_pool(cfg.workers) as pool:
+        sec = bench_step.median_time(bench_step.make_step(cfg, cfg.batch_size, pool), 10)
+    spe = cfg.n_train // cfg.batch_size
+    eval_sec = 10_000 * sec / cfg.batch_size / 3  # a forward pass is about a third of a step
+    epochs = max(1, math.floor(0.97 * minutes * 60 / (spe * sec + eval_sec)))
+    print(f"{sec * 1e3:.0f} ms per step: {epochs} epochs of {spe} steps in {minutes} min", flush=True)
+    name = f"long {minutes} min"
+    cmd, stem = command(name, [*LONG, "--n-epochs", str(epochs)], 0, minutes, 2)
+    run_jobs([(cmd, stem)], 1, env=None,
+             on_done=lambda rc, s: score(s) if rc in (0, 124) else None)
+
+
+# The long run's recipe on top of BASE: filled in from the A/B results (see docs/recipe.md).
+LONG = ["--n-train", "60000", "--n-test", "10000", "--lr-schedule", "cosine",
+        "--lr-warmup-steps", "500"]
+
+
+def summarize() -> None:
+    docs = {}
+    for path in sorted(OUT.glob("*.eval.json")):
+        docs.setdefault(path.name.rsplit("_s", 1)[0], []).append(json.loads(path.read_text()))
+    print("| arm | seeds | steps | set acc, raw weights | set acc, averaged (EMA 0.999) | "
+          "soft (avg) | top-1 (avg) |")
+    print("|---|---|---|---|---|---|---|")
+    for name, _ in arms(25) + [(f"long {m} min", []) for m in (60, 120)]:
+        ds = docs.get(slug(name))
+        if not ds:
+            continue
+        cell = lambda w: ms(np.array([d[w]["set_acc"] for d in ds]))
+        print(f"| {name} | {len(ds)} | {np.mean([d['step'] for d in ds]):,.0f} | {cell('raw')} | "
+              f"{cell('averaged')} | {np.mean([d['averaged']['soft_acc'] for d in ds]):.3f} | "
+              f"{np.mean([d['averaged']['top1'] for d in ds]):.3f} |")
+
+
+def ms(a: np.ndarray) -> str:
+    if len(a) == 1:
+        return f"{a[0]:.3f}"
+    return f"{a.mean():.3f} ± {a.std(ddof=1) / np.sqrt(len(a)):.3f}"
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("what", choices=("ab", "long", "score", "summarize"))
+    p.add_argument("--minutes", type=int, default=None,
+                   help="budget per run (default: 25 for ab, 120 for long)")
+    p.add_argument("--arms", nargs="+", default=None, help="arm names (default: all)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="(default: %(default)s)")
+    p.add_argument("--jobs", type=int, default=2, help="A/B runs at a time (default: %(default)s)")
+    args = p.parse_args()
+    if args.what == "ab":
+        ab(args.minutes or 25, args.arms, args.seeds, args.jobs)
+    elif args.what == "long":
+        long(args.minutes or 120)
+    elif args.what == "score":  # finished runs whose .eval.json is missing
+        for ckpt in sorted(OUT.glob("*.npz")):
+            if not ckpt.with_suffix(".eval.json").exists():
+                print(f"scoring {ckpt.name}", flush=True)
+                score(ckpt.with_suffix(""))
+    else:
+        summarize()
+
+
+if __name__ == "__main__":
+    main()
