@@ -48,7 +48,7 @@ ROWS = [
     ("CapsNet, 3 iterations, no reconstruction", [*CAPSNET, "--recon-weight", "0"]),
     ("CapsNet, 3 iterations, exact routing gradient", [*CAPSNET, "--routing-grad", "full"]),
 ]
-LONG_ROWS = (1, 2, 3)  # best CNN row (set after the short runs), CapsNet 1 and 3 iterations
+LONG_ROWS = (0, 2, 3)  # the best CNN row in the short runs (small widths), CapsNet 1 and 3 iterations
 
 
 def slug(name: str) -> str:
@@ -98,14 +98,25 @@ def calibrate() -> None:
         print(f"| {name} | {n_params / 1e6:.2f}M | {ms:.0f} ms |", flush=True)
 
 
+def scores(name: str, suffix: str = "") -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted(OUT.glob(f"{slug(name)}{suffix}_s*.eval.json"))]
+
+
+# The questions, as differences of two rows' mean set accuracy (the short runs)
+CONTRASTS = [("routing: 3 iterations - 1 iteration (uniform coupling)", 3, 2),
+             ("CapsNet 3 iterations - CNN at the paper's small widths", 3, 0),
+             ("CapsNet 3 iterations - CNN at CapsNet's step time", 3, 1),
+             ("reconstruction: with - without", 3, 4),
+             ("routing gradient: frozen - exact", 3, 5)]
+
+
 def summarize() -> None:
     print("| row | seeds | test set acc (10,000 pairs), mean ± s.e. | soft | top-1 | steps | "
           "params |")
     print("|---|---|---|---|---|---|---|")
     for suffix, label in (("", ""), ("_long", ", 60 min")):
         for name, _ in ROWS:
-            docs = [json.loads(p.read_text()) for p in
-                    sorted(OUT.glob(f"{slug(name)}{suffix}_s*.eval.json"))]
+            docs = scores(name, suffix)
             if not docs:
                 continue
             acc = np.array([d["set_acc"] for d in docs])
@@ -115,6 +126,13 @@ def summarize() -> None:
             print(f"| {name}{label} | {len(docs)} | {acc.mean():.3f}{se} | "
                   f"{mean('soft_acc'):.3f} | {mean('top1'):.3f} | {mean('step'):,.0f} | "
                   f"{docs[0]['n_params'] / 1e6:.2f}M |")
+    print("\n| difference (short runs) | Δ set acc ± s.e. | seeds |")
+    print("|---|---|---|")
+    for what, a, b in CONTRASTS:
+        x, y = (np.array([d["set_acc"] for d in scores(ROWS[k][0])]) for k in (a, b))
+        if len(x) > 1 and len(y) > 1:
+            se = np.sqrt(x.var(ddof=1) / len(x) + y.var(ddof=1) / len(y))
+            print(f"| {what} | {x.mean() - y.mean():+.3f} ± {se:.3f} | {len(x)} and {len(y)} |")
 
 
 def main():
