@@ -126,16 +126,20 @@ def summarize() -> None:
     docs = {}
     for path in sorted(OUT.glob("*.eval.json")):
         docs.setdefault(path.name.rsplit("_s", 1)[0], []).append(json.loads(path.read_text()))
-    print("| arm | seeds | steps | set acc, raw weights | set acc, averaged (EMA 0.999) | "
-          "soft (avg) | top-1 (avg) |")
-    print("|---|---|---|---|---|---|---|")
+    print("| arm | seeds | steps | pairs | set acc, raw weights | averaged (EMA 0.999) | "
+          "Δ raw vs current best | soft (avg) | top-1 (avg) |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    acc = lambda ds, w: np.array([d[w]["set_acc"] for d in ds])
+    best = docs.get(slug("current best"))
     for name, _ in arms(25) + [(f"long {m} min", []) for m in (60, 120)]:
         ds = docs.get(slug(name))
         if not ds:
             continue
-        cell = lambda w: ms(np.array([d[w]["set_acc"] for d in ds]))
-        print(f"| {name} | {len(ds)} | {np.mean([d['step'] for d in ds]):,.0f} | {cell('raw')} | "
-              f"{cell('averaged')} | {np.mean([d['averaged']['soft_acc'] for d in ds]):.3f} | "
+        delta = f"{acc(ds, 'raw').mean() - acc(best, 'raw').mean():+.3f}" if best else "–"
+        print(f"| {name} | {len(ds)} | {np.mean([d['step'] for d in ds]):,.0f} | "
+              f"{np.mean([d['pairs'] for d in ds]):,.0f} | {ms(acc(ds, 'raw'))} | "
+              f"{ms(acc(ds, 'averaged'))} | {delta} | "
+              f"{np.mean([d['averaged']['soft_acc'] for d in ds]):.3f} | "
               f"{np.mean([d['averaged']['top1'] for d in ds]):.3f} |")
 
 
