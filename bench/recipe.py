@@ -35,9 +35,10 @@ PAPER_TASK = "paper's task (free shifts, add-and-clip)"
 BASE = ["--min-iou", "0", "--overlay", "clip-sum", "--resample", "--n-train", "30000",
         "--n-test", "1000", "--n-epochs", "1000", "--conv1-channels", "64", "--primary-types", "16",
         "--recon-weight", "0.005", "--lr-decay", "0.96", "--lr-decay-steps", "500", "--ema", "0.999"]
-# Steps per minute of BASE on one core beside another run (bench/table1.py's 15-minute CapsNet
-# runs on the AMD EPYC: 2,851 steps), for the schedules that must know their length in advance.
-STEPS_PER_MINUTE_1CORE = 190
+# Steps per minute of BASE on one core beside another run, for the schedules that must know their
+# length in advance: the first A/B round's "current best" took 4,935 steps in 22 minutes on the
+# AMD EPYC (190, from bench/table1.py's runs, made its cosine arm end 5 minutes early).
+STEPS_PER_MINUTE_1CORE = 224
 TF_RECIPE = ["--batch-size", "128", "--lr-decay-steps", "2000", "--digit-bias", "--bias-init", "0.1",
              "--margin-loss", "tf", "--recon-weight", "0.0005", "--init", "truncated",
              "--routing-grad", "full"]
