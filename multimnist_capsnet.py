@@ -670,7 +670,8 @@ def routing_backward(dv, cache, full=False):
             dv = np.matmul(db_next[:, :, None, :], uh)[:, :, 0]  # (N, J, E)
             duh += db_next[..., None] * v[:, :, None, :]
         ds = squash_backward(dv, sq)                             # (N, J, E)
-        dbias = ds.sum(0) if dbias is None else dbias + ds.sum(0)  # (J, E)
+        if has_bias:
+            dbias = ds.sum(0) if dbias is None else dbias + ds.sum(0)  # (J, E)
         if duh is None:  # stored i-major, the layout uhat_backward's matmuls read; einsum is
             # 2x faster here than the broadcast multiply, whose inner loop would be E long
             duh = np.einsum("nji,nje->inje", c, ds, order="C")  # (I, N, J, E)

@@ -103,6 +103,15 @@ def run_jobs(todo, jobs: int, env=ENV, on_done=None) -> None:
                     on_done(proc.returncode, out)
 
 
+def score_missing(out_dir: Path, score) -> None:
+    """score(stem) for every checkpoint in out_dir whose .eval.json is missing (a run whose
+    scoring was cut short, or that finished outside the runner)."""
+    for ckpt in sorted(out_dir.glob("*.npz")):
+        if not ckpt.with_suffix(".eval.json").exists():
+            print(f"scoring {ckpt.name}", flush=True)
+            score(ckpt.with_suffix(""))
+
+
 def run(jobs: int) -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     todo = [command(n, f, s) for n, f, s in all_runs()]

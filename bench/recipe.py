@@ -25,7 +25,8 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 import bench_step  # noqa: E402
 import multimnist_capsnet as mc  # noqa: E402
-from experiments import run_jobs  # noqa: E402
+from experiments import run_jobs, score_missing  # noqa: E402
+from table1 import slug  # noqa: E402
 from ship_model import test_metrics  # noqa: E402
 
 OUT = ROOT / "runs" / "recipe"
@@ -63,10 +64,6 @@ def arms(minutes: float) -> list[tuple[str, list[str]]]:
         ("TF margin loss and recon balance", ["--margin-loss", "tf", "--recon-weight", "0.0005"]),
         ("capacity 128/16", ["--conv1-channels", "128"]),
     ]
-
-
-def slug(name: str) -> str:
-    return "".join(c if c.isalnum() else "-" for c in name).strip("-").replace("--", "-")
 
 
 def command(name, flags, seed, minutes, workers, base=BASE):
@@ -163,11 +160,8 @@ def main():
         ab(args.minutes or 25, args.arms, args.seeds, args.jobs)
     elif args.what == "long":
         long(args.minutes or 120)
-    elif args.what == "score":  # finished runs whose .eval.json is missing
-        for ckpt in sorted(OUT.glob("*.npz")):
-            if not ckpt.with_suffix(".eval.json").exists():
-                print(f"scoring {ckpt.name}", flush=True)
-                score(ckpt.with_suffix(""))
+    elif args.what == "score":
+        score_missing(OUT, score)
     else:
         summarize()
 

@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 import bench_step  # noqa: E402
 import multimnist_capsnet as mc  # noqa: E402
-from experiments import run_jobs, shown  # noqa: E402
+from experiments import run_jobs, score_missing, shown  # noqa: E402
 from ship_model import test_metrics  # noqa: E402
 
 OUT = ROOT / "runs" / "table1"
@@ -149,11 +149,8 @@ def main():
         run_all(args.jobs, args.minutes, range(len(ROWS)), args.seeds)
     elif args.what == "long":
         run_all(args.jobs, 60, LONG_ROWS, (0,))
-    elif args.what == "score":  # finished runs whose .eval.json is missing
-        for ckpt in sorted(OUT.glob("*.npz")):
-            if not ckpt.with_suffix(".eval.json").exists():
-                print(f"scoring {ckpt.name}", flush=True)
-                score(ckpt.with_suffix(""))
+    elif args.what == "score":
+        score_missing(OUT, score)
     else:
         summarize()
 
