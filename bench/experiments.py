@@ -103,6 +103,14 @@ def run_jobs(todo, jobs: int, env=ENV, on_done=None) -> None:
                     on_done(proc.returncode, out)
 
 
+def difference(x: np.ndarray, y: np.ndarray) -> str:
+    """mean(x) - mean(y), ± the s.e. of two independent means when both have two seeds or more."""
+    d = f"{x.mean() - y.mean():+.3f}"
+    if len(x) > 1 and len(y) > 1:
+        d += f" ± {np.sqrt(x.var(ddof=1) / len(x) + y.var(ddof=1) / len(y)):.3f}"
+    return d
+
+
 def score_missing(out_dir: Path, score) -> None:
     """score(stem) for every checkpoint in out_dir whose .eval.json is missing (a run whose
     scoring was cut short, or that finished outside the runner)."""

@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 import bench_step  # noqa: E402
 import multimnist_capsnet as mc  # noqa: E402
-from experiments import run_jobs, score_missing  # noqa: E402
+from experiments import difference, run_jobs, score_missing  # noqa: E402
 from table1 import slug  # noqa: E402
 from ship_model import test_metrics  # noqa: E402
 
@@ -135,15 +135,16 @@ def summarize() -> None:
         ds = docs.get(slug(name))
         if not ds:
             continue
-        delta = diff(acc(ds, "raw"), acc(best, "raw")) if best and ds is not best else "–"
+        delta = difference(acc(ds, "raw"), acc(best, "raw")) if best and ds is not best else "–"
         print(f"| {name} | {len(ds)} | {np.mean([d['step'] for d in ds]):,.0f} | "
               f"{np.mean([d['pairs'] for d in ds]):,.0f} | {ms(acc(ds, 'raw'))} | "
               f"{ms(acc(ds, 'averaged'))} | {delta} | "
               f"{np.mean([d['averaged']['soft_acc'] for d in ds]):.3f} | "
               f"{np.mean([d['averaged']['top1'] for d in ds]):.3f} |")
-    longs = {m: OUT / f"{slug(f'long {m} min')}_s0.json" for m in (60, 120)}
-    if any(p.exists() for p in longs.values()):
-        plot({m: json.loads(p.read_text()) for m, p in longs.items() if p.exists()})
+    stems = {m: OUT / f"{slug(f'long {m} min')}_s0" for m in (60, 120)}
+    stems = {m: stem for m, stem in stems.items() if stem.with_suffix(".json").exists()}
+    if stems:
+        plot(stems)
 
 
 GOALS = ((60, 0.85), (120, 0.90))  # (minutes, set accuracy) the issue asks for
@@ -157,9 +158,10 @@ def curve(doc: dict) -> tuple[np.ndarray, np.ndarray]:
     return minutes, np.array([e["set_acc"] for e in doc["history"]["epochs"]])
 
 
-def plot(longs: dict) -> None:
-    """viz/recipe.png: the long runs' accuracy against wall-clock minutes, the shipped model's run
-    for reference, the goal lines and the paper's number."""
+def plot(stems: dict) -> None:
+    """viz/recipe.png: the long runs' accuracy (stems: budget in minutes -> the run's output stem)
+    against wall-clock minutes, the shipped model's run for reference, the goal lines and the
+    paper's number."""
     from matplotlib.figure import Figure
     fig = Figure(figsize=(7.5, 4.8), dpi=100)
     ax = fig.subplots()
@@ -171,9 +173,9 @@ def plot(longs: dict) -> None:
     if cnn.exists():  # for scale: bench/table1.py's 60-minute CNN, one core beside another run
         ax.plot(*curve(json.loads(cnn.read_text())), color="C1", lw=1, alpha=0.7,
                 label="CNN 32/64/512, one core (Table 1; 1,000 test pairs)")
-    for m, doc in longs.items():
+    for m, stem in stems.items():
+        doc = json.loads(stem.with_suffix(".json").read_text())
         x, y = curve(doc)
-        stem = OUT / f"{slug(f'long {m} min')}_s0"
         ax.plot(x, y, marker="o", ms=3, label=f"long run, {m} min, 2 cores "
                 f"({doc['config']['n_test']:,} test pairs): {y[-1]:.3f}")
         if stem.with_suffix(".eval.json").exists():
@@ -194,14 +196,6 @@ def plot(longs: dict) -> None:
     fig.savefig(buf, format="png", bbox_inches="tight")
     mc.atomic_write(ROOT / "viz" / "recipe.png", buf.getvalue())
     print("wrote viz/recipe.png")
-
-
-def diff(x: np.ndarray, y: np.ndarray) -> str:
-    """mean(x) - mean(y), ± the s.e. of two independent means when both have two seeds or more."""
-    d = f"{x.mean() - y.mean():+.3f}"
-    if len(x) > 1 and len(y) > 1:
-        d += f" ± {np.sqrt(x.var(ddof=1) / len(x) + y.var(ddof=1) / len(y)):.3f}"
-    return d
 
 
 def ms(a: np.ndarray) -> str:

@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 import bench_step  # noqa: E402
 import multimnist_capsnet as mc  # noqa: E402
-from experiments import run_jobs, score_missing, shown  # noqa: E402
+from experiments import difference, run_jobs, score_missing, shown  # noqa: E402
 from ship_model import test_metrics  # noqa: E402
 
 OUT = ROOT / "runs" / "table1"
@@ -101,7 +101,8 @@ def calibrate() -> None:
 
 
 def scores(name: str, suffix: str = "") -> list[dict]:
-    return [json.loads(p.read_text()) for p in sorted(OUT.glob(f"{slug(name)}{suffix}_s*.eval.json"))]
+    paths = sorted(OUT.glob(f"{slug(name)}{suffix}_s*.eval.json"))
+    return [json.loads(p.read_text()) for p in paths]
 
 
 # The questions, as differences of two rows' mean set accuracy (the short runs)
@@ -133,8 +134,7 @@ def summarize() -> None:
     for what, a, b in CONTRASTS:
         x, y = (np.array([d["set_acc"] for d in scores(ROWS[k][0])]) for k in (a, b))
         if len(x) > 1 and len(y) > 1:
-            se = np.sqrt(x.var(ddof=1) / len(x) + y.var(ddof=1) / len(y))
-            print(f"| {what} | {x.mean() - y.mean():+.3f} ± {se:.3f} | {len(x)} and {len(y)} |")
+            print(f"| {what} | {difference(x, y)} | {len(x)} and {len(y)} |")
 
 
 def main():
