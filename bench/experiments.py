@@ -90,7 +90,7 @@ def run_jobs(todo, jobs: int, env=ENV, on_done=None) -> None:
     while todo or running:
         while todo and len(running) < jobs:
             cmd, out = todo.pop(0)
-            print("$ " + shown(cmd), flush=True)
+            print("$ " + shown(cmd, one_thread=env is ENV), flush=True)
             log = open(out.with_suffix(".log"), "w")
             running.append((subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log,
                                              stderr=subprocess.STDOUT), out))
