@@ -5,8 +5,8 @@
     python3 bench/recipe.py summarize               # the A/B table, and viz/recipe.png of the long run
     python3 bench/recipe.py throughput              # the step time of each capacity and batch size
 
-Every arm is one plain CLI call (printed before it starts) on top of BASE, the shipped model's
-recipe; every run keeps an average of its weights (--ema 0.999), which changes nothing in its
+Every arm is one plain CLI call (printed before it starts) on top of BASE, the previous shipped
+model's recipe; every run keeps an average of its weights (--ema 0.999), which changes nothing in its
 training, so each run is scored twice from its checkpoint on the same 10,000 fresh test pairs of
 the paper's task: its raw weights (the arm itself) and its averaged weights (the arm + EMA). A run
 ends by SIGINT when its budget is spent (timeout's exit 124: it saved its checkpoint) or when its
@@ -33,8 +33,9 @@ from ship_model import test_metrics  # noqa: E402
 
 OUT = ROOT / "runs" / "recipe"
 PAPER_TASK = "paper's task (free shifts, add-and-clip)"
-# The shipped model's recipe (bench/ship_model.py): the paper's task with fresh pairs, Conv1 64,
-# 16 capsule types, recon weight 0.005, lr decay 0.96 per 500 steps, batch 32.
+# The previous shipped model's recipe (runs/ship/paper-task-36-epochs_s0.json): the paper's task
+# with fresh pairs, Conv1 64, 16 capsule types, recon weight 0.005, lr decay 0.96 per 500 steps,
+# batch 32.
 BASE = ["--min-iou", "0", "--overlay", "clip-sum", "--resample", "--n-train", "30000",
         "--n-test", "1000", "--n-epochs", "1000", "--conv1-channels", "64", "--primary-types", "16",
         "--recon-weight", "0.005", "--lr-decay", "0.96", "--lr-decay-steps", "500", "--ema", "0.999"]
@@ -244,7 +245,7 @@ def plot(stems: dict) -> None:
             raw = json.loads(stem.with_suffix(".eval.json").read_text())["raw"]["set_acc"]
             end = doc["timing"]["total_seconds"] / 60  # where the budget stopped it
             ax.plot(end, raw, marker="*", ms=11, ls="none", color="C3",
-                    label=f"its raw weights at the 120-minute stop (10,000 fresh pairs): {raw:.3f}")
+                    label=f"its raw weights at the {m}-minute stop (10,000 fresh pairs): {raw:.3f}")
     for m, goal in GOALS:
         ax.plot([0, m], [goal, goal], color="C2", ls="--", lw=1)
         ax.plot(m, goal, marker="|", ms=12, color="C2")
