@@ -2,7 +2,7 @@
 
     python3 bench/ship_model.py runs/recipe/long-120-min_s0.npz
 
-When the checkpoint does not exist it is trained first with TRAIN, stopped by SIGINT after
+When the checkpoint does not exist it is trained first with train_flags(), stopped by SIGINT after
 BUDGET as `bench/recipe.py long` stops it (the paper's task, fresh pairs, Conv1 64 / 16 capsule
 types, digit-capsule biases, 60,000 pairs an epoch, weights averaged; on the 2-core AMD EPYC the
 budget ended at step 50,141, in epoch 27; a faster or slower CPU stops elsewhere; the command is
@@ -26,11 +26,15 @@ sys.path.insert(0, str(ROOT))
 import multimnist_capsnet as mc  # noqa: E402
 
 BUDGET = "120m"
-TRAIN = ["--seed", "0", "--workers", "2", "--quiet", "--min-iou", "0", "--overlay", "clip-sum",
-         "--resample", "--n-train", "60000", "--n-test", "10000", "--n-epochs", "27",
-         "--conv1-channels", "64", "--primary-types", "16", "--recon-weight", "0.005",
-         "--lr-decay", "0.96", "--lr-decay-steps", "1000", "--ema", "0.999", "--digit-bias",
-         "--bias-init", "0.1"]
+
+
+def train_flags() -> list[str]:
+    """The flags of `bench/recipe.py long`'s run (its BASE and LONG, the 27 epochs it sized on the
+    AMD EPYC), read from recipe.py rather than copied; imported here, not at the top, because
+    recipe.py imports this module's test_metrics."""
+    import recipe
+    return ["--seed", "0", "--workers", "2", "--quiet", *recipe.BASE, *recipe.LONG,
+            "--n-epochs", "27"]
 TASKS = {"paper's task (free shifts, add-and-clip)": dict(min_iou=0.0, overlay="clip-sum"),
          "original description's task (IoU >= 0.8, max)": dict(min_iou=0.8, overlay="max")}
 
@@ -56,7 +60,7 @@ def main() -> int:
     args = p.parse_args()
     if not Path(args.checkpoint).exists():
         cmd = ["timeout", "-s", "INT", BUDGET, sys.executable, str(ROOT / "multimnist_capsnet.py"),
-               *TRAIN, "--save", args.checkpoint,
+               *train_flags(), "--save", args.checkpoint,
                "--metrics-json", str(Path(args.checkpoint).with_suffix(".json"))]
         print("$ " + " ".join("python3" if c == sys.executable else c for c in cmd), flush=True)
         if subprocess.run(cmd).returncode not in (0, 124):  # 124: the budget ended it, saved
