@@ -1,9 +1,10 @@
 """The paper's task to 90%: A/Bs of the training recipe at equal wall-clock time, then the long run.
 
     python3 bench/recipe.py ab [--minutes 25] [--arms N ...] [--seeds 0]  # two at a time, 1 core each
-    python3 bench/recipe.py long [--minutes 120]    # the final run, alone on the machine, 2 cores
+    python3 bench/recipe.py long [--minutes 120] [--variant V]  # alone on the machine, 2 cores
     python3 bench/recipe.py summarize               # the A/B table, and viz/recipe.png of the long run
     python3 bench/recipe.py throughput              # the step time of each capacity and batch size
+    python3 bench/recipe.py init-lengths            # the capsules' lengths at step 0, by --init
 
 Every arm is one plain CLI call (printed before it starts) on top of BASE, the previous shipped
 model's recipe; every run keeps an average of its weights (--ema 0.999), which changes nothing in its
@@ -66,6 +67,9 @@ def arms(minutes: float) -> list[tuple[str, list[str]]]:
         ("leaky routing", ["--leaky-routing"]),
         ("TF margin loss and recon balance", ["--margin-loss", "tf", "--recon-weight", "0.0005"]),
         ("capacity 128/16", ["--conv1-channels", "128"]),
+        # the TF reference's truncated normals (std 0.05 for conv1, 0.1 / T for PrimaryCaps, 0.1
+        # elsewhere) on their own: the TF recipe arm measured them only beside six other changes
+        ("truncated-normal init", ["--init", "truncated"]),
     ]
 
 
@@ -127,21 +131,45 @@ def throughput(repeat: int = 10) -> None:
               f"{22 * 60 / one:,.0f} | {two * 1e3:.0f} | {60 * n / two:,.0f} |", flush=True)
 
 
-def long(minutes: int) -> None:
-    """The final run, alone on the machine: LONG's recipe, its epochs counted from a measured
-    step time so that the last one ends within the budget (a cosine schedule in LONG would end
-    with it too), evaluated on 10,000 test pairs every epoch."""
+def init_lengths(n: int = 256) -> None:
+    """The mean length of the primary and the digit capsules at step 0 (n test pairs of the
+    paper's task, seed 0) under each --init, without and with the long run's digit biases: where
+    each starts against the margin loss's m- = 0.1 and m+ = 0.9."""
+    print("| init | digit biases, every bias 0.1 | primary capsules, mean length | digit capsules |")
+    print("|---|---|---|---|")
+    for init in ("fan-in", "truncated"):
+        for bias in ([], ["--digit-bias", "--bias-init", "0.1"]):
+            argv = [*BASE, "--n-test", str(n), "--init", init, *bias]
+            cfg = mc.config_from_args(mc.build_parser().parse_args(argv))
+            _, test = mc.make_data(cfg, mc.load_data(argparse.Namespace(data_dir=None), cfg))
+            x = mc.batch_arrays(test, np.arange(n), cfg.dtype)["x"]
+            v, cache = mc.encode(mc.init_params(cfg, np.random.default_rng(0)), x, cfg)
+            _, norm, norm2, _ = cache[4]  # the primary squash's cache: |s|, |s|^2 (N, I, 1)
+            print(f"| {init} | {'yes' if bias else 'no'} | {(norm2 / (1 + norm2)).mean():.3f} | "
+                  f"{np.linalg.norm(v, axis=-1).mean():.3f} |")
+
+
+def long_name(minutes: int, variant: str = "") -> str:
+    return f"long {minutes} min" + (f", {variant}" if variant else "")
+
+
+def long(minutes: int, variant: str = "", epochs: int | None = None) -> None:
+    """The final run, alone on the machine: LONG's recipe (and a VARIANTS entry's flags on top),
+    its epochs counted from a measured step time so that the last one ends within the budget (a
+    cosine schedule in LONG would end with it too), unless given (a variant takes the plain run's
+    27, so that the budget, not a different estimate, ends both), evaluated on 10,000 test pairs
+    every epoch."""
     OUT.mkdir(parents=True, exist_ok=True)
-    flags = [*BASE, *LONG]
+    flags = [*BASE, *LONG, *VARIANTS[variant]]
     cfg = mc.config_from_args(mc.build_parser().parse_args([*flags, "--workers", "2"]))
     with mc.worker_pool(cfg.workers) as pool:
         sec = bench_step.median_time(bench_step.make_step(cfg, cfg.batch_size, pool), 10)
     spe = cfg.n_train // cfg.batch_size
     eval_sec = 10_000 * sec / cfg.batch_size / 3  # a forward pass is about a third of a step
-    epochs = max(1, math.floor(0.97 * minutes * 60 / (spe * sec + eval_sec)))
+    epochs = epochs or max(1, math.floor(0.97 * minutes * 60 / (spe * sec + eval_sec)))
     print(f"{sec * 1e3:.0f} ms per step: {epochs} epochs of {spe} steps in {minutes} min", flush=True)
-    name = f"long {minutes} min"
-    cmd, stem = command(name, [*LONG, "--n-epochs", str(epochs)], 0, minutes, 2)
+    cmd, stem = command(long_name(minutes, variant),
+                        [*LONG, *VARIANTS[variant], "--n-epochs", str(epochs)], 0, minutes, 2)
     run_jobs([(cmd, stem)], 1, env=None,
              on_done=lambda rc, s: score(s) if rc in (0, 124) else None)
 
@@ -153,6 +181,13 @@ def long(minutes: int) -> None:
 # would then say more about the schedule than about what longer training reaches.
 LONG = ["--n-train", "60000", "--n-test", "10000", "--digit-bias", "--bias-init", "0.1",
         "--lr-decay-steps", "1000"]
+# Long runs that change one thing in LONG, each against the plain long run at equal wall time:
+# "truncated init" is the fourth A/B round's winner (one seed); "decay 500" is the A/B's
+# schedule, which LONG doubled without measuring it at this length.
+VARIANTS = {"": [], "truncated init": ["--init", "truncated"],
+            "decay 500": ["--lr-decay-steps", "500"]}
+LONG_RUNS = [long_name(m, v) for m in (60, 120) for v in VARIANTS]
+SHIPPED = ""  # the variant whose 120-minute run is the shipped model (bench/ship_model.py)
 
 
 def summarize() -> None:
@@ -164,7 +199,7 @@ def summarize() -> None:
     print("|---|---|---|---|---|---|---|---|---|")
     acc = lambda ds, w: np.array([d[w]["set_acc"] for d in ds])
     best = docs.get(slug("current best"))
-    for name, _ in arms(25) + [(f"long {m} min", []) for m in (60, 120)]:
+    for name, _ in arms(25) + [(name, []) for name in LONG_RUNS]:
         ds = docs.get(slug(name))
         if not ds:
             continue
@@ -175,11 +210,11 @@ def summarize() -> None:
               f"{ms(acc(ds, 'averaged'))} | {delta} | "
               f"{np.mean([d['averaged']['soft_acc'] for d in ds]):.3f} | "
               f"{np.mean([d['averaged']['top1'] for d in ds]):.3f} |")
-    stems = {m: OUT / f"{slug(f'long {m} min')}_s0" for m in (60, 120)}
-    stems = {m: stem for m, stem in stems.items() if stem.with_suffix(".json").exists()}
-    for m, stem in stems.items():
+    stems = {name: OUT / f"{slug(name)}_s0" for name in LONG_RUNS}
+    stems = {name: stem for name, stem in stems.items() if stem.with_suffix(".json").exists()}
+    for name, stem in stems.items():
         o = outlook(json.loads(stem.with_suffix(".json").read_text()))
-        print(f"\nlong {m} min ({o['minutes']:.1f} min of training and evaluation): "
+        print(f"\n{name} ({o['minutes']:.1f} min of training and evaluation): "
               f"{o['at_60']:.3f} after {o['minutes_at_60']:.1f} min (goal 0.85 at 60), "
               f"{o['last']:.3f} at the end (goal 0.90 at 120); its curve from "
               f"{o['fit_from']:.0f} min on gains {100 * o['per_doubling']:.1f} points per "
@@ -216,7 +251,7 @@ def outlook(doc: dict) -> dict:
 
 
 def plot(stems: dict) -> None:
-    """viz/recipe.png: the long runs' accuracy (stems: budget in minutes -> the run's output stem)
+    """viz/recipe.png: the long runs' accuracy (stems: a LONG_RUNS name -> the run's output stem)
     against wall-clock minutes, the shipped model's run for reference, the goal lines and the
     paper's number."""
     from matplotlib.figure import Figure
@@ -230,22 +265,22 @@ def plot(stems: dict) -> None:
     if cnn.exists():  # for scale: bench/table1.py's 60-minute CNN, one core beside another run
         ax.plot(*curve(json.loads(cnn.read_text())), color="C1", lw=1, alpha=0.7,
                 label="CNN 32/64/512, one core (Table 1; 1,000 test pairs)")
-    for m, stem in stems.items():
+    for (name, stem), color in zip(stems.items(), ("C0", "C4", "C5", "C6")):
         doc = json.loads(stem.with_suffix(".json").read_text())
         x, y = curve(doc)
         weights = "averaged weights" if doc["config"]["ema"] else "raw weights"
-        ax.plot(x, y, marker="o", ms=3, label=f"long run, {m} min, 2 cores, {weights} "
+        ax.plot(x, y, marker="o", ms=3, color=color, label=f"{name}, 2 cores, {weights} "
                 f"({doc['config']['n_test']:,} test pairs): {y[-1]:.3f}")
         o = outlook(doc)
         fx = np.linspace(o["fit_from"], 125, 50)
-        ax.plot(fx, o["intercept"] + o["per_doubling"] * np.log2(fx), color="C0", ls=":", lw=1.2,
-                label=f"line through its second half: {100 * o['per_doubling']:+.1f} points "
-                      f"per doubling of time")
+        ax.plot(fx, o["intercept"] + o["per_doubling"] * np.log2(fx), color=color, ls=":",
+                lw=1.2, label=f"line through its second half: {100 * o['per_doubling']:+.1f} "
+                                f"points per doubling of time")
         if stem.with_suffix(".eval.json").exists():
             raw = json.loads(stem.with_suffix(".eval.json").read_text())["raw"]["set_acc"]
             end = doc["timing"]["total_seconds"] / 60  # where the budget stopped it
-            ax.plot(end, raw, marker="*", ms=11, ls="none", color="C3",
-                    label=f"its raw weights at the {m}-minute stop (10,000 fresh pairs): {raw:.3f}")
+            ax.plot(end, raw, marker="*", ms=11, ls="none", color=color, mec="C3",
+                    label=f"its raw weights at the stop (10,000 fresh pairs): {raw:.3f}")
     for m, goal in GOALS:
         ax.plot([0, m], [goal, goal], color="C2", ls="--", lw=1)
         ax.plot(m, goal, marker="|", ms=12, color="C2")
@@ -270,21 +305,28 @@ def ms(a: np.ndarray) -> str:
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("what", choices=("ab", "long", "score", "summarize", "throughput"))
+    p.add_argument("what", choices=("ab", "long", "score", "summarize", "throughput",
+                                    "init-lengths"))
     p.add_argument("--minutes", type=int, default=None,
                    help="budget per run (default: 25 for ab, 120 for long)")
     p.add_argument("--arms", nargs="+", default=None, help="arm names (default: all)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="(default: %(default)s)")
     p.add_argument("--jobs", type=int, default=2, help="A/B runs at a time (default: %(default)s)")
+    p.add_argument("--variant", choices=list(VARIANTS), default="",
+                   help="long: a change to LONG's recipe (default: none)")
+    p.add_argument("--epochs", type=int, default=None,
+                   help="long: epochs (default: sized from a measured step time)")
     args = p.parse_args()
     if args.what == "ab":
         ab(args.minutes or 25, args.arms, args.seeds, args.jobs)
     elif args.what == "long":
-        long(args.minutes or 120)
+        long(args.minutes or 120, args.variant, args.epochs)
     elif args.what == "score":
         score_missing(OUT, score)
     elif args.what == "throughput":
         throughput()
+    elif args.what == "init-lengths":
+        init_lengths()
     else:
         summarize()
 
