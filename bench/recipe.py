@@ -63,6 +63,9 @@ def arms(minutes: float) -> list[tuple[str, list[str]]]:
         ("TF reference recipe", TF_RECIPE),
         ("warm-up 500, cosine", ["--lr-warmup-steps", "500", *cosine(minutes)]),
         ("batch 64", ["--batch-size", "64", "--lr-decay-steps", "250"]),
+        # the TF reference's batch and its decay step, each alone (same decay per pair for batch)
+        ("batch 128", ["--batch-size", "128", "--lr-decay-steps", "125"]),
+        ("decay per 2000 steps", ["--lr-decay-steps", "2000"]),
         ("digit-capsule biases 0.1", ["--digit-bias", "--bias-init", "0.1"]),
         ("leaky routing", ["--leaky-routing"]),
         ("TF margin loss and recon balance", ["--margin-loss", "tf", "--recon-weight", "0.0005"]),
@@ -298,12 +301,12 @@ def plot(stems: dict) -> None:
             ax.plot(fx, o["intercept"] + o["per_doubling"] * np.log2(fx), color=color, ls=":",
                     lw=1.2, label=f"line through its second half: {100 * o['per_doubling']:+.1f} "
                                     f"points per doubling of time")
-        if stem.with_suffix(".eval.json").exists() and "," not in name:
-            raw = json.loads(stem.with_suffix(".eval.json").read_text())["raw"]["set_acc"]
-            end = doc["timing"]["total_seconds"] / 60  # where the budget stopped it
-            ax.plot(end, raw, marker="*", ms=11, ls="none", color="C3",
-                    label=f"its raw weights at the {name[5:]} stop (10,000 fresh pairs): "
-                          f"{raw:.3f}")
+            if stem.with_suffix(".eval.json").exists():
+                raw = json.loads(stem.with_suffix(".eval.json").read_text())["raw"]["set_acc"]
+                end = doc["timing"]["total_seconds"] / 60  # where the budget stopped it
+                ax.plot(end, raw, marker="*", ms=11, ls="none", color="C3",
+                        label=f"its raw weights at the {name[5:]} stop (10,000 fresh pairs): "
+                              f"{raw:.3f}")
     for m, goal in GOALS:
         ax.plot([0, m], [goal, goal], color="C2", ls="--", lw=1)
         ax.plot(m, goal, marker="|", ms=12, color="C2")
