@@ -143,12 +143,13 @@ def init_lengths(n: int = 256) -> None:
     each starts against the margin loss's m- = 0.1 and m+ = 0.9."""
     print("| init | digit biases, every bias 0.1 | primary capsules, mean length | digit capsules |")
     print("|---|---|---|---|")
+    config = lambda *flags: mc.config_from_args(mc.build_parser().parse_args([*BASE, *flags]))
+    cfg = config("--n-test", str(n))  # the pairs depend on the task and the seed, not the init
+    _, test = mc.make_data(cfg, mc.load_data(argparse.Namespace(data_dir=None), cfg))
+    x = mc.batch_arrays(test, np.arange(n), cfg.dtype)["x"]
     for init in ("fan-in", "truncated"):
         for bias in ([], ["--digit-bias", "--bias-init", "0.1"]):
-            argv = [*BASE, "--n-test", str(n), "--init", init, *bias]
-            cfg = mc.config_from_args(mc.build_parser().parse_args(argv))
-            _, test = mc.make_data(cfg, mc.load_data(argparse.Namespace(data_dir=None), cfg))
-            x = mc.batch_arrays(test, np.arange(n), cfg.dtype)["x"]
+            cfg = config("--init", init, *bias)
             v, cache = mc.encode(mc.init_params(cfg, np.random.default_rng(0)), x, cfg)
             _, norm, norm2, _ = cache[4]  # the primary squash's cache: |s|, |s|^2 (N, I, 1)
             print(f"| {init} | {'yes' if bias else 'no'} | {(norm2 / (1 + norm2)).mean():.3f} | "
