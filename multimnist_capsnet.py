@@ -50,6 +50,8 @@ class CapsNetError(Exception):
 @dataclass
 class Config:
     seed: int = 0                   # fixes data, initialisation, shuffling: same seed, same metrics
+    task: str = "multimnist"        # 'multimnist': two overlapping digits on 36x36; 'mnist': one
+                                    # 28x28 digit (the paper's Table 1 top half; TASKS sets its size)
     model: str = "capsnet"          # 'capsnet', or 'cnn': the paper's baseline (same loop, same data)
     n_epochs: int = 8               # passes over the training pool
     n_train: int = 6000             # composites in the training pool (fresh each epoch with resample)
@@ -99,6 +101,11 @@ class Config:
         return 10
 
     @property
+    def n_labels(self) -> int:
+        """K, the digits per image: 2 on MultiMNIST, 1 on MNIST."""
+        return 1 if self.task == "mnist" else 2
+
+    @property
     def cnn_widths(self) -> tuple[int, int, int]:
         return self.cnn_conv1, self.cnn_conv2, self.cnn_fc
 
@@ -120,6 +127,12 @@ class Config:
 PRESETS = {
     "small": dict(conv1_channels=32, primary_types=8, decoder_h1=256, decoder_h2=512),
     "paper": dict(conv1_channels=256, primary_types=32, decoder_h1=512, decoder_h2=1024),
+}
+# What --task sets unless a flag says otherwise. MNIST: every training digit shifted by up to 2 px
+# (the paper's only augmentation) on its own 28x28 canvas, scored on all 10,000 test digits.
+TASKS = {
+    "multimnist": dict(n_train=6000, n_test=1000),
+    "mnist": dict(canvas=28, max_shift=2, n_train=60000, n_test=10000),
 }
 LOSS_TERMS = dict(capsnet=("margin", "recon"), cnn=("xent",))  # logged per step and per epoch
 
@@ -158,6 +171,11 @@ def validate(cfg: Config) -> None:
         raise CapsNetError(f"bias_init must be a finite number, got {cfg.bias_init}")
     if cfg.overlay not in ("max", "clip-sum"):
         raise CapsNetError(f"overlay must be 'max' or 'clip-sum', got {cfg.overlay!r}")
+    if cfg.task not in TASKS:
+        raise CapsNetError(f"task must be 'multimnist' or 'mnist', got {cfg.task!r}")
+    if cfg.task == "mnist" and (cfg.n_train > 60000 or cfg.n_test > 10000):
+        raise CapsNetError(f"MNIST has 60000 training and 10000 test digits; got n_train "
+                           f"{cfg.n_train}, n_test {cfg.n_test}")
     if cfg.model not in LOSS_TERMS:
         raise CapsNetError(f"model must be 'capsnet' or 'cnn', got {cfg.model!r}")
     if cfg.data not in ("mnist", "synthetic"):
@@ -509,12 +527,33 @@ def make_pairs(images: np.ndarray, labels: np.ndarray, n: int, rng: np.random.Ge
                 shifts=shifts, iou=iou)
 
 
+def shift_digits(images: np.ndarray, labels: np.ndarray, rng: np.random.Generator | None,
+                 max_shift: int = 2) -> dict[str, np.ndarray]:
+    """MNIST as one-digit 'pairs': each (n, 28, 28) uint8 digit moved by integers in
+    [-max_shift, max_shift] per axis (rng None: unmoved), with zero padding: the pixels pushed
+    off the edge are lost (MNIST's 4 px empty border keeps them few). Returns x (n, 28, 28), a
+    (the same array: the decoder's target is the input), labels (n, 1) int64."""
+    n, h = images.shape[:2]
+    if rng is None or max_shift == 0:
+        x = images
+    else:
+        s = rng.integers(-max_shift, max_shift + 1, (n, 2))
+        x = place(images, s[:, 0], s[:, 1], h + 2 * max_shift)[:, max_shift:-max_shift,
+                                                              max_shift:-max_shift]  # (n, h, h)
+    return dict(x=x, a=x, labels=labels.astype(np.int64)[:, None])
+
+
+SOURCES = ("a", "b")  # each image's source digits, one per label column, the decoder's targets
+
+
 def batch_arrays(pairs: dict, idx: np.ndarray, dtype) -> dict[str, np.ndarray]:
-    """Float batch for the model: x (N, H, W, 1), a/b (N, H*W) in [0, 1], labels (N, 2)."""
+    """Float batch for the model: x (N, H, W, 1), a (and b on MultiMNIST) (N, H*W) in [0, 1],
+    labels (N, K)."""
     dtype = np.dtype(dtype)
     f = lambda k: pairs[k][idx].astype(dtype) * dtype.type(1 / 255)
     n = len(idx)
-    return dict(x=f("x")[..., None], a=f("a").reshape(n, -1), b=f("b").reshape(n, -1),
+    sources = SOURCES[:pairs["labels"].shape[1]]
+    return dict(x=f("x")[..., None], **{k: f(k).reshape(n, -1) for k in sources},
                 labels=pairs["labels"][idx])
 
 
@@ -859,7 +898,7 @@ MARGIN_SCALE = dict(paper=1.0, tf=1 / 20)  # tf: averaged over the 10 classes, h
 def capsnet_loss_and_grads(params, batch, cfg: Config, grad_scale: float = 1.0):
     """One forward and backward pass of the CapsNet.
 
-    batch: x (N, H, W, 1), a/b (N, H*W) the shifted sources, labels (N, 2).
+    batch: x (N, H, W, 1), a/b (N, H*W) the shifted sources (a alone on MNIST), labels (N, K).
     Returns (loss, grads keyed like params, aux) with aux holding the margin and reconstruction
     losses and the digit capsules as out (N, J, E). Every gradient is multiplied by grad_scale (a
     shard's share of its batch), which costs nothing at the loss end of the backward pass.
@@ -867,9 +906,10 @@ def capsnet_loss_and_grads(params, batch, cfg: Config, grad_scale: float = 1.0):
     n = len(batch["x"])
     v, enc = encode(params, batch["x"], cfg)
     margin, c_margin = margin_forward(v, batch["labels"], MARGIN_SCALE[cfg.margin_loss])
-    z, c_mask = mask_forward(v, batch["labels"])                               # (2N, J*E)
+    z, c_mask = mask_forward(v, batch["labels"])                               # (K*N, J*E)
     recon, c_dec = decoder_forward(z, params)                                  # (2N, H*W)
-    rec, c_rec = recon_forward(recon, np.concatenate([batch["a"], batch["b"]]), n)
+    targets = np.concatenate([batch[k] for k in SOURCES[:batch["labels"].shape[1]]])  # (K*N, H*W)
+    rec, c_rec = recon_forward(recon, targets, n)
     loss = margin + cfg.recon_weight * rec
 
     dz, grads = decoder_backward(recon_backward(c_rec) * (cfg.recon_weight * grad_scale), c_dec)
@@ -1239,7 +1279,13 @@ def ema_step(run: Run) -> None:
 
 
 def make_data(cfg: Config, mnist: dict) -> tuple[dict | None, dict]:
-    """(training pool or None when resampling, test pairs), both determined by cfg.seed."""
+    """(training pool or None when resampling, test pairs), both determined by cfg.seed. MNIST:
+    no pool (every epoch shifts the digits afresh) and the first n_test test digits, unshifted."""
+    if cfg.task == "mnist":
+        if cfg.n_train > len(mnist["train_x"]):
+            raise CapsNetError(f"--n-train {cfg.n_train}: there are only "
+                               f"{len(mnist['train_x'])} training digits")
+        return None, shift_digits(mnist["test_x"][:cfg.n_test], mnist["test_y"][:cfg.n_test], None)
     data_rng = np.random.default_rng(cfg.seed).spawn(3)[0]
     kw = dict(min_iou=cfg.min_iou, overlay=cfg.overlay, max_shift=cfg.max_shift, canvas=cfg.canvas)
     test = make_pairs(mnist["test_x"], mnist["test_y"], cfg.n_test, data_rng, **kw)
@@ -1317,7 +1363,10 @@ def _train_epoch(run: Run, mnist, pool, test, workers, bar, on_step, should_stop
     rng = np.random.default_rng()
     rng.bit_generator.state = run.rng_state
     data = pool
-    if cfg.resample:
+    if cfg.task == "mnist":
+        data = shift_digits(mnist["train_x"][:cfg.n_train], mnist["train_y"][:cfg.n_train], rng,
+                            cfg.max_shift)
+    elif cfg.resample:
         data = make_pairs(mnist["train_x"], mnist["train_y"], cfg.n_train, rng,
                           min_iou=cfg.min_iou, overlay=cfg.overlay, max_shift=cfg.max_shift,
                           canvas=cfg.canvas)
@@ -1378,9 +1427,15 @@ def epoch_line(m: dict, cfg: Config) -> str:
                       for t in LOSS_TERMS[cfg.model])
     recon = (f"  recon mse {m['recon_mse']:.4f} (mean-image {m['baseline_mse']:.4f})"
              if "recon_mse" in m else "")
-    return (f"epoch {m['epoch']}/{cfg.n_epochs}  train {terms}  |  test set acc "
-            f"{m['set_acc']:.3f}  soft {m['soft_acc']:.3f}  top1 {m['top1']:.3f}{recon}  "
+    return (f"epoch {m['epoch']}/{cfg.n_epochs}  train {terms}  |  test {score_str(m)}{recon}  "
             f"{m['seconds']:.1f}s")
+
+
+def score_str(m: dict) -> str:
+    """The headline test scores of an evaluate() result, in words."""
+    if "test_error" in m:
+        return f"error {100 * m['test_error']:.2f}% ({m['n_errors']} digits wrong)"
+    return f"set acc {m['set_acc']:.3f}  soft {m['soft_acc']:.3f}  top1 {m['top1']:.3f}"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1421,22 +1476,55 @@ def top2_hits(scores: np.ndarray, labels: np.ndarray) -> np.ndarray:
 
 
 def evaluate(params, cfg: Config, pairs: dict, workers=None) -> dict:
-    """Test metrics. set_acc: the two highest scores (capsule lengths, or the CNN's outputs) are
-    the label set (chance 1/45); soft_acc: at least one of them is a label; top1: the highest is
-    a label. A CapsNet also gets recon_mse: per pixel, both reconstructions (masked by the true
-    labels) against their sources; baseline_mse: every source predicted by the mean source."""
+    """Test metrics. Two digits: set_acc, the two highest scores (capsule lengths, or the CNN's
+    outputs) are the label set (chance 1/45); soft_acc: at least one of them is a label; top1:
+    the highest is a label. One digit (MNIST): test_error and n_errors of the highest score, top1
+    its accuracy. A CapsNet also gets recon_mse: per pixel, each source against its
+    reconstruction from one capsule (the labels' on MultiMNIST; on MNIST the longest, as the
+    paper decodes at test time); baseline_mse: every source predicted by the mean source; and
+    routing_stats on the first ROUTING_SAMPLE images."""
     out = predict(params, cfg, pairs["x"], workers)
     labels = pairs["labels"]
-    hits = top2_hits(class_scores(out), labels)
-    metrics = dict(set_acc=float(hits.all(1).mean()), soft_acc=float(hits.any(1).mean()),
-                   top1=float(hits[:, 0].mean()))
+    n, k = labels.shape
+    scores = class_scores(out)                                        # (N, J)
+    if k == 1:
+        decode = scores.argmax(1)[:, None]                            # (N, 1)
+        wrong = int((decode[:, 0] != labels[:, 0]).sum())
+        metrics = dict(test_error=wrong / n, n_errors=wrong, top1=1 - wrong / n)
+    else:
+        decode, hits = labels, top2_hits(scores, labels)
+        metrics = dict(set_acc=float(hits.all(1).mean()), soft_acc=float(hits.any(1).mean()),
+                       top1=float(hits[:, 0].mean()))
     if cfg.model == "capsnet":
-        n = len(out)
-        targets = np.concatenate([pairs["a"], pairs["b"]]).reshape(2 * n, -1) / 255
-        recon = np.concatenate([reconstruct(params, out, labels[:, k]) for k in (0, 1)])
+        targets = np.concatenate([pairs[s] for s in SOURCES[:k]]).reshape(k * n, -1) / 255
+        recon = np.concatenate([reconstruct(params, out, decode[:, c]) for c in range(k)])
         metrics.update(recon_mse=float(((recon - targets) ** 2).mean()),
-                       baseline_mse=float(((targets - targets.mean(0)) ** 2).mean()))
+                       baseline_mse=float(((targets - targets.mean(0)) ** 2).mean()),
+                       **routing_stats(params, cfg, pairs["x"][:ROUTING_SAMPLE], workers))
     return metrics
+
+
+ROUTING_SAMPLE = 500  # test images whose routing is measured at every evaluation
+
+
+def routing_stats(params, cfg: Config, x_uint8: np.ndarray, workers=None) -> dict:
+    """The paper's Appendix A, measured on uint8 images (N, H, W): routing_db[r], the mean
+    |delta b_ij| = |uh_ij . v_j| that iteration r+1's agreement adds to the logits (the last one
+    computed only to be measured), and routing_entropy[r], the mean entropy in nats of a primary
+    capsule's couplings over the J digit capsules in iteration r+1 (uniform: ln J = 2.303). Means
+    over images, primary capsules (and digit capsules for the logits)."""
+    dtype = cfg.np_dtype
+
+    def sums(i):
+        x = x_uint8[i:i + cfg.eval_batch].astype(dtype)[..., None] * dtype.type(1 / 255)
+        uh, iters, _ = encode(params, x, cfg)[1][-1]                   # uh (N, J, I, E)
+        db = [np.abs(np.matmul(uh, v[..., None])).sum() for _, v, _ in iters]
+        ent = [-(c * np.log(np.maximum(c, np.finfo(dtype).tiny))).sum() for c, _, _ in iters]
+        return np.array([db, ent], np.float64)                         # (2, R)
+    total = sum(parallel_map(workers, sums, range(0, len(x_uint8), cfg.eval_batch)))
+    n, i_ = len(x_uint8), cfg.n_primary
+    return dict(routing_db=[float(d) for d in total[0] / (n * cfg.n_classes * i_)],
+                routing_entropy=[float(e) for e in total[1] / (n * i_)])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1563,10 +1651,11 @@ def add_training_flags(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=d.seed,
                    help="random seed: fixes data, initialisation and shuffling (default: %(default)s)")
     g.add_argument("--n-epochs", type=int, default=d.n_epochs, help="epochs (default: %(default)s)")
-    g.add_argument("--n-train", type=int, default=d.n_train,
-                   help="training composites per epoch (default: %(default)s)")
-    g.add_argument("--n-test", type=int, default=d.n_test,
-                   help="test composites (default: %(default)s)")
+    g.add_argument("--n-train", type=int, default=None,
+                   help="training images per epoch (default: 6000 composites; mnist: all 60000 "
+                        "digits)")
+    g.add_argument("--n-test", type=int, default=None,
+                   help="test images (default: 1000 composites; mnist: all 10000 digits)")
     g.add_argument("--batch-size", type=int, default=d.batch_size,
                    help="composites per Adam step (default: %(default)s)")
     g.add_argument("--lr", type=float, default=d.lr, help="Adam learning rate (default: %(default)s)")
@@ -1607,6 +1696,10 @@ def add_training_flags(parser: argparse.ArgumentParser) -> None:
                    help="threads that split each batch, BLAS one thread each; results depend on "
                         "it slightly (default: %(default)s)")
     t = parser.add_argument_group("task")
+    t.add_argument("--task", choices=tuple(TASKS), default=d.task,
+                   help="multimnist: two overlapping digits on 36x36; mnist: one 28x28 digit, "
+                        "shifted by up to 2 px in training, scored on the 10000 test digits "
+                        "(default: %(default)s)")
     t.add_argument("--min-iou", type=float, default=d.min_iou,
                    help="bounding-box IoU each pair must reach; 0 = paper (default: %(default)s)")
     t.add_argument("--overlay", choices=("max", "clip-sum"), default=d.overlay,
@@ -1643,10 +1736,10 @@ def add_training_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args) -> Config:
-    """Config from parsed flags: preset first, explicit capacity flags on top; validated."""
+    """Config from parsed flags: preset and task first, explicit flags on top; validated."""
     kw = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config) if hasattr(args, f.name)}
     kw = {k: v for k, v in kw.items() if v is not None}
-    cfg = Config(**{**PRESETS[args.preset], **kw})
+    cfg = Config(**{**PRESETS[args.preset], **TASKS[getattr(args, "task", "multimnist")], **kw})
     validate(cfg)
     if cfg.n_epochs > 100_000:
         raise CapsNetError(f"n_epochs must be at most 100000, got {cfg.n_epochs}")
@@ -1661,6 +1754,8 @@ def given_fields(parser: argparse.ArgumentParser, argv) -> set[str]:
     given = set(vars(parser.parse_args(argv)))
     if "preset" in given:
         given |= set(PRESETS["small"])
+    if "task" in given:
+        given |= set(TASKS["mnist"])
     return given & {f.name for f in dataclasses.fields(Config)}
 
 
@@ -1823,8 +1918,9 @@ def _main(argv) -> int:
     final = run.history["epochs"][-1]
     recon = (f", recon mse {final['recon_mse']:.4f} (mean-image {final['baseline_mse']:.4f})"
              if "recon_mse" in final else "")
-    print(f"done in {time.perf_counter() - t0:.1f}s: test set accuracy {final['set_acc']:.3f} "
-          f"(chance {1 / 45:.3f}){recon}")
+    score = (f"test {score_str(final)}" if cfg.task == "mnist"
+             else f"test set accuracy {final['set_acc']:.3f} (chance {1 / 45:.3f})")
+    print(f"done in {time.perf_counter() - t0:.1f}s: {score}{recon}")
     return 0
 
 
