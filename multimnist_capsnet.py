@@ -84,7 +84,10 @@ class Config:
     decoder_h2: int = 512           # paper: 1024
     cnn_conv1: int = 512            # CNN baseline widths (paper: 512, 256, 1024; the paper's small
     cnn_conv2: int = 256            # CNN it tuned up from: 32, 64, 512); kernels 9x9 and 5x5
-    cnn_fc: int = 1024
+    cnn_fc: int = 1024              # (--task mnist: TASKS sets the paper's MNIST CNN, 256, 256,
+    cnn_conv3: int = 128            # 128 channels of 5x5, fully connected 328 and 192; the third
+    cnn_fc2: int = 192              # conv and second fc exist on MNIST only)
+    cnn_dropout: float = 0.5        # MNIST CNN: drop probability before its softmax layer
     recon_weight: float = 0.0005    # weight of the summed reconstruction losses (paper: 0.0005)
     min_iou: float = 0.8            # bounding-box IoU every pair must reach (0: the paper's shifts)
     overlay: str = "max"            # 'max' (the seed) or 'clip-sum' (the paper: add, clip at 1)
@@ -106,8 +109,14 @@ class Config:
         return 1 if self.task == "mnist" else 2
 
     @property
-    def cnn_widths(self) -> tuple[int, int, int]:
-        return self.cnn_conv1, self.cnn_conv2, self.cnn_fc
+    def cnn_arch(self) -> CnnArch:
+        """The CNN baseline of the task: MultiMNIST's 9x9 and 5x5 convolutions with pooling and
+        sigmoid outputs, or MNIST's three 5x5 convolutions and softmax."""
+        if self.task == "mnist":
+            return CnnArch((5, 5, 5), (self.cnn_conv1, self.cnn_conv2, self.cnn_conv3),
+                           (self.cnn_fc, self.cnn_fc2), False, self.canvas)
+        return CnnArch(CNN_KERNELS, (self.cnn_conv1, self.cnn_conv2), (self.cnn_fc,), True,
+                       self.canvas)
 
     @property
     def np_dtype(self):
@@ -132,7 +141,8 @@ PRESETS = {
 # (the paper's only augmentation) on its own 28x28 canvas, scored on all 10,000 test digits.
 TASKS = {
     "multimnist": dict(n_train=6000, n_test=1000),
-    "mnist": dict(canvas=28, max_shift=2, n_train=60000, n_test=10000),
+    "mnist": dict(canvas=28, max_shift=2, n_train=60000, n_test=10000, cnn_conv1=256,
+                  cnn_conv2=256, cnn_conv3=128, cnn_fc=328, cnn_fc2=192),
 }
 LOSS_TERMS = dict(capsnet=("margin", "recon"), cnn=("xent",))  # logged per step and per epoch
 
@@ -142,7 +152,7 @@ def validate(cfg: Config) -> None:
     positive = ("n_epochs", "n_train", "n_test", "batch_size", "lr_decay_steps", "conv1_channels",
                 "primary_types", "primary_dim", "digit_dim", "kernel", "primary_stride",
                 "routing_iters", "decoder_h1", "decoder_h2", "cnn_conv1", "cnn_conv2", "cnn_fc",
-                "eval_batch", "workers")
+                "cnn_conv3", "cnn_fc2", "eval_batch", "workers")
     for name in positive:
         if getattr(cfg, name) <= 0:
             raise CapsNetError(f"{name} must be positive, got {getattr(cfg, name)}")
@@ -167,6 +177,8 @@ def validate(cfg: Config) -> None:
         raise CapsNetError(f"lr_warmup_steps must be >= 0, got {cfg.lr_warmup_steps}")
     if not 0 <= cfg.ema < 1:
         raise CapsNetError(f"ema must be in [0, 1), got {cfg.ema}")
+    if not 0 <= cfg.cnn_dropout < 1:
+        raise CapsNetError(f"cnn_dropout must be in [0, 1), got {cfg.cnn_dropout}")
     if not math.isfinite(cfg.bias_init):
         raise CapsNetError(f"bias_init must be a finite number, got {cfg.bias_init}")
     if cfg.overlay not in ("max", "clip-sum"):
@@ -196,7 +208,7 @@ def validate(cfg: Config) -> None:
                 + j * e * cfg.decoder_h1 + cfg.decoder_h1 * cfg.decoder_h2
                 + cfg.decoder_h2 * cfg.canvas ** 2)                       # decoder
     if cfg.model == "cnn":
-        n_params = cnn_param_count(cfg.cnn_widths, cfg.canvas)
+        n_params = cnn_param_count(cfg.cnn_arch)
     if n_params > 2e8 or cfg.n_train > 10_000_000 or cfg.n_test > 1_000_000:
         raise CapsNetError("configuration too large for this machine (over 2e8 weights "
                            "or 1e7 training pairs)")
@@ -1004,96 +1016,166 @@ def sigmoid_xent_backward(cache):
     return (sigmoid(logits) - t) * (1.0 / len(logits))
 
 
-# The whole baseline
+# Softmax cross-entropy and dropout: the MNIST baseline's output layer (one class per digit)
 
-def _side(canvas):
-    """Map side after the two 'same' convolutions and two floor poolings."""
-    return canvas // 2 // 2
+def softmax_xent_forward(logits, labels):
+    """logits z (N, J), labels (N, 1) int -> the batch mean of -log softmax(z)[label]; the max
+    is subtracted first, so exp never overflows."""
+    z = logits - logits.max(axis=1, keepdims=True)                      # (N, J)
+    logp = z - np.log(np.exp(z).sum(axis=1, keepdims=True))             # (N, J) log-probabilities
+    rows = np.arange(len(z))
+    return -logp[rows, labels[:, 0]].mean(), (logp, labels)
 
 
-def cnn_init_params(widths, canvas: int, rng: np.random.Generator, dtype) -> dict[str, np.ndarray]:
-    """He init N(0, 2/fan_in) for the three layers before a ReLU, N(0, 1/fan_in) for the output
-    layer, zero biases. widths = (C1, C2, F). All arrays in dtype."""
-    c1, c2, f = widths
-    k1, k2 = CNN_KERNELS
-    flat = _side(canvas) ** 2 * c2
-    normal = lambda shape, var: rng.standard_normal(shape) * math.sqrt(var)
-    p = {
-        "cnn_conv1_w": normal((k1, k1, 1, c1), 2 / (k1 * k1)),
-        "cnn_conv1_b": np.zeros(c1),
-        "cnn_conv2_w": normal((k2, k2, c1, c2), 2 / (k2 * k2 * c1)),
-        "cnn_conv2_b": np.zeros(c2),
-        "cnn_fc_w": normal((flat, f), 2 / flat),
-        "cnn_fc_b": np.zeros(f),
-        "cnn_out_w": normal((f, 10), 1 / f),
-        "cnn_out_b": np.zeros(10),
-    }
+def softmax_xent_backward(cache):
+    """-> dlogits (N, J) = (softmax(z) - onehot(label)) / N, the gradient of the loss above."""
+    logp, labels = cache
+    d = np.exp(logp)
+    d[np.arange(len(d)), labels[:, 0]] -= 1
+    return d * (1.0 / len(d))
+
+
+def dropout_mask(rng: np.random.Generator, shape, p: float, dtype) -> np.ndarray:
+    """Inverted dropout's mask: 0 with probability p, else 1 / (1 - p), so the layer's expected
+    output is its input and evaluation needs no rescaling."""
+    return ((rng.random(shape) >= p) / (1 - p)).astype(dtype)
+
+
+def dropout_forward(x, keep):
+    """x (N, F), keep (N, F) a dropout_mask -> x * keep. The mask comes from the caller, drawn
+    from its generator, so a run is reproducible however its batch is sharded."""
+    return x * keep, keep
+
+
+def dropout_backward(dout, keep):
+    """dout (N, F) -> dx (N, F)."""
+    return dout * keep
+
+
+# The whole baseline: 'same' convolutions (each with a 2x2 max pool on MultiMNIST), ReLUs, fully
+# connected ReLU layers, (dropout,) the output layer. The MNIST CNN of the paper (three 5x5
+# convolutions of 256, 256, 128 channels, stride 1, fully connected 328 and 192) has its 35.4M
+# parameters only without pooling and with 'same' padding: 28*28*128 = 100,352 inputs to the first
+# fully connected layer (valid padding would give 16*16*128 = 32,768 and 12.6M).
+
+@dataclass(frozen=True)
+class CnnArch:
+    kernels: tuple[int, ...]        # side of each convolution's kernel
+    channels: tuple[int, ...]       # its output channels
+    fcs: tuple[int, ...]            # hidden fully connected widths
+    pool: bool                      # a 2x2 max pool after every convolution
+    canvas: int                     # input side
+
+    def flat(self) -> int:
+        """Inputs of the first fully connected layer."""
+        side = self.canvas
+        for _ in self.kernels:
+            side = side // 2 if self.pool else side
+        return side * side * self.channels[-1]
+
+    def shapes(self) -> dict[str, tuple]:
+        """Every parameter's shape, keyed as cnn_init_params names them."""
+        ins, shapes = (1, *self.channels), {}
+        for i, (k, c) in enumerate(zip(self.kernels, self.channels), 1):
+            shapes[f"cnn_conv{i}_w"], shapes[f"cnn_conv{i}_b"] = (k, k, ins[i - 1], c), (c,)
+        widths = (self.flat(), *self.fcs, 10)
+        for name, a, b in zip(FC_NAMES[:len(self.fcs)] + ("cnn_out",), widths, widths[1:]):
+            shapes[f"{name}_w"], shapes[f"{name}_b"] = (a, b), (b,)
+        return shapes
+
+
+FC_NAMES = ("cnn_fc", "cnn_fc2")
+
+
+def cnn_init_params(arch: CnnArch, rng: np.random.Generator, dtype) -> dict[str, np.ndarray]:
+    """He init N(0, 2/fan_in) for the layers before a ReLU, N(0, 1/fan_in) for the output
+    layer, zero biases. All arrays in dtype."""
+    p = {}
+    for name, shape in arch.shapes().items():
+        if name.endswith("_b"):
+            p[name] = np.zeros(shape)
+        else:
+            gain = 1 if name == "cnn_out_w" else 2
+            p[name] = rng.standard_normal(shape) * math.sqrt(gain / math.prod(shape[:-1]))
     return {name: a.astype(dtype) for name, a in p.items()}
 
 
-def cnn_param_count(widths=CNN_WIDTHS, canvas: int = 36) -> int:
-    """Number of trainable numbers; 24,563,978 for the paper's widths on 36x36."""
-    c1, c2, f = widths
-    k1, k2 = CNN_KERNELS
-    flat = _side(canvas) ** 2 * c2
-    return (k1 * k1 * c1 + c1) + (k2 * k2 * c1 * c2 + c2) + (flat * f + f) + (f * 10 + 10)
+def cnn_param_count(arch: CnnArch) -> int:
+    """Number of trainable numbers: 24,563,978 for the paper's MultiMNIST widths on 36x36,
+    35,445,522 for its MNIST CNN on 28x28."""
+    return sum(math.prod(shape) for shape in arch.shapes().values())
 
 
-def cnn_forward(params, x):
-    """x (N, H, W, 1) -> logits (N, 10) and the cache for cnn_backward.
+def cnn_forward(params, x, pool=True, keep=None):
+    """x (N, H, W, 1) -> logits (N, 10) and the cache for cnn_backward. The layers are those
+    params holds (cnn_conv1.., cnn_fc, cnn_fc2, cnn_out); pool: a 2x2 max pool after each
+    convolution; keep: a dropout mask (N, F) on the last hidden layer (None: no dropout).
 
     Pooling comes before the ReLU: max pooling and ReLU commute (both monotone), so the function
     is the paper's, the ReLU touches 4x fewer numbers, and pooling never sees the ties that a ReLU's
     zeros would make.
     """
-    w1, w2 = params["cnn_conv1_w"], params["cnn_conv2_w"]
-    h, _ = pad_forward(x, w1.shape[0] // 2)                                     # (N, H+8, W+8, 1)
-    h, c_conv1 = conv_forward(h, w1, params["cnn_conv1_b"], 1)              # (N, H, W, C1)
-    h, c_pool1 = maxpool_forward(h)                                            # (N, H/2, W/2, C1)
-    h, c_relu1 = relu_forward(h)
-    h, c_pad2 = pad_forward(h, w2.shape[0] // 2)                               # (N, H/2+4, W/2+4, C1)
-    h, c_conv2 = conv_forward(h, w2, params["cnn_conv2_b"], 1)              # (N, H/2, W/2, C2)
-    h, c_pool2 = maxpool_forward(h)                                            # (N, H/4, W/4, C2)
-    h, c_relu2 = relu_forward(h)
+    h, convs = x, []
+    for i in range(1, 1 + sum(k.startswith("cnn_conv") for k in params) // 2):
+        w = params[f"cnn_conv{i}_w"]
+        h, c_pad = pad_forward(h, w.shape[0] // 2)                          # (N, H+K-1, W+K-1, C)
+        h, c_conv = conv_forward(h, w, params[f"cnn_conv{i}_b"], 1)         # (N, H, W, F)
+        h, c_pool = maxpool_forward(h) if pool else (h, None)              # (N, H/2, W/2, F)
+        h, c_relu = relu_forward(h)
+        convs.append((c_pad, c_conv, c_pool, c_relu))
     h_shape = h.shape
-    h, c_fc = affine_forward(h.reshape(len(x), -1), params["cnn_fc_w"],
-                                params["cnn_fc_b"])                           # (N, F)
-    h, c_relu3 = relu_forward(h)
+    h, fcs = h.reshape(len(x), -1), []                                      # (N, flat)
+    for name in (f for f in FC_NAMES if f + "_w" in params):
+        h, c_fc = affine_forward(h, params[name + "_w"], params[name + "_b"])  # (N, F)
+        h, c_relu = relu_forward(h)
+        fcs.append((name, c_fc, c_relu))
+    if keep is not None:
+        h, _ = dropout_forward(h, keep)
     logits, c_out = affine_forward(h, params["cnn_out_w"], params["cnn_out_b"])  # (N, 10)
-    return logits, (c_conv1, c_pool1, c_relu1, c_pad2, c_conv2, c_pool2, c_relu2, h_shape, c_fc,
-                    c_relu3, c_out)
+    return logits, (convs, h_shape, fcs, keep, c_out)
 
 
 def cnn_backward(dlogits, cache):
     """dlogits (N, 10) -> gradients of every cnn_ parameter, keyed like the params."""
-    (c_conv1, c_pool1, c_relu1, c_pad2, c_conv2, c_pool2, c_relu2, h_shape, c_fc, c_relu3,
-     c_out) = cache
+    convs, h_shape, fcs, keep, c_out = cache
     g = {}
-    dh, g["cnn_out_w"], g["cnn_out_b"] = affine_backward(dlogits, c_out)          # (N, F)
-    dh, g["cnn_fc_w"], g["cnn_fc_b"] = affine_backward(relu_backward(dh, c_relu3), c_fc)
-    dh = relu_backward(dh.reshape(h_shape), c_relu2)                       # (N, H/4, W/4, C2)
-    dh = maxpool_backward(dh, c_pool2)                                         # (N, H/2, W/2, C2)
-    dh, g["cnn_conv2_w"], g["cnn_conv2_b"] = conv_backward(dh, c_conv2)
-    dh = pad_backward(dh, c_pad2)                                              # (N, H/2, W/2, C1)
-    dh = maxpool_backward(relu_backward(dh, c_relu1), c_pool1)              # (N, H, W, C1)
-    # the input needs no gradient: skip conv1's col2im, the most expensive part of its backward
-    _, g["cnn_conv1_w"], g["cnn_conv1_b"] = conv_backward(dh, c_conv1, need_dx=False)
+    dh, g["cnn_out_w"], g["cnn_out_b"] = affine_backward(dlogits, c_out)     # (N, F)
+    if keep is not None:
+        dh = dropout_backward(dh, keep)
+    for name, c_fc, c_relu in reversed(fcs):
+        dh, g[name + "_w"], g[name + "_b"] = affine_backward(relu_backward(dh, c_relu), c_fc)
+    dh = dh.reshape(h_shape)                                                # (N, H', W', C)
+    for i in range(len(convs), 0, -1):
+        c_pad, c_conv, c_pool, c_relu = convs[i - 1]
+        dh = relu_backward(dh, c_relu)
+        if c_pool is not None:
+            dh = maxpool_backward(dh, c_pool)                               # (N, 2H', 2W', C)
+        # the input needs no gradient: skip conv1's col2im, the most expensive part of its backward
+        dh, g[f"cnn_conv{i}_w"], g[f"cnn_conv{i}_b"] = conv_backward(dh, c_conv, need_dx=i > 1)
+        if i > 1:
+            dh = pad_backward(dh, c_pad)
     return g
 
 
-def cnn_loss_and_grads(params, batch, grad_scale: float = 1.0):
-    """The CNN's forward and backward pass: batch as for the CapsNet (only x and labels used).
-    aux holds the sigmoid cross-entropy and the logits (N, 10)."""
-    logits, cache = cnn_forward(params, batch["x"])
-    loss, c_loss = sigmoid_xent_forward(logits, batch["labels"])
-    grads = cnn_backward(sigmoid_xent_backward(c_loss) * grad_scale, cache)
+def cnn_loss_and_grads(params, batch, cfg: Config, grad_scale: float = 1.0):
+    """The CNN's forward and backward pass: batch as for the CapsNet (only x, labels and, when
+    training the MNIST CNN, the dropout mask keep are used). aux holds the cross-entropy
+    (sigmoid on MultiMNIST, softmax on MNIST) and the logits (N, 10)."""
+    logits, cache = cnn_forward(params, batch["x"], cfg.cnn_arch.pool, batch.get("keep"))
+    xent = softmax_xent if cfg.task == "mnist" else sigmoid_xent
+    loss, c_loss = xent[0](logits, batch["labels"])
+    grads = cnn_backward(xent[1](c_loss) * grad_scale, cache)
     return float(loss), grads, dict(xent=float(loss), out=logits)
+
+
+sigmoid_xent = (sigmoid_xent_forward, sigmoid_xent_backward)
+softmax_xent = (softmax_xent_forward, softmax_xent_backward)
 
 
 def init_params(cfg: Config, rng: np.random.Generator) -> dict[str, np.ndarray]:
     """Fresh parameters of cfg.model, all in cfg.dtype."""
     if cfg.model == "cnn":
-        return cnn_init_params(cfg.cnn_widths, cfg.canvas, rng, cfg.dtype)
+        return cnn_init_params(cfg.cnn_arch, rng, cfg.dtype)
     return capsnet_init_params(cfg, rng)
 
 
@@ -1101,7 +1183,7 @@ def loss_and_grads(params, batch, cfg: Config, grad_scale: float = 1.0):
     """One forward and backward pass of cfg.model: (loss, grads keyed like params, aux), aux
     holding the loss terms of LOSS_TERMS[cfg.model] and the network's outputs (see forward)."""
     if cfg.model == "cnn":
-        return cnn_loss_and_grads(params, batch, grad_scale)
+        return cnn_loss_and_grads(params, batch, cfg, grad_scale)
     return capsnet_loss_and_grads(params, batch, cfg, grad_scale)
 
 
@@ -1374,6 +1456,9 @@ def _train_epoch(run: Run, mnist, pool, test, workers, bar, on_step, should_stop
     t0 = time.perf_counter()
     for s in range(run.step - run.epoch * spe, spe):
         batch = batch_arrays(data, perm[s * cfg.batch_size:(s + 1) * cfg.batch_size], dtype)
+        if uses_dropout(cfg):  # a generator per step: a run resumed mid-epoch draws the same masks
+            batch["keep"] = dropout_mask(np.random.default_rng((cfg.seed, run.step)),
+                                         (cfg.batch_size, cfg.cnn_fc2), cfg.cnn_dropout, dtype)
         loss, grads, aux = sharded_loss_and_grads(run.params, batch, cfg, workers)
         lr = learning_rate(cfg, run.step)
         check_finite(run, loss, aux, grads, lr)
@@ -1401,6 +1486,11 @@ def _train_epoch(run: Run, mnist, pool, test, workers, bar, on_step, should_stop
     run.history["epochs"].append(metrics)
     _log(bar, epoch_line(metrics, cfg))
     return True
+
+
+def uses_dropout(cfg: Config) -> bool:
+    """Only the MNIST CNN has dropout (before its softmax layer)."""
+    return cfg.model == "cnn" and cfg.task == "mnist" and cfg.cnn_dropout > 0
 
 
 def _progress(enabled: bool, total: int, initial: int):
@@ -1446,7 +1536,8 @@ def predict(params, cfg: Config, x_uint8: np.ndarray, workers=None) -> np.ndarra
     CapsNet, logits (N, J) of the CNN; in batches of cfg.eval_batch (spread over the worker
     threads, if given)."""
     dtype = cfg.np_dtype
-    forward = cnn_forward if cfg.model == "cnn" else lambda p, x: encode(p, x, cfg)
+    forward = ((lambda p, x: cnn_forward(p, x, cfg.cnn_arch.pool)) if cfg.model == "cnn"
+               else lambda p, x: encode(p, x, cfg))
 
     def encode_batch(i):
         x = x_uint8[i:i + cfg.eval_batch].astype(dtype)[..., None] * dtype.type(1 / 255)
@@ -1490,7 +1581,7 @@ def evaluate(params, cfg: Config, pairs: dict, workers=None) -> dict:
     if k == 1:
         decode = scores.argmax(1)[:, None]                            # (N, 1)
         wrong = int((decode[:, 0] != labels[:, 0]).sum())
-        metrics = dict(test_error=wrong / n, n_errors=wrong, top1=1 - wrong / n)
+        metrics = dict(test_error=wrong / n, n_errors=wrong, top1=(n - wrong) / n)
     else:
         decode, hits = labels, top2_hits(scores, labels)
         metrics = dict(set_acc=float(hits.all(1).mean()), soft_acc=float(hits.any(1).mean()),
@@ -1726,13 +1817,21 @@ def add_training_flags(parser: argparse.ArgumentParser) -> None:
                    help="E, dims of a digit capsule (default: %(default)s)")
     c.add_argument("--routing-iters", type=int, default=d.routing_iters,
                    help="routing-by-agreement iterations; paper 3 (default: %(default)s)")
-    b = parser.add_argument_group("CNN baseline capacity (--model cnn; kernels 9x9 and 5x5)")
-    b.add_argument("--cnn-conv1", type=int, default=d.cnn_conv1,
-                   help="first conv layer's channels; the paper's small CNN 32 (default: %(default)s)")
-    b.add_argument("--cnn-conv2", type=int, default=d.cnn_conv2,
-                   help="second conv layer's channels; small CNN 64 (default: %(default)s)")
-    b.add_argument("--cnn-fc", type=int, default=d.cnn_fc,
-                   help="fully connected units; small CNN 512 (default: %(default)s)")
+    b = parser.add_argument_group("CNN baseline capacity (--model cnn; multimnist: kernels 9x9 "
+                                  "and 5x5, each with 2x2 max pooling; mnist: three 5x5)")
+    cnn = dict(cnn_conv1=("first conv layer's channels", "the small CNN 32"),
+               cnn_conv2=("second conv layer's channels", "the small CNN 64"),
+               cnn_fc=("fully connected units", "the small CNN 512"),
+               cnn_conv3=("third conv layer's channels (mnist only)", None),
+               cnn_fc2=("second fully connected layer's units (mnist only)", None))
+    for name, (text, small) in cnn.items():
+        mm = TASKS["mnist"][name]
+        dflt = (f"multimnist {getattr(d, name)}, " if small else "") + f"mnist {mm}"
+        b.add_argument("--" + name.replace("_", "-"), type=int, default=None,
+                       help=f"{text}{'; ' + small if small else ''} (default: {dflt})")
+    b.add_argument("--cnn-dropout", type=float, default=d.cnn_dropout,
+                   help="mnist CNN: drop probability before the softmax layer "
+                        "(default: %(default)s)")
 
 
 def config_from_args(args) -> Config:

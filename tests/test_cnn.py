@@ -5,7 +5,7 @@ import pytest
 import multimnist_capsnet as m
 from gradcheck import check, rel_error
 
-TINY = dict(widths=(3, 4, 8), canvas=10)  # 10 -> 10 -> 5 -> 5 -> 2: the second pool drops a row
+TINY = m.CnnArch((9, 5), (3, 4), (8,), True, 10)  # 10 -> 10 -> 5 -> 5 -> 2: the second pool drops a row
 
 
 @pytest.fixture
@@ -19,11 +19,11 @@ def distinct(rng, shape):
 
 
 def tiny_problem(rng, n=2, dtype=np.float64):
-    params = m.cnn_init_params(TINY["widths"], TINY["canvas"], rng, dtype)
+    params = m.cnn_init_params(TINY, rng, dtype)
     for k in params:  # nonzero biases, so their gradients are tested in general position
         if k.endswith("_b"):
             params[k] = (0.1 * rng.standard_normal(params[k].shape)).astype(dtype)
-    x = rng.random((n, TINY["canvas"], TINY["canvas"], 1)).astype(dtype)
+    x = rng.random((n, TINY.canvas, TINY.canvas, 1)).astype(dtype)
     labels = np.stack([rng.choice(10, 2, replace=False) for _ in range(n)])
     return params, x, labels
 
@@ -122,9 +122,9 @@ def test_sigmoid_xent_backward(rng):
 # The whole network
 
 def test_param_count_matches_the_paper_and_the_arrays(rng):
-    assert m.cnn_param_count() == 24_563_978  # the paper: 24.56M
-    params = m.cnn_init_params(TINY["widths"], TINY["canvas"], rng, np.float64)
-    assert m.cnn_param_count(**TINY) == sum(a.size for a in params.values())
+    assert m.cnn_param_count(m.Config().cnn_arch) == 24_563_978  # the paper: 24.56M
+    params = m.cnn_init_params(TINY, rng, np.float64)
+    assert m.cnn_param_count(TINY) == sum(a.size for a in params.values())
     assert params["cnn_conv1_w"].shape == (9, 9, 1, 3)
     assert params["cnn_conv2_w"].shape == (5, 5, 3, 4)
     assert params["cnn_fc_w"].shape == (2 * 2 * 4, 8)

@@ -266,4 +266,4 @@ def test_cnn_paper_widths_give_the_papers_24_56m_parameters():
     cfg = m.Config(model="cnn")
     shapes = m.init_shapes(m.Config(model="cnn", cnn_conv1=5, cnn_conv2=6, cnn_fc=7))
     assert shapes["cnn_fc_w"] == (9 * 9 * 6, 7)  # 'same' convolutions: 36 -> 18 -> 9
-    assert m.cnn_param_count(cfg.cnn_widths, cfg.canvas) == 24_563_978
+    assert m.cnn_param_count(cfg.cnn_arch) == 24_563_978
