@@ -1,0 +1,192 @@
+"""MNIST (--task mnist), the paper's Table 1 top half: the long run, its figure, the shipped model.
+
+    python3 bench/mnist.py summary RUN.json          test error at each epoch, and at 60/120 min
+    python3 bench/mnist.py plot RUN.json [...]       viz/mnist.png: error against minutes, routing
+    python3 bench/mnist.py ship                      models/capsnet-mnist.npz (trains it if need be)
+
+The long run is runs/mnist/long.sh (120 minutes on both cores, stopped by one SIGINT). Its minutes
+are the cumulative training + evaluation seconds of its epochs (checkpoint writes and start-up
+excluded: under 1 s an epoch and ~3 s once).
+"""
+import argparse
+import json
+import math
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import multimnist_capsnet as mc  # noqa: E402
+
+LONG = ROOT / "runs" / "mnist" / "long.sh"
+LONG_CKPT = ROOT / "runs" / "mnist" / "long_s0.npz"
+MODEL_FILE = ROOT / "models" / "capsnet-mnist.npz"
+# Test error (%) on the 10,000 MNIST test digits: the paper's Table 1 and public reproductions
+ANCHORS = {
+    "paper, CapsNet 3 iterations + recon": 0.25,
+    "gram-ai/capsule-networks (epoch 443)": 0.30,
+    "XifengGuo/CapsNet-Keras (3 trials)": 0.34,
+    "naturomics/CapsNet-Tensorflow": 0.36,
+    "paper, baseline CNN": 0.39,
+}
+GOALS = {60: 0.40, 120: 0.30}  # minutes -> test error (%) to reach within them
+
+
+def load(path) -> dict:
+    """A metrics JSON, or a checkpoint (a run still going) as the parts of one that this uses."""
+    if str(path).endswith(".npz"):
+        with np.load(path, allow_pickle=False) as z:
+            meta = json.loads(str(z["meta"]))
+        epochs = meta["history"]["epochs"]
+        return dict(step=meta["step"], history=dict(epochs=epochs),
+                    timing=dict(epoch_seconds=[e["seconds"] for e in epochs], total_seconds=None))
+    return json.loads(Path(path).read_text())
+
+
+def curve(doc: dict) -> tuple[np.ndarray, list[dict]]:
+    """Minutes at the end of each epoch (cumulative epoch seconds) and the epochs' metrics."""
+    secs = doc["timing"]["epoch_seconds"]
+    return np.cumsum(secs) / 60, doc["history"]["epochs"]
+
+
+def at_minutes(doc: dict, minutes: float) -> dict | None:
+    """The last epoch that ended within `minutes`, with its minute mark."""
+    mins, epochs = curve(doc)
+    done = [dict(e, minutes=float(t)) for t, e in zip(mins, epochs) if t <= minutes]
+    return done[-1] if done else None
+
+
+def summary(args) -> int:
+    for path in args.runs:
+        doc = load(path)
+        mins, epochs = curve(doc)
+        total = doc["timing"]["total_seconds"]
+        print(f"{path}: {len(epochs)} epochs, {doc['step']} steps"
+              + (f", total {total / 60:.1f} min" if total else ", still running"))
+        print("epoch  minutes  test error  wrong  recon mse  mean |db| per iteration"
+              "    coupling entropy per iteration")
+        for t, e in zip(mins, epochs):
+            db = " ".join(f"{d:.4f}" for d in e.get("routing_db", []))
+            ent = " ".join(f"{h:.4f}" for h in e.get("routing_entropy", []))
+            print(f"{e['epoch']:5d}  {t:7.1f}  {100 * e['test_error']:9.2f}%  {e['n_errors']:5d}  "
+                  f"{e.get('recon_mse', math.nan):9.4f}  {db:24s}  {ent}")
+        for minutes, goal in GOALS.items():
+            e = at_minutes(doc, minutes)
+            if total is None and mins[-1] < minutes:
+                print(f"within {minutes} min: the run is not there yet")
+                continue
+            if e is None:
+                print(f"within {minutes} min: no epoch ended")
+                continue
+            verdict = "met" if 100 * e["test_error"] <= goal else "missed"
+            print(f"within {minutes} min: {100 * e['test_error']:.2f}% after epoch {e['epoch']} "
+                  f"({e['minutes']:.1f} min); goal {goal:.2f}% {verdict}")
+        best = min(epochs, key=lambda e: e["test_error"])
+        print(f"lowest of the curve (chosen by the test set, so not a result): "
+              f"{100 * best['test_error']:.2f}% at epoch {best['epoch']}")
+    return 0
+
+
+def plot(args) -> int:
+    sys.path.insert(0, str(ROOT))
+    import visualize_multimnist_capsnet as viz
+    docs = [(Path(p).stem, load(p)) for p in args.runs]
+    fig = viz.new_figure(11, 3.8)
+    ax, axd, axe = fig.subplots(1, 3, width_ratios=[1.5, 1, 1])
+    for name, doc in docs:
+        mins, epochs = curve(doc)
+        ax.plot(mins, [100 * e["test_error"] for e in epochs], "o-", ms=2.5, lw=1.2, label=name)
+        iters = range(len(epochs[0].get("routing_db", [])))
+        for r in iters:
+            axd.plot(mins, [e["routing_db"][r] for e in epochs], lw=1.2,
+                     label=f"after iteration {r + 1}" + (" (not applied)" if r == len(iters) - 1
+                                                         else ""))
+            axe.plot(mins, [e["routing_entropy"][r] for e in epochs], lw=1.2,
+                     label=f"iteration {r + 1}")
+    for (label, err), c in zip(ANCHORS.items(), ("#7f7f7f", "#9467bd", "#8c564b", "#e377c2",
+                                                    "#bcbd22")):
+        ax.axhline(err, color=c, ls="--", lw=0.9, label=f"{label} {err:.2f}%")
+    ax.plot(list(GOALS), list(GOALS.values()), marker="*", color="black", ms=10, ls="none",
+            label="goals: " + ", ".join(f"{g:.2f}% by {t} min" for t, g in GOALS.items()))
+    ax.set(xlabel="minutes (2 cores)", ylabel="test error, % of 10,000 digits", ylim=(0.15, 1.2),
+           title="MNIST test error against wall-clock time")
+    ax.legend(fontsize=6.5, loc="upper right")
+    ax.grid(alpha=0.3)
+    axd.axhline(0.007, color="grey", ls=":", lw=0.9, label="paper, Appendix A: ~0.007")
+    axd.set(xlabel="minutes", ylabel="mean |delta b_ij|", yscale="log",
+            title="routing logit change (Appendix A)")
+    axd.legend(fontsize=6.5)
+    axe.axhline(math.log(10), color="grey", ls=":", lw=0.9, label="uniform: ln 10")
+    axe.set(xlabel="minutes", ylabel="nats", title="entropy of the couplings c_i")
+    axe.legend(fontsize=6.5)
+    for a in (axd, axe):
+        a.grid(alpha=0.3)
+    viz.save_png(fig, Path(args.out))
+    print(f"wrote {args.out}")
+    return 0
+
+
+def ship(args) -> int:
+    """Evaluate the long run's averaged weights as float32 and rounded to float16 on the 10,000
+    test digits; store float16 when it changes no more than --tolerance digits' answers."""
+    ckpt = Path(args.checkpoint)
+    if not ckpt.exists():
+        print(f"$ {LONG.relative_to(ROOT)}", flush=True)
+        if subprocess.run(["bash", str(LONG)]).returncode not in (0, 130):  # 130: one SIGINT
+            return 1
+    try:
+        run = mc.load_checkpoint(ckpt)
+        mnist = mc.load_data(args, run.cfg)
+        _, test = mc.make_data(run.cfg, mnist)
+        t0 = time.perf_counter()
+        with mc.worker_pool(run.cfg.workers) as workers:
+            params = run.eval_params
+            f32 = mc.evaluate(params, run.cfg, test, workers)
+            half = {k: a.astype("float16").astype(a.dtype) for k, a in params.items()}
+            f16 = mc.evaluate(half, run.cfg, test, workers)
+        storage = "float16" if abs(f16["n_errors"] - f32["n_errors"]) <= args.tolerance else "float32"
+        metrics = f16 if storage == "float16" else f32
+        info = dict(test_metrics=metrics, float32_metrics=f32, made_by="python3 bench/mnist.py ship",
+                    trained_by=str(LONG.relative_to(ROOT)))
+        mc.save_model(args.out, run, storage, **info)
+    except mc.CapsNetError as e:
+        print(f"bench/mnist.py: error: {e}", file=sys.stderr)
+        return 1
+    out = ROOT / "runs" / "mnist" / "model_metrics.json"
+    mc.atomic_write(out, (json.dumps(dict(storage=storage, float32=f32, float16=f16,
+                                          step=run.step, epoch=run.epoch), indent=1) + "\n").encode())
+    size = Path(args.out).stat().st_size / 1e6
+    print(f"float32: {100 * f32['test_error']:.2f}% ({f32['n_errors']} wrong); float16: "
+          f"{100 * f16['test_error']:.2f}% ({f16['n_errors']} wrong); stored {storage} in "
+          f"{args.out} ({size:.1f} MB) after {time.perf_counter() - t0:.0f} s of evaluation")
+    return 0
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    s = sub.add_parser("summary", help="the run's test error by epoch and at 60/120 minutes")
+    s.add_argument("runs", nargs="+", help="metrics JSON files (--metrics-json) or checkpoints")
+    s.set_defaults(fn=summary)
+    f = sub.add_parser("plot", help="viz/mnist.png from metrics JSON files")
+    f.add_argument("runs", nargs="+", help="metrics JSON files (--metrics-json) or checkpoints")
+    f.add_argument("--out", default=str(ROOT / "viz" / "mnist.png"), help="(default: %(default)s)")
+    f.set_defaults(fn=plot)
+    h = sub.add_parser("ship", help="make models/capsnet-mnist.npz from the long run")
+    h.add_argument("--checkpoint", default=str(LONG_CKPT),
+                   help="trained first by runs/mnist/long.sh when missing (default: %(default)s)")
+    h.add_argument("--out", default=str(MODEL_FILE), help="(default: %(default)s)")
+    h.add_argument("--tolerance", type=int, default=2,
+                   help="most test digits whose answer float16 may change (default: %(default)s)")
+    h.add_argument("--data-dir", default=None, help="MNIST cache (default: the module's)")
+    h.set_defaults(fn=ship)
+    args = p.parse_args()
+    return args.fn(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
