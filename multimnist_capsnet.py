@@ -1533,16 +1533,24 @@ def write_metrics(path, run: Run, total_seconds: float | None = None) -> None:
 
 
 def check_writable(path: str) -> str | None:
-    """Why a file could not be written at path, or None if it can (checked before any work)."""
+    """Why a file could not be written at path, or None if it can (checked before any work).
+
+    The directory is probed by creating and removing a temporary file there, as atomic_write
+    will: permission bits cannot tell (root passes os.access on /proc, a read-only mount, a full
+    disk), only a real write can."""
     parent = Path(path).expanduser().resolve().parent
-    if Path(path).is_dir():
+    if Path(path).expanduser().is_dir():
         return f"{path} is a directory"
     if parent.exists() and not parent.is_dir():
         return f"{parent} is not a directory"
     if not parent.is_dir():
         return f"directory {parent} does not exist"
-    if not os.access(parent, os.W_OK | os.X_OK):
-        return f"directory {parent} is not writable"
+    try:
+        fd, tmp = tempfile.mkstemp(dir=parent, prefix=f".{Path(path).name}.", suffix=".tmp")
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as e:
+        return f"cannot write {path}: directory {parent} is not writable ({e.strerror})"
     return None
 
 
@@ -1762,10 +1770,11 @@ def _main(argv) -> int:
         cfg = config_from_args(args)
     except CapsNetError as e:
         parser.error(str(e))
-    for path in (args.metrics_json, args.save):
-        if path is not None and (why := check_writable(path)):
-            parser.error(why)
     err = lambda msg: print(f"{parser.prog}: error: {msg}", file=sys.stderr)
+    for flag, path in (("--metrics-json", args.metrics_json), ("--save", args.save)):
+        if path is not None and (why := check_writable(path)):
+            err(f"{flag}: {why}")
+            return 1
     stop = StopFlag()
     t0 = time.perf_counter()
     last_good = [args.resume]  # the newest checkpoint known to be on disk

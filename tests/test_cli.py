@@ -692,6 +692,41 @@ def test_unwritable_mnist_cache_is_one_line(tmp_path, monkeypatch, capsys, how):
 
 
 # ----------------------------------------------------------------------------------------------
+# Output paths are checked by a real write before any work
+
+# /proc takes no new files, for root too, although os.access says it is writable
+NO_WRITE = Path("/proc")
+needs_proc = pytest.mark.skipif(not NO_WRITE.is_dir(), reason="needs Linux's /proc")
+
+
+@needs_proc
+def test_check_writable_probes_with_a_real_file_and_leaves_nothing(tmp_path):
+    assert os.access(NO_WRITE, os.W_OK) == IS_ROOT  # what the permission bits say, for the record
+    why = mc.check_writable(str(NO_WRITE / "x.npz"))
+    assert why and "cannot write /proc/x.npz" in why and "not writable" in why, why
+    assert mc.check_writable(str(tmp_path / "x.npz")) is None
+    assert mc.check_writable(str(tmp_path)) == f"{tmp_path} is a directory"
+    assert "does not exist" in mc.check_writable(str(tmp_path / "no" / "x.npz"))
+    assert list(tmp_path.iterdir()) == []  # the probe file is gone
+
+
+@needs_proc
+@pytest.mark.parametrize("flag", ["--save", "--metrics-json"])
+def test_unwritable_output_fails_before_training_in_one_line(tmp_path, flag):
+    """A run of several seconds (16 steps of a bigger network) must not start at all."""
+    args = tiny("--n-epochs", 1, flag, NO_WRITE / "x.out", n_train=512, batch_size=32,
+                conv1_channels=16, primary_types=4)
+    t0 = time.monotonic()
+    r = cli(args, tmp_path, timeout=60)
+    assert r.returncode == 1, r.stderr
+    line = error_line(r.stderr, allow=())
+    assert line == (f"{PROG}: error: {flag}: cannot write /proc/x.out: directory /proc is not "
+                    "writable (No such file or directory)")
+    assert r.stdout == "" and time.monotonic() - t0 < 10  # no epoch line: nothing trained
+    assert list(tmp_path.iterdir()) == []
+
+
+# ----------------------------------------------------------------------------------------------
 # The bad-input matrix: every row is run as a real subprocess (real stderr, real exit code) from a
 # fresh directory {d} holding a pre-existing metrics.json and ckpt.npz (a real checkpoint) plus
 # whatever fixture files the row names (see FIXTURES). Every row must give exactly one error line
