@@ -1701,22 +1701,34 @@ def load_data(args, cfg: Config) -> dict:
 
 class StopFlag:
     """First Ctrl-C (SIGINT) or SIGTERM: finish the step, save, exit 128 + the signal's number.
-    A second one: exit at once."""
+    A later Ctrl-C, REPEAT_S or more after the first signal: exit at once.
+
+    A signal repeated sooner, and any repeated SIGTERM, is the first request arriving twice, not
+    a second one: timeout signals the child and then its whole process group (the child again),
+    schedulers and terminals do similar things, and a second SIGTERM asks for nothing new."""
+
+    REPEAT_S = 1.0
 
     def __init__(self):
         self.signum = None
+        self.at = None
 
     @property
     def requested(self) -> bool:
         return self.signum is not None
 
     def __call__(self, signum, frame):
+        now = time.monotonic()
         if self.requested:
-            raise KeyboardInterrupt
-        self.signum = signum
-        name = "interrupt" if signum == signal.SIGINT else signal.Signals(signum).name
-        print(f"\n{name}: finishing this step, then saving (Ctrl-C again to quit at once)",
-              file=sys.stderr, flush=True)
+            if signum == signal.SIGINT and now - self.at >= self.REPEAT_S:
+                raise KeyboardInterrupt
+            return
+        self.signum, self.at = signum, now
+        if signum == signal.SIGINT:
+            name, then = "interrupt", "Ctrl-C again, a second from now, quits at once"
+        else:
+            name, then = signal.Signals(signum).name, "Ctrl-C quits at once"
+        print(f"\n{name}: finishing this step, then saving ({then})", file=sys.stderr, flush=True)
 
 
 def build_parser() -> argparse.ArgumentParser:
