@@ -1554,9 +1554,16 @@ def write_metrics(path, run: Run, total_seconds: float | None = None) -> None:
                timing=dict(total_seconds=total_seconds,
                            epoch_seconds=[m.get("seconds") for m in run.history["epochs"]]))
     try:
-        atomic_write(Path(path), (json.dumps(doc, indent=1) + "\n").encode())
+        atomic_write(Path(path), compact_json(doc).encode())
     except OSError as e:
         raise CapsNetError(f"cannot write {path}: {e.strerror}") from None
+
+
+def compact_json(doc: dict) -> str:
+    """One top-level key per line, each value on that line without spaces: a long run's per-step
+    history stays one line per loss term instead of one line per step."""
+    lines = [f"{json.dumps(k)}:{json.dumps(v, separators=(',', ':'))}" for k, v in doc.items()]
+    return "{\n" + ",\n".join(lines) + "\n}\n"
 
 
 def check_writable(path: str) -> str | None:

@@ -668,8 +668,12 @@ def test_same_command_twice_gives_identical_metrics(tmp_path):
         assert r.returncode == 0, r.stderr
         outs.append((tmp_path / f"m{i}.json").read_bytes())
     # byte-identical up to the "timing" key, which write_metrics puts last
-    head = [o[:o.index(b'\n "timing": ')] for o in outs]
+    head = [o[:o.index(b'\n"timing":')] for o in outs]
     assert head[0] == head[1]
+    # compact: one line per top-level key, not one per logged step (a long run's was 1-2 MB)
+    doc = json.loads(outs[0])
+    assert outs[0].count(b"\n") == len(doc) + 2 and b" " not in outs[0], outs[0][:300]
+    assert len(doc["history"]["margin"]) == 8
     assert metrics_wo_timing(tmp_path / "m1.json") == metrics_wo_timing(tmp_path / "m2.json")
     assert_same_checkpoint(tmp_path / "s1.npz", tmp_path / "s2.npz")
 
