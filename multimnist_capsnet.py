@@ -86,7 +86,7 @@ class Config:
     cnn_fc: int = 1024
     recon_weight: float = 0.0005    # weight of the summed reconstruction losses (paper: 0.0005)
     min_iou: float = 0.8            # bounding-box IoU every pair must reach (0: the paper's shifts)
-    overlay: str = "max"            # 'max' (the seed) or 'clip-sum' (the paper: add, clip at 1)
+    overlay: str = "max"            # 'max' (the IoU >= 0.8 task) or 'clip-sum' (the paper's)
     resample: bool = False          # fresh composites every epoch from all training digits
     data: str = "mnist"             # 'mnist', or 'synthetic' random glyphs (smoke tests, no MNIST)
     canvas: int = 36                # side of the MultiMNIST canvas (digit side + 2 * max_shift)
@@ -684,7 +684,7 @@ def routing_backward(dv, cache, full=False):
     """dv (N, J, E) -> duh (N, J, I, E), and dbias (J, E) when the forward pass had a bias.
 
     full=False: the final coupling coefficients c are constants, so gradient reaches uh (and the
-    bias) only through the last s = sum_i c_ij uh_ij (+ bias) (the seed's choice). full=True:
+    bias) only through the last s = sum_i c_ij uh_ij (+ bias) (a common simplification). full=True:
     exact, through every coupling and every agreement update (the official TensorFlow reference
     stops no gradient here).
     """
