@@ -559,6 +559,8 @@ def test_a_repeated_stop_signal_is_one_request_not_the_second_ctrl_c(tmp_path, f
     word = "interrupted" if first == signal.SIGINT else "terminated"
     assert rc == 128 + first, err
     assert "twice" not in err and f"{word} at step" in err and "continue with:" in err, err
+    if first == signal.SIGTERM:  # no user pressed Ctrl-C: "again" would be wrong
+        assert "SIGTERM: finishing this step, then saving (Ctrl-C quits at once)" in err, err
     run = mc.load_checkpoint(tmp_path / "s.npz")
     assert run.step % run.steps_per_epoch() != 0  # saved mid-epoch, at the held step
     assert no_temp_files(tmp_path) == []
