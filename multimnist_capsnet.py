@@ -1842,7 +1842,8 @@ def _main(argv) -> int:
                 raise CapsNetError(f"{args.resume} holds a model's parameters only (no optimiser "
                                    "state); it can predict, not resume")
             saved = run.cfg
-            run.cfg = cfg = resumed_config(args.resume, saved, cfg, given_fields(build_parser(), argv))
+            given = given_fields(build_parser(), argv)
+            run.cfg = cfg = resumed_config(args.resume, saved, cfg, given)
             if cfg.n_epochs <= run.epoch:
                 raise CapsNetError(f"{args.resume} has finished {run.epoch} of its {cfg.n_epochs} "
                                    f"epochs; give --n-epochs N > {run.epoch} to train on")

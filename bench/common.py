@@ -20,7 +20,8 @@ import multimnist_capsnet as mc  # noqa: E402
 # The two MultiMNIST tasks (docs/data.md#the-two-tasks), named so in every output, table and figure
 IOU_TASK = "the IoU >= 0.8 task"   # the default: bounding boxes overlap with IoU >= 0.8, max merge
 PAPER_TASK = "the paper's task"    # Sabour et al.: free shifts of up to 4 px, added and clipped
-TASKS = {PAPER_TASK: dict(min_iou=0.0, overlay="clip-sum"), IOU_TASK: dict(min_iou=0.8, overlay="max")}
+TASKS = {PAPER_TASK: dict(min_iou=0.0, overlay="clip-sum"),
+         IOU_TASK: dict(min_iou=0.8, overlay="max")}
 
 
 def test_metrics(params, cfg, mnist, n_test, workers) -> dict:

@@ -1,6 +1,6 @@
 """How the two MultiMNIST tasks differ: class frequencies and bounding-box IoU.
 
-    python3 bench/task_stats.py   # 60,000 training pairs of each task, seed 0 (output: runs/task_stats.md)
+    python3 bench/task_stats.py > runs/task_stats.md   # 60,000 training pairs of each task, seed 0
 
 The IoU >= 0.8 task (the default) demands IoU >= 0.8 for every pair and merges by max; the paper's
 task shifts each digit independently by up to 4 px (IoU unconstrained) and adds then clips the

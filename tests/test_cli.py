@@ -504,9 +504,10 @@ def _signal_twice(tmp_path: Path, first, second, delay: float) -> tuple[int, str
     checkpoint, send `first`, wait for its acknowledgement, wait `delay` seconds, send `second`.
     Returns (exit code, stderr, seconds from the second signal to exit, the epoch-1 ckpt)."""
     s = tmp_path / "s.npz"
-    proc = subprocess.Popen([sys.executable, "-c", HELD_STEP, *tiny("--n-epochs", 1000, "--save", s)],
-                            cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True, env=offline_env())
+    proc = subprocess.Popen([sys.executable, "-c", HELD_STEP,
+                             *tiny("--n-epochs", 1000, "--save", s)], cwd=tmp_path,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env=offline_env())
     lines: queue.Queue = queue.Queue()
     reader = threading.Thread(target=lambda: [lines.put(ln) for ln in proc.stderr], daemon=True)
     seen = []
@@ -862,7 +863,8 @@ MATRIX = [
     C("lr-nan", ("--lr", "nan"), "--lr must be a positive finite number", "validate"),
     C("lr-inf", ("--lr", "inf"), "--lr must be a positive finite number", "validate"),
     C("lr-neg-inf", ("--lr=-inf",), "--lr must be a positive finite number", "validate"),
-    C("lr-1e400", ("--lr", "1e400"), "--lr must be a positive finite number", "1e400 parses as inf"),
+    C("lr-1e400", ("--lr", "1e400"), "--lr must be a positive finite number",
+      "1e400 parses as inf"),
     C("lr-big", ("--lr", "1e12"), "try a lower --lr",
       "finite, so allowed, but training diverges at step 2: Diverged, exit 1"),
     # -- --lr-decay (float)
@@ -876,12 +878,14 @@ MATRIX = [
       "lr grows 1e300x per step: a one-line error about the learning rate (refused up front, or "
       "'diverged ... try a lower --lr'), never a Python OverflowError traceback"),
     # -- --lr-decay-steps (10**12 is valid: the lr is then constant)
-    C("lr-decay-steps-0", ("--lr-decay-steps", "0"), "--lr-decay-steps must be positive", "validate"),
+    C("lr-decay-steps-0", ("--lr-decay-steps", "0"), "--lr-decay-steps must be positive",
+      "validate"),
     C("lr-decay-steps-neg", ("--lr-decay-steps", "-5"), "--lr-decay-steps must be positive", ""),
     C("lr-decay-steps-abc", ("--lr-decay-steps", "abc"), "invalid int value", "argparse"),
     C("lr-decay-steps-1e400", ("--lr-decay-steps", "1e400"), "invalid int value", "argparse"),
     # -- --recon-weight (float; 0 is valid: no reconstruction loss)
-    C("recon-neg", ("--recon-weight", "-0.0005"), "--recon-weight must be a finite number >= 0", ""),
+    C("recon-neg", ("--recon-weight", "-0.0005"), "--recon-weight must be a finite number >= 0",
+      ""),
     C("recon-abc", ("--recon-weight", "abc"), "invalid float value", "argparse"),
     C("recon-nan", ("--recon-weight", "nan"), "--recon-weight must be a finite number >= 0", ""),
     C("recon-inf", ("--recon-weight", "inf"), "--recon-weight must be a finite number >= 0", ""),
@@ -993,13 +997,15 @@ MATRIX = [
       "meta rng_state is {}: rejected at load, not a ValueError traceback from inside train()"),
     C("resume-arch", ("--resume", "{d}/good.npz", "--conv1-channels", "8"),
       "--conv1-channels (checkpoint 4, given 8)", "architecture mismatch names the field"),
-    C("resume-data-seed", ("--resume", "{d}/good.npz", "--seed", "1"), "--seed (checkpoint 0, given 1)",
+    C("resume-data-seed", ("--resume", "{d}/good.npz", "--seed", "1"),
+      "--seed (checkpoint 0, given 1)",
       "a different data stream is a mismatch too"),
     C("resume-data-batch", ("--resume", "{d}/good.npz", "--batch-size", "8"),
       "--batch-size (checkpoint 16, given 8)",
       "batch size changes the stream of batches"),
     C("resume-data-source", ("--resume", "{d}/good.npz", "--data", "mnist"),
-      "--data (checkpoint 'synthetic', given 'mnist')", "a synthetic run is not continued on MNIST"),
+      "--data (checkpoint 'synthetic', given 'mnist')",
+      "a synthetic run is not continued on MNIST"),
     C("resume-n-test", ("--resume", "{d}/good.npz", "--n-test", "16"),
       "--n-test (checkpoint 32, given 16)",
       "another test set would make the history's accuracies incomparable"),
