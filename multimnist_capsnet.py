@@ -16,6 +16,7 @@ import contextlib
 import ctypes
 import ctypes.util
 import dataclasses
+import functools
 import gzip
 import hashlib
 import io
@@ -90,7 +91,7 @@ class Config:
     cnn_dropout: float = 0.5        # MNIST CNN: drop probability before its softmax layer
     recon_weight: float = 0.0005    # weight of the summed reconstruction losses (paper: 0.0005)
     min_iou: float = 0.8            # bounding-box IoU every pair must reach (0: the paper's shifts)
-    overlay: str = "max"            # 'max' (the seed) or 'clip-sum' (the paper: add, clip at 1)
+    overlay: str = "max"            # 'max' (the IoU >= 0.8 task) or 'clip-sum' (the paper's)
     resample: bool = False          # fresh composites every epoch from all training digits
     data: str = "mnist"             # 'mnist', or 'synthetic' random glyphs (smoke tests, no MNIST)
     canvas: int = 36                # side of the MultiMNIST canvas (digit side + 2 * max_shift)
@@ -147,61 +148,78 @@ TASKS = {
 LOSS_TERMS = dict(capsnet=("margin", "recon"), cnn=("xent",))  # logged per step and per epoch
 
 
+def flag(name: str) -> str:
+    """The command-line flag that sets Config field name ('n_epochs' -> '--n-epochs'), so that an
+    error names what the user typed; the field's own name for the few that no flag sets (they
+    come from a saved config or a library caller)."""
+    return _flags().get(name, name)
+
+
+@functools.lru_cache(maxsize=None)
+def _flags() -> dict[str, str]:
+    parser = argparse.ArgumentParser(add_help=False)
+    add_training_flags(parser)
+    return {a.dest: a.option_strings[0] for a in parser._actions if a.option_strings}
+
+
 def validate(cfg: Config) -> None:
-    """Raise CapsNetError naming the first field that cannot work."""
+    """Raise CapsNetError naming the flag (flag()) of the first field that cannot work."""
     positive = ("n_epochs", "n_train", "n_test", "batch_size", "lr_decay_steps", "conv1_channels",
                 "primary_types", "primary_dim", "digit_dim", "kernel", "primary_stride",
                 "routing_iters", "decoder_h1", "decoder_h2", "cnn_conv1", "cnn_conv2", "cnn_fc",
                 "cnn_conv3", "cnn_fc2", "eval_batch", "workers")
     for name in positive:
         if getattr(cfg, name) <= 0:
-            raise CapsNetError(f"{name} must be positive, got {getattr(cfg, name)}")
+            raise CapsNetError(f"{flag(name)} must be positive, got {getattr(cfg, name)}")
     for name in ("lr", "lr_decay"):
         v = getattr(cfg, name)
         if not (math.isfinite(v) and v > 0):
-            raise CapsNetError(f"{name} must be a positive finite number, got {v}")
+            raise CapsNetError(f"{flag(name)} must be a positive finite number, got {v}")
     if not (math.isfinite(cfg.recon_weight) and cfg.recon_weight >= 0):
-        raise CapsNetError(f"recon_weight must be a finite number >= 0, got {cfg.recon_weight}")
+        raise CapsNetError(f"{flag('recon_weight')} must be a finite number >= 0, "
+                           f"got {cfg.recon_weight}")
     if not 0 <= cfg.min_iou < 1:
-        raise CapsNetError(f"min_iou must be in [0, 1), got {cfg.min_iou}")
+        raise CapsNetError(f"{flag('min_iou')} must be in [0, 1), got {cfg.min_iou}")
     if cfg.batch_size > cfg.n_train:
-        raise CapsNetError(f"batch_size ({cfg.batch_size}) is larger than n_train ({cfg.n_train})")
+        raise CapsNetError(f"{flag('batch_size')} ({cfg.batch_size}) is larger than "
+                           f"{flag('n_train')} ({cfg.n_train})")
     if cfg.routing_grad not in ("frozen", "full"):
-        raise CapsNetError(f"routing_grad must be 'frozen' or 'full', got {cfg.routing_grad!r}")
+        raise CapsNetError(f"{flag('routing_grad')} must be 'frozen' or 'full', "
+                           f"got {cfg.routing_grad!r}")
     for name, allowed in (("lr_schedule", ("exp", "cosine")), ("init", ("fan-in", "truncated")),
                           ("margin_loss", ("paper", "tf"))):
         if getattr(cfg, name) not in allowed:
-            raise CapsNetError(f"{name} must be {' or '.join(map(repr, allowed))}, "
+            raise CapsNetError(f"{flag(name)} must be {' or '.join(map(repr, allowed))}, "
                                f"got {getattr(cfg, name)!r}")
     if cfg.lr_warmup_steps < 0:
-        raise CapsNetError(f"lr_warmup_steps must be >= 0, got {cfg.lr_warmup_steps}")
+        raise CapsNetError(f"{flag('lr_warmup_steps')} must be >= 0, got {cfg.lr_warmup_steps}")
     if not 0 <= cfg.ema < 1:
-        raise CapsNetError(f"ema must be in [0, 1), got {cfg.ema}")
+        raise CapsNetError(f"{flag('ema')} must be in [0, 1), got {cfg.ema}")
     if not 0 <= cfg.cnn_dropout < 1:
-        raise CapsNetError(f"cnn_dropout must be in [0, 1), got {cfg.cnn_dropout}")
+        raise CapsNetError(f"{flag('cnn_dropout')} must be in [0, 1), got {cfg.cnn_dropout}")
     if not math.isfinite(cfg.bias_init):
-        raise CapsNetError(f"bias_init must be a finite number, got {cfg.bias_init}")
+        raise CapsNetError(f"{flag('bias_init')} must be a finite number, got {cfg.bias_init}")
     if cfg.overlay not in ("max", "clip-sum"):
-        raise CapsNetError(f"overlay must be 'max' or 'clip-sum', got {cfg.overlay!r}")
+        raise CapsNetError(f"{flag('overlay')} must be 'max' or 'clip-sum', got {cfg.overlay!r}")
     if cfg.task not in TASKS:
-        raise CapsNetError(f"task must be 'multimnist' or 'mnist', got {cfg.task!r}")
+        raise CapsNetError(f"{flag('task')} must be 'multimnist' or 'mnist', got {cfg.task!r}")
     if cfg.task == "mnist" and (cfg.n_train > 60000 or cfg.n_test > 10000):
-        raise CapsNetError(f"MNIST has 60000 training and 10000 test digits; got n_train "
-                           f"{cfg.n_train}, n_test {cfg.n_test}")
+        raise CapsNetError(f"MNIST has 60000 training and 10000 test digits; got "
+                           f"{flag('n_train')} {cfg.n_train}, {flag('n_test')} {cfg.n_test}")
     if cfg.model not in LOSS_TERMS:
-        raise CapsNetError(f"model must be 'capsnet' or 'cnn', got {cfg.model!r}")
+        raise CapsNetError(f"{flag('model')} must be 'capsnet' or 'cnn', got {cfg.model!r}")
     if cfg.data not in ("mnist", "synthetic"):
-        raise CapsNetError(f"data must be 'mnist' or 'synthetic', got {cfg.data!r}")
+        raise CapsNetError(f"{flag('data')} must be 'mnist' or 'synthetic', got {cfg.data!r}")
     if cfg.dtype not in ("float32", "float64"):
-        raise CapsNetError(f"dtype must be float32 or float64, got {cfg.dtype!r}")
+        raise CapsNetError(f"{flag('dtype')} must be float32 or float64, got {cfg.dtype!r}")
     if cfg.grid()[1] < 1:
         raise CapsNetError(f"kernel {cfg.kernel} is too large for a {cfg.canvas}px canvas")
     if cfg.seed < 0:
-        raise CapsNetError(f"seed must be >= 0, got {cfg.seed}")
+        raise CapsNetError(f"{flag('seed')} must be >= 0, got {cfg.seed}")
     if cfg.workers > 64:
-        raise CapsNetError(f"workers must be at most 64, got {cfg.workers}")
+        raise CapsNetError(f"{flag('workers')} must be at most 64, got {cfg.workers}")
     if cfg.routing_iters > 100:
-        raise CapsNetError(f"routing_iters must be at most 100, got {cfg.routing_iters}")
+        raise CapsNetError(f"{flag('routing_iters')} must be at most 100, got {cfg.routing_iters}")
     k2, j, e, d = cfg.kernel ** 2, cfg.n_classes, cfg.digit_dim, cfg.primary_dim
     n_params = (k2 * cfg.conv1_channels * (1 + cfg.primary_types * d)   # conv1, primary caps
                 + cfg.n_primary * j * e * d                              # routing weights
@@ -234,6 +252,12 @@ def mnist_dir(flag: str | None = None) -> Path:
     """--data-dir wins over $HINTON_MNIST_DIR, which wins over ~/.cache/hinton-mnist."""
     path = flag or os.environ.get("HINTON_MNIST_DIR") or "~/.cache/hinton-mnist"
     return Path(path).expanduser()
+
+
+def _cache_source(flag: str | None) -> str:
+    if flag:
+        return "--data-dir"
+    return "$HINTON_MNIST_DIR" if os.environ.get("HINTON_MNIST_DIR") else "the default"
 
 
 def atomic_write(path: Path, data: bytes) -> None:
@@ -395,6 +419,9 @@ def load_mnist(data_dir: str | Path | None = None, timeout: float = 3.0) -> dict
     index. Verified files are written into the cache atomically.
     """
     cache = mnist_dir(data_dir)
+    if cache.exists() and not cache.is_dir():
+        raise CapsNetError(f"the MNIST cache {cache} is a file, not a directory (it comes from "
+                           f"{_cache_source(data_dir)})")
     raws, errors = {}, {}
     for name in MNIST_FILES:
         raws[name] = _verified(cache / name)
@@ -708,7 +735,7 @@ def routing_backward(dv, cache, full=False):
     """dv (N, J, E) -> duh (N, J, I, E), and dbias (J, E) when the forward pass had a bias.
 
     full=False: the final coupling coefficients c are constants, so gradient reaches uh (and the
-    bias) only through the last s = sum_i c_ij uh_ij (+ bias) (the seed's choice). full=True:
+    bias) only through the last s = sum_i c_ij uh_ij (+ bias) (a common simplification). full=True:
     exact, through every coupling and every agreement update (the official TensorFlow reference
     stops no gradient here).
     """
@@ -1706,22 +1733,37 @@ def write_metrics(path, run: Run, total_seconds: float | None = None) -> None:
                timing=dict(total_seconds=total_seconds,
                            epoch_seconds=[m.get("seconds") for m in run.history["epochs"]]))
     try:
-        atomic_write(Path(path), (json.dumps(doc, indent=1) + "\n").encode())
+        atomic_write(Path(path), compact_json(doc).encode())
     except OSError as e:
         raise CapsNetError(f"cannot write {path}: {e.strerror}") from None
 
 
+def compact_json(doc: dict) -> str:
+    """One top-level key per line, each value on that line without spaces: a long run's per-step
+    history stays one line per loss term instead of one line per step."""
+    lines = [f"{json.dumps(k)}:{json.dumps(v, separators=(',', ':'))}" for k, v in doc.items()]
+    return "{\n" + ",\n".join(lines) + "\n}\n"
+
+
 def check_writable(path: str) -> str | None:
-    """Why a file could not be written at path, or None if it can (checked before any work)."""
+    """Why a file could not be written at path, or None if it can (checked before any work).
+
+    The directory is probed by creating and removing a temporary file there, as atomic_write
+    will: permission bits cannot tell (root passes os.access on /proc, a read-only mount, a full
+    disk), only a real write can."""
     parent = Path(path).expanduser().resolve().parent
-    if Path(path).is_dir():
+    if Path(path).expanduser().is_dir():
         return f"{path} is a directory"
     if parent.exists() and not parent.is_dir():
         return f"{parent} is not a directory"
     if not parent.is_dir():
         return f"directory {parent} does not exist"
-    if not os.access(parent, os.W_OK | os.X_OK):
-        return f"directory {parent} is not writable"
+    try:
+        fd, tmp = tempfile.mkstemp(dir=parent, prefix=f".{Path(path).name}.", suffix=".tmp")
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as e:
+        return f"cannot write {path}: directory {parent} is not writable ({e.strerror})"
     return None
 
 
@@ -1841,7 +1883,7 @@ def config_from_args(args) -> Config:
     cfg = Config(**{**PRESETS[args.preset], **TASKS[getattr(args, "task", "multimnist")], **kw})
     validate(cfg)
     if cfg.n_epochs > 100_000:
-        raise CapsNetError(f"n_epochs must be at most 100000, got {cfg.n_epochs}")
+        raise CapsNetError(f"{flag('n_epochs')} must be at most 100000, got {cfg.n_epochs}")
     return cfg
 
 
@@ -1867,15 +1909,22 @@ def resumed_config(path, saved: Config, flags: Config, given: set[str]) -> Confi
     """The checkpoint's config with the explicitly given flags that may change on resume
     (RESUME_MAY_CHANGE); any other explicit flag that differs from the checkpoint is an error
     naming every such field."""
-    diff = [f"{f} (checkpoint {getattr(saved, f)!r}, flags {getattr(flags, f)!r})"
+    diff = [f"{flag(f)} (checkpoint {getattr(saved, f)!r}, given {getattr(flags, f)!r})"
             for f in sorted(given - set(RESUME_MAY_CHANGE)) if getattr(saved, f) != getattr(flags, f)]
     if diff:
-        may = ", ".join("--" + f.replace("_", "-") for f in RESUME_MAY_CHANGE)
+        may = ", ".join(map(flag, RESUME_MAY_CHANGE))
         raise CapsNetError(f"checkpoint {path} does not match the flags: {'; '.join(diff)} "
                            f"(a resumed run keeps its settings; only {may} and the output flags "
                            f"may change)")
     return dataclasses.replace(saved, **{f: getattr(flags, f) for f in RESUME_MAY_CHANGE
                                          if f in given})
+
+
+def resume_changes(saved: Config, cfg: Config) -> str:
+    """'--lr 0.0005 (checkpoint 0.001), ...': what a resumed run changes, said out loud so that a
+    changed learning rate is never a surprise; '' if nothing."""
+    return ", ".join(f"{flag(f)} {getattr(cfg, f)} (checkpoint {getattr(saved, f)})"
+                     for f in RESUME_MAY_CHANGE if getattr(cfg, f) != getattr(saved, f))
 
 
 def load_data(args, cfg: Config) -> dict:
@@ -1887,22 +1936,34 @@ def load_data(args, cfg: Config) -> dict:
 
 class StopFlag:
     """First Ctrl-C (SIGINT) or SIGTERM: finish the step, save, exit 128 + the signal's number.
-    A second one: exit at once."""
+    A later Ctrl-C, REPEAT_S or more after the first signal: exit at once.
+
+    A signal repeated sooner, and any repeated SIGTERM, is the first request arriving twice, not
+    a second one: timeout signals the child and then its whole process group (the child again),
+    schedulers and terminals do similar things, and a second SIGTERM asks for nothing new."""
+
+    REPEAT_S = 1.0
 
     def __init__(self):
         self.signum = None
+        self.at = None
 
     @property
     def requested(self) -> bool:
         return self.signum is not None
 
     def __call__(self, signum, frame):
+        now = time.monotonic()
         if self.requested:
-            raise KeyboardInterrupt
-        self.signum = signum
-        name = "interrupt" if signum == signal.SIGINT else signal.Signals(signum).name
-        print(f"\n{name}: finishing this step, then saving (Ctrl-C again to quit at once)",
-              file=sys.stderr, flush=True)
+            if signum == signal.SIGINT and now - self.at >= self.REPEAT_S:
+                raise KeyboardInterrupt
+            return
+        self.signum, self.at = signum, now
+        if signum == signal.SIGINT:
+            name, then = "interrupt", "Ctrl-C again, a second from now, quits at once"
+        else:
+            name, then = signal.Signals(signum).name, "Ctrl-C quits at once"
+        print(f"\n{name}: finishing this step, then saving ({then})", file=sys.stderr, flush=True)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -1956,10 +2017,11 @@ def _main(argv) -> int:
         cfg = config_from_args(args)
     except CapsNetError as e:
         parser.error(str(e))
-    for path in (args.metrics_json, args.save):
-        if path is not None and (why := check_writable(path)):
-            parser.error(why)
     err = lambda msg: print(f"{parser.prog}: error: {msg}", file=sys.stderr)
+    for flag, path in (("--metrics-json", args.metrics_json), ("--save", args.save)):
+        if path is not None and (why := check_writable(path)):
+            err(f"{flag}: {why}")
+            return 1
     stop = StopFlag()
     t0 = time.perf_counter()
     last_good = [args.resume]  # the newest checkpoint known to be on disk
@@ -1973,10 +2035,14 @@ def _main(argv) -> int:
             if run.adam is None:
                 raise CapsNetError(f"{args.resume} holds a model's parameters only (no optimiser "
                                    "state); it can predict, not resume")
-            run.cfg = cfg = resumed_config(args.resume, run.cfg, cfg, given_fields(build_parser(), argv))
+            saved = run.cfg
+            given = given_fields(build_parser(), argv)
+            run.cfg = cfg = resumed_config(args.resume, saved, cfg, given)
             if cfg.n_epochs <= run.epoch:
-                raise CapsNetError(f"{args.resume} has finished {run.epoch} of n_epochs "
-                                   f"{cfg.n_epochs}; give --n-epochs N > {run.epoch} to train on")
+                raise CapsNetError(f"{args.resume} has finished {run.epoch} of its {cfg.n_epochs} "
+                                   f"epochs; give --n-epochs N > {run.epoch} to train on")
+            if changes := resume_changes(saved, cfg):
+                print(f"resuming {args.resume} with {changes}", file=sys.stderr)
         else:
             run = new_run(cfg)
         mnist = load_data(args, cfg)

@@ -154,7 +154,11 @@ def plot_loss(ax, history: dict, key: str, epoch_key: str, color: str, ylabel: s
     ax.legend(fontsize=8)
 
 
-def fig_training_curves(run: mc.Run) -> Figure:
+def fig_training_curves(run: mc.Run, an: dict | None = None) -> Figure:
+    """Losses per step and test accuracies per epoch; the final values are in the legend, where
+    they cannot overlap or leave the axes. an: analyse() of these weights on the same test pairs,
+    drawn as a star when the weights are not those of the last evaluation (a run stopped
+    mid-epoch, as the shipped model's), so that its accuracy and the curve's end both show."""
     fig = new_figure(13, 3.8)
     ax1, ax2, ax3 = fig.subplots(1, 3)
     plot_loss(ax1, run.history, "margin", "train_margin", "tab:blue", "margin loss")
@@ -169,15 +173,18 @@ def fig_training_curves(run: mc.Run) -> Figure:
                              ("soft_acc", "at least one (soft)", "s--"),
                              ("top1", "top-1 is a label", "^:")):
         y = [m[key] for m in ep]
-        line, = ax3.plot(x, y, style, label=name)
-        if ep:
-            ax3.annotate(f"{y[-1]:.3f}", (x[-1], y[-1]), xytext=(0, 6), textcoords="offset points",
-                         ha="center", fontsize=8, color=line.get_color())
+        ax3.plot(x, y, style, ms=4, label=f"{name}: {y[-1]:.3f}" if ep else name)
     ax3.axhline(CHANCE, color="gray", ls="--", lw=1, label="chance 1/45 (set)")
+    ax3.set_title(f"Test accuracy ({run.cfg.n_test:,} composites)")
+    if an is not None and ep and run.step != ep[-1]["step"]:
+        acc = (an["hits"] == 2).mean()
+        ax3.plot(run.step / run.steps_per_epoch(), acc, "*", color="C3", ms=11,
+                 label=f"set, the weights drawn (step {run.step:,}): {acc:.3f}")
+        ax3.set_title(f"Test accuracy ({run.cfg.n_test:,} composites)\nthe curves: after each "
+                      f"epoch, the last at step {ep[-1]['step']:,}", fontsize=9)
     ax3.set_ylim(0, 1.05)
     ax3.set_xlabel("epoch")
     ax3.set_ylabel("accuracy")
-    ax3.set_title(f"Test accuracy ({run.cfg.n_test} composites)")
     ax3.grid(alpha=0.3)
     ax3.legend(fontsize=8, loc="lower right", bbox_to_anchor=(1, 0.06))
     if ep:
@@ -228,8 +235,8 @@ def fig_capsule_activations(test: dict, an: dict, n_rows: int = 12) -> Figure:
     heat.set_xticks(range(-1, 10), ["input"] + [str(k) for k in range(10)])
     heat.set_yticks(range(n_rows), [f"L:{pair_str(l)}" for l in labels], fontsize=8)
     heat.set_xlabel("digit capsule k")
-    heat.set_title("capsule length $|v_k|$ (boxes: label a red, label b green; dots: top-2)",
-                   fontsize=9)
+    heat.set_title("capsule length $|v_k|$ (L: the labels; boxes: label a red, label b green; "
+                   "dots: top-2)", fontsize=9)
     fig.colorbar(im, ax=heat, fraction=0.04, pad=0.02, label="$|v_k|$")
     draw_breakdown(bars, an)
     return fig
@@ -522,8 +529,9 @@ def fig_routing(params, cfg: mc.Config, test: dict, idx: np.ndarray) -> Figure:
     fig.suptitle("Where each primary capsule's vote goes: red = coupling $c$ to digit a's capsule, "
                  "green = to b's, brightness also by $|u|$.\nLook for red on a's strokes and "
                  "green on b's. Iteration 1 is uniform ($c$ = 1/10: dim, equal red and green).\n"
-                 "Titles: share of the votes of capsules centred on a only (b only) that goes to "
-                 "a (b). Last column: excess over 1/10, stretched.", fontsize=8.5)
+                 "L: the labels (a, b); P: the prediction, the two longest capsules (orange: "
+                 "wrong). Titles: share of the votes of capsules centred on a only (b only)\n"
+                 "that goes to a (b). Last column: excess over 1/10, stretched.", fontsize=8.5)
     return fig
 
 
@@ -557,7 +565,7 @@ def write_figures(run: mc.Run, test: dict, outdir: Path) -> list[Path]:
     params = run.eval_params
     an = analyse(params, run.cfg, test)
     figs = {
-        "training_curves.png": fig_training_curves(run),
+        "training_curves.png": fig_training_curves(run, an),
         "reconstructions.png": fig_reconstructions(params, test, an, pick(an, 8, 3)),
         "capsule_activations.png": fig_capsule_activations(test, an),
         "multimnist_examples.png": fig_examples(test),
@@ -605,7 +613,10 @@ def build_parser() -> argparse.ArgumentParser:
                                             "and draw its figures into --outdir.")
     mc.add_training_flags(p)
     o = p.add_argument_group("output")
-    o.add_argument("--outdir", default="viz", help="created if missing (default: %(default)s)")
+    o.add_argument("--outdir", default=None,
+                   help="created if missing (default: viz for a run trained here, viz/shipped for "
+                        "the shipped model, viz/NAME for --checkpoint NAME.npz: a saved model's "
+                        "figures never replace another's)")
     o.add_argument("--checkpoint", nargs="?", const=str(mc.MODEL_FILE), default=None,
                    help="draw a saved model, no training: a checkpoint from "
                         "multimnist_capsnet.py --save, or with no value the shipped model "
@@ -613,6 +624,16 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--quiet", action="store_true",
                    help="no progress bar (it is drawn only when stderr is a terminal)")
     return p
+
+
+def default_outdir(checkpoint: str | None) -> str:
+    """viz for a run trained here (the committed default-run figures), viz/shipped for the
+    shipped model, viz/NAME for a checkpoint NAME.npz."""
+    if checkpoint is None:
+        return "viz"
+    if Path(checkpoint).resolve() == mc.MODEL_FILE:
+        return str(Path("viz") / "shipped")
+    return str(Path("viz") / Path(checkpoint).stem)
 
 
 def config_or_error(parser: argparse.ArgumentParser, args) -> mc.Config:
@@ -639,9 +660,10 @@ def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     cfg = config_or_error(parser, args)
-    if why := outdir_problem(args.outdir):
+    outdir = args.outdir or default_outdir(args.checkpoint)
+    if why := outdir_problem(outdir):
         parser.error(why)
-    outdir = Path(args.outdir).expanduser()
+    outdir = Path(outdir).expanduser()
 
     def work():
         run, mnist, pool, test = prepare_run(args, cfg)

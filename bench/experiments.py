@@ -1,5 +1,8 @@
-"""The seed's open questions, measured: each variant at the seed's budget, three seeds each;
-then the best this package reaches in 60 minutes on each task definition.
+"""Ablations at the default budget, three seeds each, and the best in 60 minutes on each task.
+
+The default budget is 8 epochs of a fixed pool of 6000 composites of the IoU >= 0.8 task; each
+ablation changes one thing: the exact routing gradient, fresh pairs every epoch, capacity, the
+reconstruction weight, one routing iteration, the paper's task.
 
     python3 bench/experiments.py run        # train every missing run (two at a time, 1 thread each)
     python3 bench/experiments.py long       # the two 60-minute runs, one after the other, 2 cores each
@@ -13,18 +16,18 @@ any row can be reproduced alone; a finished run is never repeated, so `run` can 
 import argparse
 import io
 import json
-import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import ENV, IOU_TASK, PAPER_TASK, ROOT, run_jobs, shown  # noqa: E402
+
 OUT = ROOT / "runs" / "exp"
 SEEDS = (0, 1, 2)
-# (name, flags on top of the defaults: 8 epochs x 6000 pairs, batch 32, seed task)
+# (name, flags on top of the defaults: 8 epochs x 6000 pairs, batch 32, the IoU >= 0.8 task)
 EXPERIMENTS = [
     ("baseline", []),
     ("routing-grad full", ["--routing-grad", "full"]),
@@ -32,20 +35,23 @@ EXPERIMENTS = [
     ("capacity 64/16", ["--conv1-channels", "64", "--primary-types", "16"]),
     ("recon weight 0.005", ["--recon-weight", "0.005"]),
     ("routing iters 1", ["--routing-iters", "1"]),
-    ("paper task", ["--min-iou", "0", "--overlay", "clip-sum"]),
+    (PAPER_TASK, ["--min-iou", "0", "--overlay", "clip-sum"]),
     ("resample + capacity 64/16", ["--resample", "--conv1-channels", "64", "--primary-types", "16"]),
 ]
 EXTRA = [  # single runs on a smaller budget
     ("paper preset, 1 epoch", ["--preset", "paper", "--n-epochs", "1"], (0,)),
 ]
 LONG_MINUTES = 60
-# What won at the seed's budget (fresh pairs, recon weight 0.005), plus 4x the PrimaryCaps work:
+# What won at the default budget (fresh pairs, recon weight 0.005), plus 4x the PrimaryCaps work:
 # on a fixed pool more capacity only overfits, with fresh pairs it is the lever left. The paper's
 # lr decay, compressed to the ~14k steps an hour allows at this size.
 LONG_FLAGS = ["--resample", "--n-train", "30000", "--n-epochs", "1000", "--n-test", "5000",
               "--recon-weight", "0.005", "--conv1-channels", "64", "--primary-types", "16",
               "--lr-decay", "0.96", "--lr-decay-steps", "500"]
-TASKS = [("seed task", []), ("paper task", ["--min-iou", "0", "--overlay", "clip-sum"])]
+TASKS = [(IOU_TASK, []), (PAPER_TASK, ["--min-iou", "0", "--overlay", "clip-sum"])]
+# The tasks' words in the names of the files already recorded under runs/, from before the tasks
+# had these names: the same runs keep the same files.
+FILE_WORDS = {IOU_TASK: "seed task", PAPER_TASK: "paper task"}
 # Stopped by SIGINT after LONG_MINUTES: the last finished epoch's evaluation counts. "2 cores": one
 # run at a time with the whole machine (two worker threads); "1 core": both at once, one core each.
 LONG = {cores: [(f"{task}, 60 min, {cores}", LONG_FLAGS + flags) for task, flags in TASKS]
@@ -56,6 +62,9 @@ EARLIER, EARLIER_LABEL = ROOT / "runs" / "long" / "at-1327707", ", code of 13277
 
 
 def slug(name: str) -> str:
+    """A run's name as its file name under runs/exp and runs/long."""
+    for task, words in FILE_WORDS.items():
+        name = name.replace(task, words)
     return "".join(c if c.isalnum() else "-" for c in name).strip("-")
 
 
@@ -65,15 +74,6 @@ def command(name, flags, seed, out_dir=OUT, workers=1):
             "--quiet", *flags, "--metrics-json", str(out.relative_to(ROOT))], out
 
 
-ENV = {**os.environ, "OPENBLAS_NUM_THREADS": "1"}  # two runs side by side: one core each
-
-
-def shown(cmd, one_thread=True) -> str:
-    """cmd as a shell line, with this interpreter spelled python3."""
-    words = ["python3" if c == sys.executable else c for c in cmd]
-    return ("OPENBLAS_NUM_THREADS=1 " if one_thread else "") + " ".join(words)
-
-
 def all_runs():
     for name, flags in EXPERIMENTS:
         for seed in SEEDS:
@@ -81,43 +81,6 @@ def all_runs():
     for name, flags, seeds in EXTRA:
         for seed in seeds:
             yield name, flags, seed
-
-
-def run_jobs(todo, jobs: int, env=ENV, on_done=None) -> None:
-    """Run the (cmd, out) pairs of todo, jobs at a time, each logging to out's .log beside it;
-    on_done(returncode, out) after each."""
-    running = []
-    while todo or running:
-        while todo and len(running) < jobs:
-            cmd, out = todo.pop(0)
-            print("$ " + shown(cmd, one_thread=env is ENV), flush=True)
-            log = open(out.with_suffix(".log"), "w")
-            running.append((subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log,
-                                             stderr=subprocess.STDOUT), out))
-        time.sleep(2)
-        for proc, out in list(running):
-            if proc.poll() is not None:
-                running.remove((proc, out))
-                print(f"  exit {proc.returncode}: {out.name}", flush=True)
-                if on_done is not None:
-                    on_done(proc.returncode, out)
-
-
-def difference(x: np.ndarray, y: np.ndarray) -> str:
-    """mean(x) - mean(y), ± the s.e. of two independent means when both have two seeds or more."""
-    d = f"{x.mean() - y.mean():+.3f}"
-    if len(x) > 1 and len(y) > 1:
-        d += f" ± {np.sqrt(x.var(ddof=1) / len(x) + y.var(ddof=1) / len(y)):.3f}"
-    return d
-
-
-def score_missing(out_dir: Path, score) -> None:
-    """score(stem) for every checkpoint in out_dir whose .eval.json is missing (a run whose
-    scoring was cut short, or that finished outside the runner)."""
-    for ckpt in sorted(out_dir.glob("*.npz")):
-        if not ckpt.with_suffix(".eval.json").exists():
-            print(f"scoring {ckpt.name}", flush=True)
-            score(ckpt.with_suffix(""))
 
 
 def run(jobs: int) -> None:
@@ -197,7 +160,6 @@ def summarize() -> None:
 
 def plot(curves, long) -> None:
     from matplotlib.figure import Figure
-    sys.path.insert(0, str(ROOT))
     from multimnist_capsnet import atomic_write
     fig = Figure(figsize=(13, 4.8), dpi=100)
     ax, ax2 = fig.subplots(1, 2, gridspec_kw=dict(width_ratios=(1.25, 1)))
@@ -210,11 +172,11 @@ def plot(curves, long) -> None:
         if len(c) > 1:
             ax.fill_between(epochs, c.min(0), c.max(0), color=line.get_color(), alpha=0.15)
     ax.set(xlabel="epoch (6000 composites each)", ylabel="test two-digit set accuracy",
-           title="Open questions at the seed's budget\n(mean over seeds; band = min..max)",
+           title="Ablations at the default budget\n(mean over seeds; band = min..max)",
            ylim=(lo, hi))
     ax.legend(fontsize=7, loc="lower right", ncol=2)
-    goals = {"seed task": 0.8, "paper task": 0.9}
-    colors = {"seed task": "C0", "paper task": "C3"}
+    goals = {IOU_TASK: 0.8, PAPER_TASK: 0.9}
+    colors = {IOU_TASK: "C0", PAPER_TASK: "C3"}
     for name, d in long.items():
         task = name.split(",")[0]
         minutes = np.cumsum(d["timing"]["epoch_seconds"]) / 60

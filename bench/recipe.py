@@ -23,23 +23,13 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import (BASE, LONG, PAPER_TASK, ROOT, VARIANTS, difference,  # noqa: E402
+                    run_jobs, score_missing, slug, test_metrics)
 import bench_step  # noqa: E402
 import multimnist_capsnet as mc  # noqa: E402
-from experiments import difference, run_jobs, score_missing  # noqa: E402
-from table1 import slug  # noqa: E402
-from ship_model import test_metrics  # noqa: E402
 
 OUT = ROOT / "runs" / "recipe"
-PAPER_TASK = "paper's task (free shifts, add-and-clip)"
-# The previous shipped model's recipe (runs/ship/paper-task-36-epochs_s0.json): the paper's task
-# with fresh pairs, Conv1 64, 16 capsule types, recon weight 0.005, lr decay 0.96 per 500 steps,
-# batch 32.
-BASE = ["--min-iou", "0", "--overlay", "clip-sum", "--resample", "--n-train", "30000",
-        "--n-test", "1000", "--n-epochs", "1000", "--conv1-channels", "64", "--primary-types", "16",
-        "--recon-weight", "0.005", "--lr-decay", "0.96", "--lr-decay-steps", "500", "--ema", "0.999"]
 # Steps per minute of BASE on one core beside another run, for the schedules that must know their
 # length in advance: the first A/B round's "current best" took 4,935 steps in 22 minutes on the
 # AMD EPYC (190, from bench/table1.py's runs, made its cosine arm end 5 minutes early).
@@ -181,20 +171,7 @@ def long(minutes: int, variant: str = "", epochs: int | None = None) -> None:
              on_done=lambda rc, s: score(s) if rc in (0, 124) else None)
 
 
-# The long run's recipe on top of BASE, from the A/B results (docs/recipe.md): digit-capsule
-# biases won on both seeds; warm-up + cosine did not beat the exponential decay, so it stays, but
-# its step is doubled for a run of about 10x the A/B's steps: 0.96 every 500 steps would put the
-# rate under 1e-4 after 28,000 of its ~49,000 steps (ending at 0.02x), and the curve's flattening
-# would then say more about the schedule than about what longer training reaches.
-LONG = ["--n-train", "60000", "--n-test", "10000", "--digit-bias", "--bias-init", "0.1",
-        "--lr-decay-steps", "1000"]
-# Long runs that change one thing in LONG, each against the plain long run at equal wall time:
-# "truncated init" is the fourth A/B round's winner (one seed); "decay 500" is the A/B's
-# schedule, which LONG doubled without measuring it at this length.
-VARIANTS = {"": [], "truncated init": ["--init", "truncated"],
-            "decay 500": ["--lr-decay-steps", "500"]}
 LONG_RUNS = [long_name(m, v) for m in (60, 120) for v in VARIANTS]
-SHIPPED = ""  # the variant whose 120-minute run is the shipped model (bench/ship_model.py)
 
 
 def summarize() -> None:

@@ -7,49 +7,32 @@ BUDGET as `bench/recipe.py long` stops it (the paper's task, fresh pairs, Conv1 
 types, digit-capsule biases, 60,000 pairs an epoch, weights averaged; on the 2-core AMD EPYC the
 budget ended at step 50,141, in epoch 27; a faster or slower CPU stops elsewhere; the command is
 printed, its metrics go beside the checkpoint as .json). This script then evaluates its averaged
-parameters on 10,000 fresh test pairs of both tasks (the paper's, and the original description's
-IoU >= 0.8), once as stored in float32 and once rounded to float16; it stores float16 when neither
+parameters on 10,000 fresh test pairs of both tasks (the paper's task and the IoU >= 0.8 task),
+once as stored in float32 and once rounded to float16; it stores float16 when neither
 task's set accuracy moves by more than --tolerance, else float32. The model file holds the
 parameters, the config, the per-epoch history and these metrics; no Adam state.
 Metrics also go to runs/ship/model_metrics.json.
 """
 import argparse
-import dataclasses
 import json
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import BASE, LONG, ROOT, SHIPPED, TASKS, VARIANTS, test_metrics  # noqa: E402
 import multimnist_capsnet as mc  # noqa: E402
 
 BUDGET = "120m"
 
 
 def train_flags() -> list[str]:
-    """The flags of the `bench/recipe.py long` run that was shipped (its BASE, LONG and the
-    SHIPPED variant's flags, the 27 epochs it sized on the AMD EPYC), read from recipe.py rather
-    than copied; imported here, not at the top, because recipe.py imports this module's
-    test_metrics."""
-    import recipe
-    return ["--seed", "0", "--workers", "2", "--quiet", *recipe.BASE, *recipe.LONG,
-            *recipe.VARIANTS[recipe.SHIPPED], "--n-epochs", "27"]
-
-
-TASKS = {"paper's task (free shifts, add-and-clip)": dict(min_iou=0.0, overlay="clip-sum"),
-         "original description's task (IoU >= 0.8, max)": dict(min_iou=0.8, overlay="max")}
-
-
-def test_metrics(params, cfg, mnist, n_test, workers) -> dict:
-    """set/soft/top-1 accuracy on n_test fresh test pairs of each task (seed cfg.seed)."""
-    out = {}
-    for task, kw in TASKS.items():
-        tcfg = dataclasses.replace(cfg, n_test=n_test, resample=True, **kw)
-        _, test = mc.make_data(tcfg, mnist)
-        out[task] = mc.evaluate(params, tcfg, test, workers)
-    return out
+    """The flags of the `bench/recipe.py long` run that was shipped: the recipe's BASE, LONG and
+    the SHIPPED variant's flags (bench/common.py, which recipe.py reads too), and the 27 epochs
+    it sized on the AMD EPYC."""
+    return ["--seed", "0", "--workers", "2", "--quiet", *BASE, *LONG, *VARIANTS[SHIPPED],
+            "--n-epochs", "27"]
 
 
 def main() -> int:

@@ -8,7 +8,7 @@ CPU time on the paper's MultiMNIST task?
 
 Every run is one plain CLI call, printed before it starts, stopped by SIGINT when its budget is
 spent (it finishes its step and saves its checkpoint; timeout then exits 124), then scored from
-that checkpoint on 10,000 fresh test pairs (bench/ship_model.test_metrics, the paper's task):
+that checkpoint on 10,000 fresh test pairs (bench/common.test_metrics, the paper's task):
 every row is scored at the very step its budget ended, whatever the epoch. Outputs:
 runs/table1/NAME_sSEED.json (training metrics), .eval.json (the score); checkpoints and logs stay
 out of git. `score` scores runs whose scoring was missed.
@@ -20,17 +20,14 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import (PAPER_TASK, ROOT, difference, run_jobs, score_missing, slug,  # noqa: E402
+                    test_metrics)
 import bench_step  # noqa: E402
 import multimnist_capsnet as mc  # noqa: E402
-from experiments import difference, run_jobs, score_missing, shown  # noqa: E402
-from ship_model import test_metrics  # noqa: E402
 
 OUT = ROOT / "runs" / "table1"
 SEEDS = (0, 1, 2)
-PAPER_TASK = "paper's task (free shifts, add-and-clip)"
 # The paper's task with fresh pairs; small epochs (6000 pairs) so the per-epoch curve is dense.
 TASK = ["--min-iou", "0", "--overlay", "clip-sum", "--resample", "--n-train", "6000",
         "--n-test", "1000", "--n-epochs", "100000"]
@@ -51,10 +48,6 @@ ROWS = [
 # CapsNet 1 and 3 iterations first, so that the routing contrast runs side by side; then the best
 # CNN row of the short runs (the paper's small widths)
 LONG_ROWS = (2, 3, 0)
-
-
-def slug(name: str) -> str:
-    return "".join(c if c.isalnum() else "-" for c in name).strip("-").replace("--", "-")
 
 
 def command(name, flags, seed, minutes):

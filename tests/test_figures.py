@@ -1,6 +1,9 @@
 """The figure and GIF scripts end to end on a tiny synthetic run (no network, in-process)."""
 import os
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import imageio.v3 as iio
 import numpy as np
@@ -11,6 +14,7 @@ import make_multimnist_capsnet_gif as gif
 import multimnist_capsnet as mc
 import visualize_multimnist_capsnet as viz
 
+ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--data", "synthetic", "--n-train", "64", "--n-test", "40", "--batch-size", "16",
         "--n-epochs", "1", "--quiet"]
 FIGURES = ("training_curves.png", "reconstructions.png", "capsule_activations.png",
@@ -57,6 +61,43 @@ def test_visualize_a_model_file(tmp_path, capsys):
     assert viz.main(["--quiet", "--checkpoint", str(model), "--outdir", str(out)]) == 0
     for name in FIGURES:
         check_png(out / name)
+
+
+def test_a_checkpoints_figures_go_to_their_own_folder(tmp_path):
+    """Without --outdir, a saved model's figures go to viz/NAME, never over the default run's
+    committed figures in viz/ (the script run as a user runs it, from the checkout)."""
+    assert mc.main(TINY + ["--save", str(tmp_path / "run.npz")]) == 0
+    (tmp_path / "viz").mkdir()
+    (tmp_path / "viz" / "training_curves.png").write_bytes(b"the default run's figure")
+    r = subprocess.run([sys.executable, str(ROOT / "visualize_multimnist_capsnet.py"), "--quiet",
+                        "--checkpoint", "run.npz"], cwd=tmp_path, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "viz" / "training_curves.png").read_bytes() == b"the default run's figure"
+    assert sorted(p.name for p in (tmp_path / "viz").iterdir()) == ["run", "training_curves.png"]
+    assert sorted(p.name for p in (tmp_path / "viz" / "run").iterdir()) == sorted(FIGURES)
+    assert r.stdout.splitlines()[0] == f"wrote {Path('viz') / 'run' / FIGURES[0]}"
+    assert viz.default_outdir(str(mc.MODEL_FILE)) == str(Path("viz") / "shipped")
+    assert viz.default_outdir(None) == "viz"
+
+
+def test_training_curves_show_final_values_and_weights_saved_mid_epoch(tmp_path):
+    """The legend carries each curve's last value; weights saved after the last evaluation (a
+    run stopped mid-epoch) get their own point and a title that says which step each is."""
+    assert mc.main(TINY + ["--save", str(tmp_path / "run.npz")]) == 0
+    run = mc.load_checkpoint(tmp_path / "run.npz")
+    _, test = mc.make_data(run.cfg, mc.load_data(None, run.cfg))
+    an = viz.analyse(run.eval_params, run.cfg, test)
+    last = run.history["epochs"][-1]
+    labels = lambda fig: fig.axes[2].get_legend_handles_labels()[1]
+    fig = viz.fig_training_curves(run, an)
+    assert f"both digits (set): {last['set_acc']:.3f}" in labels(fig)
+    assert not any("weights drawn" in t for t in labels(fig))
+    run.step += 1  # as if saved one step after the last evaluation
+    fig = viz.fig_training_curves(run, an)
+    assert (f"set, the weights drawn (step {run.step}): {(an['hits'] == 2).mean():.3f}"
+            in labels(fig))
+    assert f"the last at step {last['step']}" in fig.axes[2].get_title()
 
 
 @pytest.mark.parametrize("kind", ["text", "truncated", "foreign-npz", "missing"])

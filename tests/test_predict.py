@@ -164,6 +164,18 @@ def test_predict_bad_image_is_one_line_and_writes_nothing(tmp_path, tiny_ckpt):
     assert [p.name for p in tmp_path.iterdir()] == ["a.png"]
 
 
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="needs Linux's /proc")
+def test_predict_unwritable_out_fails_before_predicting(tmp_path, tiny_ckpt):
+    """/proc takes no files, even from root: refused before any prediction is printed, in one
+    line and without a traceback."""
+    iio.imwrite(tmp_path / "a.png", digit(np.random.default_rng(4)))
+    r = cli("--checkpoint", tiny_ckpt, "--out", "/proc/p.png", "a.png", cwd=tmp_path)
+    assert r.returncode != 0 and r.stdout == "", r.stdout
+    assert "Traceback" not in r.stderr and r.stderr.count("\n") == 1, r.stderr
+    assert r.stderr.startswith("multimnist_capsnet.py predict: error: cannot write /proc/p.png")
+    assert [p.name for p in tmp_path.iterdir()] == ["a.png"]
+
+
 @pytest.mark.parametrize("args, expect", [
     ((), "the following arguments are required: IMAGE"),
     (("--checkpoint", "{tmp}/none.npz", "x.png"), "does not exist"),

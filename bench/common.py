@@ -1,0 +1,109 @@
+"""What the bench runners share, in one place: the two tasks' names, scoring a checkpoint on fresh
+test pairs, running plain CLI calls a few at a time, and the recipe of the shipped model.
+
+experiments.py, recipe.py, ship_model.py and table1.py import this module; none of them imports
+another.
+"""
+import dataclasses
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import multimnist_capsnet as mc  # noqa: E402
+
+# The two MultiMNIST tasks (docs/data.md#the-two-tasks), named so in every output, table and figure
+IOU_TASK = "the IoU >= 0.8 task"   # the default: bounding boxes overlap with IoU >= 0.8, max merge
+PAPER_TASK = "the paper's task"    # Sabour et al.: free shifts of up to 4 px, added and clipped
+TASKS = {PAPER_TASK: dict(min_iou=0.0, overlay="clip-sum"),
+         IOU_TASK: dict(min_iou=0.8, overlay="max")}
+
+
+def test_metrics(params, cfg, mnist, n_test, workers) -> dict:
+    """set/soft/top-1 accuracy on n_test fresh test pairs of each task (seed cfg.seed)."""
+    out = {}
+    for task, kw in TASKS.items():
+        tcfg = dataclasses.replace(cfg, n_test=n_test, resample=True, **kw)
+        _, test = mc.make_data(tcfg, mnist)
+        out[task] = mc.evaluate(params, tcfg, test, workers)
+    return out
+
+
+def slug(name: str) -> str:
+    """A run's name as a file name: runs/table1/ and runs/recipe/ use it."""
+    return "".join(c if c.isalnum() else "-" for c in name).strip("-").replace("--", "-")
+
+
+ENV = {**os.environ, "OPENBLAS_NUM_THREADS": "1"}  # two runs side by side: one core each
+
+
+def shown(cmd, one_thread=True) -> str:
+    """cmd as a shell line, with this interpreter spelled python3."""
+    words = ["python3" if c == sys.executable else c for c in cmd]
+    return ("OPENBLAS_NUM_THREADS=1 " if one_thread else "") + " ".join(words)
+
+
+def run_jobs(todo, jobs: int, env=ENV, on_done=None) -> None:
+    """Run the (cmd, out) pairs of todo, jobs at a time, each logging to out's .log beside it;
+    on_done(returncode, out) after each."""
+    running = []
+    while todo or running:
+        while todo and len(running) < jobs:
+            cmd, out = todo.pop(0)
+            print("$ " + shown(cmd, one_thread=env is ENV), flush=True)
+            log = open(out.with_suffix(".log"), "w")
+            running.append((subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log,
+                                             stderr=subprocess.STDOUT), out))
+        time.sleep(2)
+        for proc, out in list(running):
+            if proc.poll() is not None:
+                running.remove((proc, out))
+                print(f"  exit {proc.returncode}: {out.name}", flush=True)
+                if on_done is not None:
+                    on_done(proc.returncode, out)
+
+
+def difference(x: np.ndarray, y: np.ndarray) -> str:
+    """mean(x) - mean(y), ± the s.e. of two independent means when both have two seeds or more."""
+    d = f"{x.mean() - y.mean():+.3f}"
+    if len(x) > 1 and len(y) > 1:
+        d += f" ± {np.sqrt(x.var(ddof=1) / len(x) + y.var(ddof=1) / len(y)):.3f}"
+    return d
+
+
+def score_missing(out_dir: Path, score) -> None:
+    """score(stem) for every checkpoint in out_dir whose .eval.json is missing (a run whose
+    scoring was cut short, or that finished outside the runner)."""
+    for ckpt in sorted(out_dir.glob("*.npz")):
+        if not ckpt.with_suffix(".eval.json").exists():
+            print(f"scoring {ckpt.name}", flush=True)
+            score(ckpt.with_suffix(""))
+
+
+# ----------------------------------------------------------------------------------------------
+# The recipe of the shipped model: recipe.py measures it, ship_model.py trains and ships it
+
+# The previous shipped model's recipe (runs/ship/paper-task-36-epochs_s0.json): the paper's task
+# with fresh pairs, Conv1 64, 16 capsule types, recon weight 0.005, lr decay 0.96 per 500 steps,
+# batch 32.
+BASE = ["--min-iou", "0", "--overlay", "clip-sum", "--resample", "--n-train", "30000",
+        "--n-test", "1000", "--n-epochs", "1000", "--conv1-channels", "64", "--primary-types", "16",
+        "--recon-weight", "0.005", "--lr-decay", "0.96", "--lr-decay-steps", "500", "--ema", "0.999"]
+# The long run's recipe on top of BASE, from the A/B results (docs/recipe.md): digit-capsule
+# biases won on both seeds; warm-up + cosine did not beat the exponential decay, so it stays, but
+# its step is doubled for a run of about 10x the A/B's steps: 0.96 every 500 steps would put the
+# rate under 1e-4 after 28,000 of its ~49,000 steps (ending at 0.02x), and the curve's flattening
+# would then say more about the schedule than about what longer training reaches.
+LONG = ["--n-train", "60000", "--n-test", "10000", "--digit-bias", "--bias-init", "0.1",
+        "--lr-decay-steps", "1000"]
+# Long runs that change one thing in LONG, each against the plain long run at equal wall time:
+# "truncated init" is the fourth A/B round's winner (one seed); "decay 500" is the A/B's
+# schedule, which LONG doubled without measuring it at this length.
+VARIANTS = {"": [], "truncated init": ["--init", "truncated"],
+            "decay 500": ["--lr-decay-steps", "500"]}
+SHIPPED = ""  # the variant whose 120-minute run is the shipped model (bench/ship_model.py)
