@@ -27,6 +27,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
+from matplotlib.ticker import FuncFormatter
 
 import multimnist_capsnet as mc
 
@@ -92,26 +93,32 @@ def show(ax, img, title: str | None = None, color="black", fontsize=8) -> None:
 
 
 def pair_str(p) -> str:
-    return f"({p[0]},{p[1]})"
+    """Labels as written on the figures: (3,7) for a pair, 7 for one digit."""
+    return str(p[0]) if len(p) == 1 else f"({p[0]},{p[1]})"
 
 
 # ----------------------------------------------------------------------------------------------
 # What the trained network says about test composites
 
 def analyse(params, cfg: mc.Config, pairs: dict) -> dict:
-    """Capsules, lengths and the top-2 prediction of every composite, computed once.
+    """Capsules, lengths and the top-2 prediction of every composite, computed once (one digit
+    per image, MNIST: the longest capsule's). right: every label found.
 
     pred is ordered to line up with labels (a label that was found stays in its column) so that
     'prediction a' is drawn red next to 'label a' whenever the network got digit a.
     """
     v = mc.predict(params, cfg, pairs["x"])
     norms = np.linalg.norm(v, axis=2)                                   # (N, J)
-    top2 = mc.top2(norms)
     labels = pairs["labels"]
+    if labels.shape[1] == 1:  # MNIST: the longest capsule is the answer
+        pred = norms.argmax(1)[:, None]                                 # (N, 1)
+        right = pred[:, 0] == labels[:, 0]
+        return dict(v=v, norms=norms, pred=pred, hits=right.astype(int), right=right, top1=right)
+    top2 = mc.top2(norms)
     swap = (top2[:, 0] == labels[:, 1]) | (top2[:, 1] == labels[:, 0])
     pred = np.where(swap[:, None], top2[:, ::-1], top2)
     hits = (top2[:, :, None] == labels[:, None, :]).any(2)              # (N, 2)
-    return dict(v=v, norms=norms, top2=top2, pred=pred, hits=hits.sum(1),
+    return dict(v=v, norms=norms, top2=top2, pred=pred, hits=hits.sum(1), right=hits.all(1),
                 top1=hits[:, 0])
 
 
@@ -122,7 +129,7 @@ def decode(params, v, digits) -> np.ndarray:
 
 def pick(an: dict, n: int, n_wrong: int) -> np.ndarray:
     """n test indices, n_wrong of them (when there are any) misclassified: not only the best."""
-    wrong, right = np.flatnonzero(an["hits"] < 2), np.flatnonzero(an["hits"] == 2)
+    wrong, right = np.flatnonzero(~an["right"]), np.flatnonzero(an["right"])
     right = right[:n - min(n_wrong, len(wrong))]
     return np.concatenate([right, wrong[:n - len(right)]])
 
@@ -164,11 +171,14 @@ def fig_training_curves(run: mc.Run, an: dict | None = None) -> Figure:
     plot_loss(ax1, run.history, "margin", "train_margin", "tab:blue", "margin loss")
     ax1.set_title("Margin loss (training batches)")
     plot_loss(ax2, run.history, "recon", "train_recon", "tab:purple",
-              "sum of squared errors, both digits")
+              "sum of squared errors" + (", both digits" if run.cfg.n_labels == 2 else ""))
     ax2.set_yscale("log")  # the first steps drop 5x; log keeps the slow tail readable
     ax2.set_title("Reconstruction loss (unweighted)")
     ep = run.history["epochs"]
     x = [m["epoch"] for m in ep]
+    if run.cfg.task == "mnist":
+        plot_test_error(ax3, run, an)
+        return fig
     for key, name, style in (("set_acc", "both digits (set)", "o-"),
                              ("soft_acc", "at least one (soft)", "s--"),
                              ("top1", "top-1 is a label", "^:")):
@@ -189,6 +199,44 @@ def fig_training_curves(run: mc.Run, an: dict | None = None) -> Figure:
     ax3.legend(fontsize=8, loc="lower right", bbox_to_anchor=(1, 0.06))
     if ep:
         ax3.set_xticks(x if len(x) <= 12 else x[:: len(x) // 12 + 1])
+    return fig
+
+
+def plot_test_error(ax, run: mc.Run, an: dict | None) -> None:
+    """MNIST: test error per epoch, in percent; a star for weights drawn after the last
+    evaluation, as in the accuracy panel."""
+    ep = run.history["epochs"]
+    x, y = [m["epoch"] for m in ep], [100 * m["test_error"] for m in ep]
+    ax.plot(x, y, "o-", ms=3, label=f"test error: {y[-1]:.2f}%" if ep else "test error")
+    if an is not None and ep and run.step != ep[-1]["step"]:
+        err = 100 * (1 - an["right"].mean())
+        ax.plot(run.step / run.steps_per_epoch(), err, "*", color="C3", ms=11,
+                label=f"the weights drawn (step {run.step:,}): {err:.2f}%")
+    ax.set_yscale("log")
+    plain = FuncFormatter(lambda v, _: f"{v:g}")  # 0.5, not 5 x 10^-1
+    ax.yaxis.set_major_formatter(plain)
+    ax.yaxis.set_minor_formatter(plain)
+    ax.set(xlabel="epoch", ylabel="% of the test digits",
+           title=f"Test error ({run.cfg.n_test:,} digits)")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+
+
+def fig_digit_reconstructions(params, test: dict, an: dict, idx: np.ndarray) -> Figure:
+    """MNIST, the paper's Figure 3: each test digit above its reconstruction from the longest
+    capsule alone (red); L the label, P the prediction, wrong ones in orange."""
+    rec = decode(params, an["v"][idx], an["pred"][idx, 0])
+    fig = new_figure(1.1 * len(idx) + 0.4, 2.9)
+    axes = fig.subplots(2, len(idx), squeeze=False)
+    for c, n in enumerate(idx):
+        ok = bool(an["right"][n])
+        show(axes[0, c], as_image(test["x"][n]), f"L:{test['labels'][n, 0]} P:{an['pred'][n, 0]}",
+             "black" if ok else "darkorange")
+        show(axes[1, c], tint(rec[c], A_RGB), f"R:{an['pred'][n, 0]}")
+    axes[0, 0].set_ylabel("input", fontsize=9)
+    axes[1, 0].set_ylabel("reconstruction", fontsize=9)
+    fig.suptitle("Paper Fig. 3 style: L label, P prediction (longest capsule), R the capsule "
+                 "decoded; wrong in orange", fontsize=9)
     return fig
 
 
@@ -314,7 +362,7 @@ def fig_paper_overlay(params, test: dict, an: dict, n_right: int = 5, n_wrong: i
 
 def fig_capsule_dimensions(params, test: dict, an: dict, n: int | None = None) -> Figure:
     """Figure 4: perturb each dimension of digit a's capsule by -0.25..0.25 and decode."""
-    right = np.flatnonzero(an["hits"] == 2)
+    right = np.flatnonzero(an["right"])
     n = int(right[0] if len(right) else 0) if n is None else n
     k = int(test["labels"][n, 0])
     deltas = np.round(np.linspace(-0.25, 0.25, 11), 2) + 0.0          # + 0.0: no "-0.00"
@@ -564,15 +612,22 @@ def purity_str(ulen, c, owner) -> str:
 def write_figures(run: mc.Run, test: dict, outdir: Path) -> list[Path]:
     params = run.eval_params
     an = analyse(params, run.cfg, test)
-    figs = {
-        "training_curves.png": fig_training_curves(run, an),
-        "reconstructions.png": fig_reconstructions(params, test, an, pick(an, 8, 3)),
-        "capsule_activations.png": fig_capsule_activations(test, an),
-        "multimnist_examples.png": fig_examples(test),
-        "paper_overlay.png": fig_paper_overlay(params, test, an),
-        "capsule_dimensions.png": fig_capsule_dimensions(params, test, an),
-        "routing.png": fig_routing(params, run.cfg, test, pick(an, 6, 3)),
-    }
+    if run.cfg.task == "mnist":  # one digit: no pairs to separate, no red/green routing
+        figs = {
+            "training_curves.png": fig_training_curves(run, an),
+            "reconstructions.png": fig_digit_reconstructions(params, test, an, pick(an, 10, 3)),
+            "capsule_dimensions.png": fig_capsule_dimensions(params, test, an),
+        }
+    else:
+        figs = {
+            "training_curves.png": fig_training_curves(run, an),
+            "reconstructions.png": fig_reconstructions(params, test, an, pick(an, 8, 3)),
+            "capsule_activations.png": fig_capsule_activations(test, an),
+            "multimnist_examples.png": fig_examples(test),
+            "paper_overlay.png": fig_paper_overlay(params, test, an),
+            "capsule_dimensions.png": fig_capsule_dimensions(params, test, an),
+            "routing.png": fig_routing(params, run.cfg, test, pick(an, 6, 3)),
+        }
     for name, fig in figs.items():
         save_png(fig, outdir / name)
     return [outdir / name for name in figs]
