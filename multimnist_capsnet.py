@@ -2198,7 +2198,7 @@ def _write_predictions(out, rows) -> None:
 # serve: a page to draw digits on and watch the capsules read them
 
 PAGE = "multimnist_capsnet_page.html"  # beside this module; pip install . puts it in share/
-MAX_BODY = 2 ** 20   # bytes a request may send; a drawing is about 5 KB of JSON
+MAX_BODY = 2 ** 20   # bytes a request may send; a drawing is under 7 KB of JSON
 SLIDER = 0.25        # the Figure 4 sliders add -SLIDER..SLIDER to one dimension, as the paper's
 TEST_FILES = ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
 

@@ -522,3 +522,12 @@ def test_the_page_reads_digits_drawn_with_its_own_pointer_events(browser, url):
     assert lengths() == []
     png = base64.b64decode(page("GET", "/screenshot"))
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_load_test_runs_and_counts_no_errors(tmp_path):
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "serve_load.py"), "--clients", "4",
+                        "--requests", "40", "--out", str(tmp_path / "load.txt")],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    report = (tmp_path / "load.txt").read_text()
+    assert report == r.stdout and "requests 40, errors 0\n" in report and "p99" in report
