@@ -54,9 +54,12 @@ def write(args, mnist) -> None:
     rng = np.random.default_rng(args.seed)
     (i, j), digits = rng.choice(len(mnist["test_x"]), 2, replace=False), mnist["test_x"] / 255
     names = (f"digit100_{mnist['test_y'][i]}.png", f"photo_{mnist['test_y'][j]}.jpg", "blank.png")
-    iio.imwrite(out / names[0], np.round(255 * digit100(digits[i])).astype(np.uint8))
-    iio.imwrite(out / names[1], photo(digits[j], rng), quality=70)
-    iio.imwrite(out / names[2], np.full((100, 100), 255, np.uint8))
+    images = (np.round(255 * digit100(digits[i])).astype(np.uint8), photo(digits[j], rng),
+              np.full((100, 100), 255, np.uint8))
+    for name, img in zip(names, images):
+        extra = dict(quality=70) if name.endswith(".jpg") else {}
+        mc.atomic_write(out / name, iio.imwrite("<bytes>", img, extension=Path(name).suffix,
+                                                **extra))
     print(*(out / n for n in names))
 
 
