@@ -19,6 +19,7 @@ import dataclasses
 import functools
 import gzip
 import hashlib
+import http.server
 import io
 import json
 import math
@@ -31,6 +32,7 @@ import sys
 import tempfile
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 import warnings
 import zipfile
@@ -1971,7 +1973,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="multimnist_capsnet.py",
         description="Train a CapsNet with dynamic routing on MultiMNIST, in plain NumPy, on the "
                     "CPU. To ask a trained model about your own images: "
-                    "multimnist_capsnet.py predict --help")
+                    "multimnist_capsnet.py predict --help; to draw digits for it in a "
+                    "browser: multimnist_capsnet.py serve --help")
     add_training_flags(p)
     o = p.add_argument_group("output")
     o.add_argument("--metrics-json", default=None,
@@ -1996,6 +1999,8 @@ def main(argv=None) -> int:
         argv = sys.argv[1:] if argv is None else list(argv)
         if argv[:1] == ["predict"]:
             return predict_main(argv[1:])
+        if argv[:1] == ["serve"]:
+            return serve_main(argv[1:])
         return _main(argv)
     finally:
         for s, handler in old.items():  # a library caller gets its Ctrl-C back
@@ -2092,7 +2097,14 @@ def _main(argv) -> int:
 # ----------------------------------------------------------------------------------------------
 # predict: the trained network on your own images
 
-DIGIT_SIDE = 28  # an MNIST digit; placed at the canvas centre
+DIGIT_SIDE = 28      # an MNIST image: one digit whose ink box was scaled to fit DIGIT_BOX x
+DIGIT_BOX = 20       # DIGIT_BOX keeping its aspect, then centred by its centre of mass
+PAIR_BOX = 23        # median long side of the ink box of a paper's-task composite (docs/model.md)
+INK_CONTRAST = 0.2   # ink: a pixel and its 3x3 mean this far above the background
+WORK_SIDE = 256      # fit_digits shrinks a larger image to this long side first
+MIN_LENGTH = 0.5     # a capsule at least this long names a digit; a shorter one is a guess
+MNIST_MODEL_FILE = Path(__file__).resolve().parent / "models" / "capsnet-mnist.npz"  # one digit
+A_RGB, B_RGB = np.array([1.0, 0.1, 0.1]), np.array([0.1, 1.0, 0.1])  # digit a red, b green
 
 
 def _unit_range(x: np.ndarray, path) -> np.ndarray:
@@ -2115,11 +2127,10 @@ def _unit_range(x: np.ndarray, path) -> np.ndarray:
     return x / top
 
 
-def read_image(path, canvas: int, background: str = "auto") -> np.ndarray:
-    """The image at path (PNG or JPEG through imageio, or .npy) as a uint8 (canvas, canvas)
-    composite, white ink on black as MNIST is. Colour becomes luminance (alpha is dropped);
-    background 'auto' inverts an image whose border is mostly bright; a 28x28 digit is placed at
-    the canvas centre. Anything else is a CapsNetError naming the file."""
+def read_image(path) -> np.ndarray:
+    """The image at path (any format imageio reads, or .npy) as float64 (H, W) in [0, 1], grey as
+    stored: colour becomes luminance, alpha is dropped. Anything else is a CapsNetError naming
+    the file."""
     path = Path(path)
     try:
         if path.suffix.lower() == ".npy":
@@ -2143,82 +2154,665 @@ def read_image(path, canvas: int, background: str = "auto") -> np.ndarray:
         x = x @ np.array([0.299, 0.587, 0.114])                     # (H, W) luminance
     if x.ndim != 2:
         raise CapsNetError(f"{path} has shape {x.shape}; expected a grey or colour image")
-    border = np.concatenate([x[0], x[-1], x[:, 0], x[:, -1]])
-    if background == "white" or (background == "auto" and border.mean() > 0.5):
-        x = 1 - x
-    if x.shape not in ((canvas, canvas), (DIGIT_SIDE, DIGIT_SIDE)):
-        raise CapsNetError(f"{path} is {x.shape[1]}x{x.shape[0]} pixels; predict takes a "
-                           f"{DIGIT_SIDE}x{DIGIT_SIDE} digit or a {canvas}x{canvas} composite")
+    return x
+
+
+def ink_on_black(x: np.ndarray, background: str = "auto") -> tuple[np.ndarray, bool]:
+    """x as white ink on black, as MNIST is, and whether it was inverted. 'auto': ink is the
+    minority of the pixels, so it drags the mean away from the median, below it for dark ink on
+    light paper (then inverted); 'white' always inverts, 'black' never."""
+    invert = background == "white" or (background == "auto" and x.mean() < np.median(x))
+    return (1 - x if invert else x), bool(invert)
+
+
+def _mean3(x: np.ndarray) -> np.ndarray:
+    """Each pixel's 3x3 neighbourhood mean (edges repeated): a stroke keeps its level, a lone
+    noisy pixel loses 8/9 of it."""
+    p = np.pad(x, 1, mode="edge")
+    h, w = x.shape
+    return sum(p[i:i + h, j:j + w] for i in range(3) for j in range(3)) / 9
+
+
+def _background(x: np.ndarray) -> np.ndarray:
+    """The background's level under uneven light: a quadratic surface in (row, col) fitted by
+    least squares to the darker half of x (the ink is the minority), then twice more to the
+    pixels it leaves less than INK_CONTRAST / 2 below (the white ink is left out)."""
+    h, w = x.shape
+    r, c = np.mgrid[:h, :w].reshape(2, -1) / max(h, w)
+    basis = np.stack([np.ones_like(r), r, c, r * r, r * c, c * c], 1)
+    keep = x.ravel() <= np.median(x)
+    for _ in range(3):
+        fit = basis @ np.linalg.lstsq(basis[keep], x.ravel()[keep], rcond=None)[0]
+        keep = x.ravel() - fit < INK_CONTRAST / 2
+    return fit.reshape(h, w)
+
+
+def _ink(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """White-on-black x -> (x above its background; the ink mask: the pixels that stand
+    INK_CONTRAST above the background, and so does their 3x3 mean, which a lone noisy pixel's
+    does not)."""
+    d = x - _background(x)
+    return d, (d >= INK_CONTRAST) & (_mean3(np.maximum(d, 0)) >= INK_CONTRAST)
+
+
+def _resize_matrix(n_in: int, n_out: int) -> np.ndarray:
+    """(n_out, n_in) resampling weights: shrinking, each output pixel is the mean of the input
+    span it covers (area averaging, as MNIST's anti-aliasing); enlarging, linear interpolation."""
+    scale = n_in / n_out
+    j = np.arange(n_in)
+    if scale > 1:
+        lo = np.arange(n_out)[:, None] * scale
+        w = np.clip(np.minimum(lo + scale, j + 1) - np.maximum(lo, j), 0, None)
+    else:
+        centre = (np.arange(n_out) + 0.5) * scale - 0.5
+        w = np.maximum(0, 1 - np.abs(j - centre[:, None]))
+    return w / w.sum(1, keepdims=True)
+
+
+def resize(x: np.ndarray, h: int, w: int) -> np.ndarray:
+    """(H, W, ...) -> (h, w, ...) by _resize_matrix along both axes."""
+    x = np.tensordot(_resize_matrix(x.shape[0], h), x, axes=(1, 0))
+    return np.moveaxis(np.tensordot(_resize_matrix(x.shape[1], w), x, axes=(1, 1)), 0, 1)
+
+
+def fit_digits(x: np.ndarray, canvas: int, n_digits: int) -> tuple[np.ndarray | None, str]:
+    """MNIST's normalisation for any image: white-on-black float x (H, W) -> uint8 (canvas,
+    canvas) and what was done, or (None, why) when x has no ink.
+
+    MNIST's digits were binary scans, scaled so that their ink's box fits 20x20 keeping its
+    aspect, anti-aliased by the scaling, and placed with their centre of mass at the centre of
+    28x28. So here: an image larger than WORK_SIDE is first shrunk to it (fine noise averages
+    out); the ink (_ink) at least half as bright as its 90th percentile becomes 1 and all else 0;
+    that ink's box is area-averaged to fit DIGIT_BOX (one digit) or PAIR_BOX (two, spread as in
+    MultiMNIST); its centre of mass goes to the canvas centre (moved back inside when the box
+    would cross an edge)."""
+    how = ""
+    if max(x.shape) > WORK_SIDE:
+        h, w = (max(1, round(n * WORK_SIDE / max(x.shape))) for n in x.shape)
+        x, how = resize(x, h, w), f"shrunk to {w}x{h}; "
+    d, ink = _ink(x)
+    if not ink.any():
+        return None, "no ink"
+    level = np.percentile(d[ink], 90) / 2
+    ink &= d >= level
+    rows, cols = np.flatnonzero(ink.any(1)), np.flatnonzero(ink.any(0))
+    (r0, r1), (c0, c1) = rows[[0, -1]], cols[[0, -1]]
+    crop = ink[r0:r1 + 1, c0:c1 + 1].astype(np.float64)
+    scale = (DIGIT_BOX if n_digits == 1 else PAIR_BOX) / max(crop.shape)
+    h, w = (max(1, round(n * scale)) for n in crop.shape)
+    small = resize(crop, h, w)
+    com = [(small.sum(1 - ax) * (np.arange(small.shape[ax]) + 0.5)).sum() / small.sum()
+           for ax in (0, 1)]
+    top, left = (int(np.clip(round(canvas / 2 - c), 0, canvas - n)) for c, n in zip(com, (h, w)))
+    out = np.zeros((canvas, canvas), np.uint8)
+    out[top:top + h, left:left + w] = np.round(255 * small)
+    return out, (f"{how}ink >= {level:.2f} above the background, its box {c1 - c0 + 1}x"
+                 f"{r1 - r0 + 1} at row {r0}, col {c0} scaled x{scale:.3g} to {w}x{h}, centred "
+                 f"by mass in {canvas}x{canvas}")
+
+
+def to_canvas(x: np.ndarray, canvas: int, n_digits: int) -> tuple[np.ndarray | None, str]:
+    """Any white-on-black image as the model's uint8 input, and what was done: the model's own
+    size (canvas x canvas) is taken as it is, a 28x28 MNIST digit placed at the centre of a larger
+    canvas, any other size normalised by fit_digits. (None, why) when there is no ink."""
+    if x.shape != (canvas, canvas) and (x.shape != (DIGIT_SIDE,) * 2 or canvas < DIGIT_SIDE):
+        return fit_digits(x, canvas, n_digits)
+    if not _ink(x)[1].any():
+        return None, "no ink"
     img = np.round(x * 255).astype(np.uint8)
-    if img.shape[0] != canvas:
-        img = place(img[None], np.zeros(1, int), np.zeros(1, int), canvas)[0]
-    return img
+    if x.shape[0] == canvas:
+        return img, f"{canvas}x{canvas}: the model's size, taken as it is"
+    return (place(img[None], np.zeros(1, int), np.zeros(1, int), canvas)[0],
+            f"{DIGIT_SIDE}x{DIGIT_SIDE} digit placed at the centre of {canvas}x{canvas}")
+
+
+def choose_model(digits: str, shape, checkpoint: str | None) -> tuple[Path, int]:
+    """Which model reads an image of this shape, and how many digits to look for in it.
+
+    --digits '1' or '2' says how many; 'auto': one in a 28x28 image (MNIST's size), else two.
+    --checkpoint, when given, reads everything. Otherwise one digit goes to the MNIST model once
+    models/capsnet-mnist.npz ships, and until then to the MultiMNIST model (its longest capsule);
+    two digits always go to the MultiMNIST model. A one-digit model answers one (model_digits)."""
+    n = 1 if digits == "1" or (digits == "auto" and tuple(shape) == (DIGIT_SIDE,) * 2) else 2
+    if checkpoint:
+        return Path(checkpoint), n
+    return (MNIST_MODEL_FILE if n == 1 and MNIST_MODEL_FILE.exists() else MODEL_FILE), n
+
+
+def model_digits(cfg: Config) -> int:
+    """How many digits a model can name: 1 for a 28x28 (MNIST) model, 2 for a MultiMNIST one."""
+    return 1 if cfg.canvas == DIGIT_SIDE else 2
+
+
+def digits_found(scores: np.ndarray, n: int) -> list[int]:
+    """The up to n highest-scoring classes of scores (J,) that reach MIN_LENGTH, highest first."""
+    return [int(k) for k in np.argsort(-scores, kind="stable")[:n] if scores[k] >= MIN_LENGTH]
+
+
+def answer(scores: np.ndarray, n: int, what: str = "capsule length") -> str:
+    """The line predict prints for an image whose scores (J,) are what's (capsule lengths),
+    looking for n digits: e.g. '9 and 3  (capsule lengths 0.95, 0.66)'."""
+    found, order = digits_found(scores, n), np.argsort(-scores, kind="stable")
+    if not found:
+        return (f"no digit found  (the longest {what}, {order[0]}'s, is {scores[order[0]]:.2f}; "
+                f"a digit needs {MIN_LENGTH:.2f})")
+    text = (" and ".join(map(str, found)) + f"  ({what}{'s' * (len(found) > 1)} "
+            + ", ".join(f"{scores[k]:.2f}" for k in found))
+    if len(found) < n:
+        nxt = order[len(found)]
+        text += f"; no second digit: the next, {nxt}, is {scores[nxt]:.2f}"
+    return text + ")"
+
+
+def image_writable(out: str) -> str | None:
+    """Why --out cannot be written (its folder, or a format imageio cannot write), else None."""
+    if why := check_writable(out):
+        return why
+    suffix = Path(out).suffix.lower()
+    try:
+        import imageio.v3 as iio
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            iio.imwrite("<bytes>", np.zeros((2, 2, 3), np.uint8), extension=suffix)
+    except Exception:  # the plugins raise many types for a format they lack
+        return (f"cannot write {out}: no image format for the suffix '{suffix}'" if suffix else
+                f"cannot write {out}: give it a suffix that names an image format (.png, .jpg)")
+    return None
 
 
 def build_predict_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(prog="multimnist_capsnet.py predict",
-                       description="Name the two digits in each image: the two longest digit "
-                                   "capsules of a trained CapsNet (or the CNN's two highest "
-                                   "outputs). Trained on pairs only, it always names two; on a "
-                                   "single digit the first is the answer.")
+                       description="Name the digits in each image: the longest digit capsules "
+                                   f"of a trained CapsNet, those at least {MIN_LENGTH} long. "
+                                   "Each file that cannot be read is one line on stderr; the "
+                                   "others are still answered, and the exit status is 1.")
     p.add_argument("images", nargs="+", metavar="IMAGE",
-                   help=f"PNG, JPEG or .npy, grey or colour: a {DIGIT_SIDE}x{DIGIT_SIDE} digit "
-                        "(placed at the centre) or a 36x36 composite")
+                   help="PNG, JPEG or .npy, any size, grey or colour, either polarity; the model's "
+                        f"own size ({DIGIT_SIDE}x{DIGIT_SIDE} digit, 36x36 composite) is taken as "
+                        "it is, any other is normalised as MNIST was (--verbose says how)")
     shipped = MODEL_FILE.relative_to(Path(__file__).resolve().parent)
-    p.add_argument("--checkpoint", default=str(MODEL_FILE),
+    p.add_argument("--checkpoint", default=None,
                    help=f"a model or a --save checkpoint (default: the shipped model, {shipped})")
+    p.add_argument("--digits", choices=("1", "2", "auto"), default="auto",
+                   help=f"how many digits each image holds; auto: one if it is {DIGIT_SIDE}x"
+                        f"{DIGIT_SIDE}, else two (default: %(default)s)")
     p.add_argument("--background", choices=("auto", "black", "white"), default="auto",
-                   help="the image's background; auto: white if its border is mostly bright "
-                        "(default: %(default)s)")
-    p.add_argument("--verbose", action="store_true", help="print all ten capsule lengths")
+                   help="the image's background; auto: the side the median pixel is on (ink is "
+                        "the minority) (default: %(default)s)")
+    p.add_argument("--verbose", action="store_true",
+                   help="print how each image was cropped and scaled, and all ten capsule lengths")
     p.add_argument("--out", default=None,
-                   help="PNG: each input beside the reconstructions from its two capsules "
-                        "(red, green) (default: none)")
+                   help="an image (its suffix names the format): per input, the image as read, "
+                        "the model's input, the reconstructions from the first digit's capsule "
+                        "(red) and the second's (green) (default: none)")
     return p
 
 
 def predict_main(argv) -> int:
     parser = build_predict_parser()
     args = parser.parse_args(argv)
-    if args.out and (why := check_writable(args.out)):
+    if args.out and (why := image_writable(args.out)):
         parser.error(why)
+    err = lambda msg: print(f"{parser.prog}: error: {msg}", file=sys.stderr)
+    runs, rows, failed = {}, [], 0
     try:
-        run = load_checkpoint(args.checkpoint)
-        cfg = run.cfg
-        x = np.stack([read_image(p, cfg.canvas, args.background) for p in args.images])
-        if args.out and cfg.model != "capsnet":
-            raise CapsNetError(f"--out draws the capsules' reconstructions; a {cfg.model} has none")
-        params = run.eval_params
-        out = predict(params, cfg, x)                                     # (N, J, E) or (N, J)
-        scores = class_scores(out)                                        # (N, J)
-        best = top2(scores)                                               # (N, 2)
-        what = "capsule lengths" if cfg.model == "capsnet" else "sigmoid outputs"
-        for path, s, (a, b) in zip(args.images, scores, best):
-            print(f"{path}: {a} and {b}  ({what} {s[a]:.2f}, {s[b]:.2f})")
-            if args.verbose:
-                print("  all ten: " + "  ".join(f"{k}:{sk:.2f}" for k, sk in enumerate(s)))
-        if args.out:
-            recon = [reconstruct(params, out, best[:, k]) for k in (0, 1)]
-            _write_predictions(args.out, args.images, x, best, recon)
+        if args.checkpoint:  # a bad one is reported before any image is read
+            _model(runs, Path(args.checkpoint), args)
+        for path in args.images:
+            try:
+                x = read_image(path)
+            except CapsNetError as e:  # this file only: the others are still answered
+                err(e)
+                failed += 1
+                continue
+            rows.append(_predict_one(path, x, args, runs))
+        if args.out and rows:
+            _write_predictions(args.out, rows)
             print(f"wrote {args.out}")
+    except CapsNetError as e:
+        err(e)
+        return 1
+    return 1 if failed else 0
+
+
+def _model(runs: dict, path: Path, args) -> Run:
+    """The run at path, loaded once, checked against the flags."""
+    if path not in runs:
+        run = load_checkpoint(path)
+        if args.digits == "2" and model_digits(run.cfg) == 1:
+            raise CapsNetError(f"--digits 2: {path} is a one-digit model ({DIGIT_SIDE}x"
+                               f"{DIGIT_SIDE})")
+        if args.out and run.cfg.model != "capsnet":
+            raise CapsNetError(f"--out draws the capsules' reconstructions; the {run.cfg.model} "
+                               f"in {path} has none")
+        runs[path] = run
+    return runs[path]
+
+
+def _predict_one(path, x: np.ndarray, args, runs: dict) -> tuple:
+    """Print predict's answer for the image x read from path; -> its row of the --out figure:
+    (x as white on black, the model's input or None, the found digits' reconstructions)."""
+    ckpt, n = choose_model(args.digits, x.shape, args.checkpoint)
+    run = _model(runs, ckpt, args)
+    cfg, params = run.cfg, run.eval_params
+    n = min(n, model_digits(cfg))
+    ink, inverted = ink_on_black(x, args.background)
+    img, how = to_canvas(ink, cfg.canvas, n)
+    found, scores = [], None
+    if img is None:
+        print(f"{path}: no digit found  (no ink)")
+    else:
+        out = predict(params, cfg, img[None])                          # (1, J, E) or (1, J)
+        scores = class_scores(out)[0]
+        found = digits_found(scores, n)
+        what = "capsule length" if cfg.model == "capsnet" else "sigmoid output"
+        print(f"{path}: {answer(scores, n, what)}")
+    if args.verbose:
+        print(f"  {x.shape[1]}x{x.shape[0]}{', inverted' if inverted else ''}; {how}; "
+              f"model {ckpt.name}, {n} digit{'s' * (n > 1)}")
+        if scores is not None:
+            print("  all ten: " + "  ".join(f"{k}:{sk:.2f}" for k, sk in enumerate(scores)))
+    recon = [reconstruct(params, out, np.array([k]))[0] for k in found] if args.out else []
+    return ink, img, recon
+
+
+def _cell(x: np.ndarray, side: int) -> np.ndarray:
+    """An (h, w, 3) image in [0, 1] scaled to fit a black side x side cell, keeping its aspect:
+    by whole pixels when it is small (the model's pixels stay visible), else resampled."""
+    h, w = x.shape[:2]
+    k = side // max(h, w)
+    x = np.repeat(np.repeat(x, k, 0), k, 1) if k >= 1 else resize(
+        x, max(1, h * side // max(h, w)), max(1, w * side // max(h, w)))
+    out = np.zeros((side, side, 3))
+    t, left = (side - x.shape[0]) // 2, (side - x.shape[1]) // 2
+    out[t:t + x.shape[0], left:left + x.shape[1]] = np.clip(x, 0, 1)
+    return out
+
+
+def _write_predictions(out, rows) -> None:
+    """One row per image: the image as read (white on black), the model's input, the
+    reconstruction from the first digit's capsule in red and from the second's in green (black
+    when there is none), in cells of 4 model pixels per pixel, written as out's suffix says."""
+    import imageio.v3 as iio
+    side = 4 * max(img.shape[0] if img is not None else DIGIT_SIDE for _, img, _ in rows)
+    grey = lambda a: np.repeat(np.asarray(a, np.float64)[..., None], 3, 2)
+    gap = np.full((side, 4, 3), 0.5)
+    lines = []
+    for ink, img, recon in rows:
+        s = int(round(math.sqrt(recon[0].size))) if recon else 1
+        tints = [r.reshape(s, s)[..., None] * rgb for r, rgb in zip(recon, (A_RGB, B_RGB))]
+        tints += [np.zeros((1, 1, 3))] * (2 - len(tints))
+        cells = [grey(ink), grey(img / 255) if img is not None else np.zeros((1, 1, 3)), *tints]
+        line = [part for c in cells for part in (_cell(c, side), gap)][:-1]
+        lines += [np.concatenate(line, 1), np.full((4, len(cells) * (side + 4) - 4, 3), 0.5)]
+    fig = np.round(255 * np.concatenate(lines[:-1])).astype(np.uint8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        data = iio.imwrite("<bytes>", fig, extension=Path(out).suffix.lower())
+    try:
+        atomic_write(Path(out), data)
+    except OSError as e:
+        raise CapsNetError(f"cannot write {out}: {e.strerror}") from None
+
+
+# ----------------------------------------------------------------------------------------------
+# serve: a page to draw digits on and watch the capsules read them
+
+PAGE = "multimnist_capsnet_page.html"  # beside this module; pip install . puts it in share/
+MAX_BODY = 2 ** 20   # bytes a request may send; a drawing is under 7 KB of JSON
+SLIDER = 0.25        # the Figure 4 sliders add -SLIDER..SLIDER to one dimension, as the paper's
+TEST_FILES = ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
+
+
+def page_file() -> Path:
+    """The page: beside this module (a source tree, pip install -e), else in the share/ folder of
+    the environment or of the user's site where pip install . put it (pyproject's data-files)."""
+    import site
+    places = [Path(__file__).resolve().parent, Path(sys.prefix) / "share" / "multimnist-capsnet",
+              Path(site.USER_BASE or "~") / "share" / "multimnist-capsnet"]
+    return next((p / PAGE for p in places if (p / PAGE).exists()), places[0] / PAGE)
+
+
+class BadRequest(CapsNetError):
+    """A request the server refuses, with its HTTP status; the message is one line."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass
+class Served:
+    """A model the page can use, and what the page says about it."""
+    name: str
+    run: Run
+    accuracy: str
+
+
+def accuracy_words(path, run: Run) -> str:
+    """The model's test accuracy in words: the first test set its file names (bench/ship_model.py
+    stores them), else its last epoch's."""
+    one = model_digits(run.cfg) == 1
+    with np.load(path, allow_pickle=False) as z:
+        meta = json.loads(str(z["meta"]))
+    for task, m in (meta.get("test_metrics") or {}).items():
+        acc, n = m.get("set_acc", m.get("top1")), meta.get("n_test")
+        return (f"{'accuracy' if one else 'set accuracy'} {acc:.3f} on "
+                f"{f'{n:,} ' if n else ''}test {'digits' if one else 'pairs'}, {task}")
+    if run.history["epochs"]:
+        return (f"set accuracy {run.history['epochs'][-1]['set_acc']:.3f} on its "
+                f"{run.cfg.n_test:,} test composites (last epoch)")
+    return "never evaluated"
+
+
+def served_models(checkpoint: str | None) -> list[Served]:
+    """What serve offers: --checkpoint alone, else the shipped MultiMNIST model and, once
+    models/capsnet-mnist.npz ships, the MNIST model beside it."""
+    paths = ([Path(checkpoint)] if checkpoint else
+             [MODEL_FILE] + [MNIST_MODEL_FILE] * MNIST_MODEL_FILE.exists())
+    models = []
+    for path in paths:
+        run = load_checkpoint(path)
+        if run.cfg.model != "capsnet":
+            raise CapsNetError(f"{path}: the page shows capsules, and a {run.cfg.model} has none")
+        models.append(Served(path.name, run, accuracy_words(path, run)))
+    return models
+
+
+def cached_test_digits(data_dir=None) -> tuple[np.ndarray, np.ndarray] | None:
+    """MNIST's test digits and labels from the cache, or None: the server downloads nothing."""
+    paths = [mnist_dir(data_dir) / name for name in TEST_FILES]
+    raws = [_verified(p) for p in paths] if all(p.exists() for p in paths) else [None]
+    if any(r is None for r in raws):
+        return None
+    return parse_idx(raws[0], "images"), parse_idx(raws[1], "labels")
+
+
+def _u8(a) -> list[int]:
+    """Values in [0, 1] as a flat list of 0..255: a third of the JSON of floats."""
+    return np.round(255 * np.clip(a, 0, 1)).astype(int).ravel().tolist()
+
+
+def _image(body: dict, canvas: int) -> np.ndarray:
+    """The request's 'image' (canvas rows of canvas numbers in 0..1, or flat) as float64."""
+    if "image" not in body:
+        raise BadRequest(400, "the request has no 'image'")
+    try:
+        x = np.asarray(body["image"], dtype=np.float64)
+    except (TypeError, ValueError, OverflowError):
+        raise BadRequest(400, "'image' must be a list of numbers, or a list of rows of them")
+    if x.shape not in ((canvas, canvas), (canvas * canvas,)):
+        raise BadRequest(400, f"'image' has shape {x.shape}; this model takes {canvas}x{canvas} "
+                              f"({canvas * canvas} numbers)")
+    if not np.isfinite(x).all() or x.min() < 0 or x.max() > 1:
+        raise BadRequest(400, "'image' values must be numbers in 0..1")
+    return x.reshape(canvas, canvas)
+
+
+def page_models(models: dict, digits) -> dict:
+    """GET /api/models: each model's name, canvas, digit count, accuracy, and what the page
+    needs to draw the routing (the primary-capsule grid cell each canvas pixel shows)."""
+    import visualize_multimnist_capsnet as viz
+    out = []
+    for m in models.values():
+        cfg = m.run.cfg
+        g = cfg.grid()[1]
+        cells = viz.upsample_grid(cfg, np.arange(1, g * g + 1).reshape(g, g, 1))[..., 0] - 1
+        out.append(dict(name=m.name, canvas=cfg.canvas, digits=model_digits(cfg),
+                        accuracy=m.accuracy, dims=cfg.digit_dim, iterations=cfg.routing_iters,
+                        grid=g, cells=cells.astype(int).ravel().tolist()))
+    return dict(models=out, sample=digits is not None, slider=SLIDER, min_length=MIN_LENGTH)
+
+
+def page_predict(m: Served, body: dict) -> dict:
+    """POST /api/predict {model, image, fit}: the capsule lengths, the digits found, the two
+    longest capsules' reconstructions, the digit capsules, and the routing: per iteration and
+    digit capsule, each primary-capsule grid cell's |u|-weighted coupling (routing_colours), and
+    the last iteration's excess over uniform for the two longest, stretched by gain."""
+    import visualize_multimnist_capsnet as viz
+    cfg, params = m.run.cfg, m.run.eval_params
+    n = model_digits(cfg)
+    x, fit = _image(body, cfg.canvas), body.get("fit", False)
+    if type(fit) is not bool:
+        raise BadRequest(400, "'fit' must be true or false")
+    img, how = fit_digits(x, cfg.canvas, n) if fit else to_canvas(x, cfg.canvas, n)
+    if img is None:
+        return dict(model=m.name, ink=False, how=how)
+    every = np.arange(cfg.n_classes)[None]                       # couplings to every capsule
+    _, ulen, c, v = next(viz.routing_batches(params, cfg, img[None], every))
+    lengths = np.linalg.norm(v[0], axis=1)
+    top = top2(lengths[None])[0]
+    recon = reconstruct(params, np.repeat(v, 2, 0), top)
+    routing = [[_u8(viz.routing_colours(cfg, ulen[0], ck, ck)[..., 0]) for ck in c[r, 0]]
+               for r in range(len(c))]
+    excess, gain = viz.routing_excess(cfg, ulen[0], c[-1, 0, top])
+    return dict(model=m.name, ink=True, how=how, input=img.ravel().tolist(),
+                lengths=np.round(lengths, 4).tolist(), found=digits_found(lengths, n),
+                top=top.tolist(), recon=[_u8(r) for r in recon],
+                capsules=np.round(v[0], 5).tolist(), routing=routing, excess=_u8(excess),
+                gain=float(gain))
+
+
+def page_perturb(m: Served, body: dict) -> dict:
+    """POST /api/perturb {model, capsule, pose}: the reconstruction from digit capsule `capsule`
+    set to `pose` (its 16 numbers), all others masked: the paper's Figure 4, one cell."""
+    cfg = m.run.cfg
+    k, pose = body.get("capsule"), body.get("pose")
+    if type(k) is not int or not 0 <= k < cfg.n_classes:
+        raise BadRequest(400, f"'capsule' must be a digit 0..{cfg.n_classes - 1}")
+    try:
+        pose = np.asarray(pose, dtype=np.float64)
+    except (TypeError, ValueError, OverflowError):
+        pose = None
+    if pose is None or pose.shape != (cfg.digit_dim,) or not np.isfinite(pose).all() \
+            or np.abs(pose).max() > 1 + SLIDER:
+        raise BadRequest(400, f"'pose' must be {cfg.digit_dim} numbers in "
+                              f"-{1 + SLIDER}..{1 + SLIDER}")
+    v = np.zeros((1, cfg.n_classes, cfg.digit_dim))
+    v[0, k] = pose
+    return dict(recon=_u8(reconstruct(m.run.eval_params, v, np.array([k]))[0]))
+
+
+def page_sample(m: Served, digits) -> dict:
+    """GET /api/sample?model=: a random MNIST test pair made as the paper's task (shifted by up to
+    cfg.max_shift, added and clipped) as its two layers a and b; one digit for a one-digit model."""
+    if digits is None:
+        raise BadRequest(503, "this server has no MNIST test digits (the page hides the button)")
+    cfg, rng = m.run.cfg, np.random.default_rng()
+    x, y = digits
+    if model_digits(cfg) == 1:
+        i = int(rng.integers(len(x)))
+        a = place(x[i:i + 1], np.zeros(1, int), np.zeros(1, int), cfg.canvas)[0]
+        return dict(a=a.ravel().tolist(), b=[0] * cfg.canvas ** 2, labels=[int(y[i])])
+    p = make_pairs(x, y, 1, rng, min_iou=0.0, overlay="clip-sum", max_shift=cfg.max_shift,
+                   canvas=cfg.canvas)
+    return dict(a=p["a"][0].ravel().tolist(), b=p["b"][0].ravel().tolist(),
+                labels=p["labels"][0].tolist())
+
+
+class PageHandler(http.server.BaseHTTPRequestHandler):
+    """The page and its JSON API, on fixed routes: no request names a file. Every error is a
+    JSON {"error": one line} with its status; the server keeps serving after each."""
+    server_version = "multimnist-capsnet"
+    protocol_version = "HTTP/1.1"           # keep-alive: a drawing sends a request per stroke
+    timeout = 30                            # seconds a client may take to send its request
+
+    def do_GET(self):
+        path, _, query = self.path.partition("?")
+        if path in ("/", "/index.html"):
+            return self._reply(200, self.server.page, "text/html; charset=utf-8")
+        query = urllib.parse.parse_qs(query)
+        routes = {"/api/models": lambda: page_models(self.server.models, self.server.digits),
+                  "/api/sample": lambda: page_sample(self._model(query.get("model", [None])[0]),
+                                                     self.server.digits)}
+        self._api(routes.get(path))
+
+    def do_POST(self):
+        fn = {"/api/predict": page_predict, "/api/perturb": page_perturb}.get(self.path)
+        self._api(fn and (lambda: self._post(fn)))
+
+    def _post(self, fn) -> dict:
+        body = self._body()
+        return fn(self._model(body.get("model")), body)
+
+    def _api(self, fn):
+        try:
+            if fn is None:
+                self.close_connection = True    # a body sent with it is not read
+                raise BadRequest(404, f"no such page: {self.path[:100]}")
+            status, out = 200, fn()
+        except BadRequest as e:
+            status, out = e.status, dict(error=str(e))
+        except CapsNetError as e:
+            status, out = 400, dict(error=str(e))
+        except Exception as e:  # a bug: one line here and to the client, and keep serving
+            self.log_error("internal error: %s: %s", type(e).__name__, e)
+            status, out = 500, dict(error=f"internal error ({type(e).__name__})")
+        self._reply(status, json.dumps(out).encode(), "application/json")
+
+    def _model(self, name) -> Served:
+        models = self.server.models
+        if name is None:
+            return next(iter(models.values()))
+        if name not in models:
+            raise BadRequest(400, f"no model {str(name)[:60]!r}; this server has "
+                                  f"{', '.join(models)}")
+        return models[name]
+
+    def _body(self) -> dict:
+        """The request's JSON object, at most MAX_BODY bytes."""
+        try:
+            n = int(self.headers["Content-Length"])
+        except (TypeError, ValueError):
+            n = -1
+        if n < 0:
+            self.close_connection = True        # whatever body follows is not read
+            raise BadRequest(411, "send the body with a Content-Length")
+        if n > MAX_BODY:
+            self._discard(n)
+            raise BadRequest(413, f"a body of {n:,} bytes; the limit is {MAX_BODY:,}")
+        try:
+            body = json.loads(self.rfile.read(n))
+        except (ValueError, RecursionError) as e:  # JSONDecodeError and bad UTF-8 are ValueErrors
+            raise BadRequest(400, f"malformed JSON: {str(e)[:100]}") from None
+        if not isinstance(body, dict):
+            raise BadRequest(400, "the body must be a JSON object")
+        return body
+
+    def _discard(self, n: int):
+        """Read and drop a body too large to take, so that its client, still sending, gets the
+        413 rather than a reset; past 8 x MAX_BODY, hang up instead."""
+        if n > 8 * MAX_BODY:
+            self.close_connection = True
+            return
+        while n > 0 and (chunk := self.rfile.read(min(n, 65536))):
+            n -= len(chunk)
+
+    def _reply(self, status: int, data: bytes, kind: str):
+        self.send_response(status)
+        self.send_header("Content-Type", kind)
+        self.send_header("Content-Length", str(len(data)))
+        self.send_header("Cache-Control", "no-store")
+        self.send_header("X-Content-Type-Options", "nosniff")
+        if self.close_connection:
+            self.send_header("Connection", "close")
+        self.end_headers()
+        self.wfile.write(data)
+
+    def send_error(self, code, message=None, explain=None):
+        """A malformed request line or header: JSON like every other error, then hang up (a
+        request too malformed to tell its version is answered as HTTP/1.0, not 0.9's bare body)."""
+        self.close_connection = True
+        if self.request_version == "HTTP/0.9":
+            self.request_version = "HTTP/1.0"
+        self._reply(code, json.dumps(dict(error=message or "bad request")).encode(),
+                    "application/json")
+
+    def log_message(self, fmt, *args):
+        if self.server.log:
+            super().log_message(fmt, *args)
+
+    def log_error(self, fmt, *args):
+        print(f"serve: {self.address_string()}: {fmt % args}"[:300], file=sys.stderr)
+
+
+class PageServer(http.server.ThreadingHTTPServer):
+    """A thread per connection; a connection that breaks is one line on stderr."""
+    daemon_threads = True
+
+    def handle_error(self, request, client_address):
+        print(f"serve: {client_address[0]}: {sys.exc_info()[1]!r}"[:300], file=sys.stderr)
+
+
+def make_server(models: list[Served], digits=None, host: str = "127.0.0.1", port: int = 8000,
+                log: bool = False) -> PageServer:
+    """The page's server, listening (port 0: a free one), not yet serving."""
+    try:
+        page = page_file().read_bytes()
+    except OSError as e:
+        raise CapsNetError(f"cannot read the page {page_file()}: {e.strerror}") from None
+    try:
+        server = PageServer((host, port), PageHandler)
+    except (OSError, OverflowError) as e:
+        raise CapsNetError(f"cannot listen on {host}:{port}: "
+                           f"{getattr(e, 'strerror', None) or e}") from None
+    server.models, server.digits, server.page, server.log = \
+        {m.name: m for m in models}, digits, page, log
+    return server
+
+
+def _port(text: str) -> int:
+    if not text.isdigit() or int(text) > 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number 0..65535")
+    return int(text)
+
+
+def build_serve_parser() -> argparse.ArgumentParser:
+    p = ArgumentParser(prog="multimnist_capsnet.py serve",
+                       description="A page in your browser: draw two digits with two pens and "
+                                   "watch the capsules read them, their reconstructions, the "
+                                   "routing, and the paper's Figure 4 on sliders. Ctrl-C stops.")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on; the page has no login, so keep it on this "
+                        "machine (default: %(default)s)")
+    p.add_argument("--port", type=_port, default=8000,
+                   help="port to listen on; 0 picks a free one (default: %(default)s)")
+    shipped = MODEL_FILE.relative_to(Path(__file__).resolve().parent)
+    p.add_argument("--checkpoint", default=None,
+                   help=f"serve this model or --save checkpoint alone (default: {shipped}, and "
+                        "models/capsnet-mnist.npz for one digit once it ships)")
+    p.add_argument("--data-dir", default=None,
+                   help="MNIST cache for the page's random test pairs, read only, never "
+                        "downloaded (default: $HINTON_MNIST_DIR or ~/.cache/hinton-mnist)")
+    p.add_argument("--log", action="store_true", help="print a line per request")
+    return p
+
+
+def serve_main(argv) -> int:
+    parser = build_serve_parser()
+    args = parser.parse_args(argv)
+    try:
+        models = served_models(args.checkpoint)
+        digits = cached_test_digits(args.data_dir)
+        server = make_server(models, digits, args.host, args.port, args.log)
     except CapsNetError as e:
         print(f"{parser.prog}: error: {e}", file=sys.stderr)
         return 1
+    host, port = server.server_address[:2]
+    print(f"serving {', '.join(m.name for m in models)} on http://{host}:{port}/ "
+          "(Ctrl-C stops)", flush=True)
+    if digits is None:
+        print(f"no MNIST test digits in {mnist_dir(args.data_dir)}: the page's random-pair "
+              "button is hidden (a training run fetches them)", flush=True)
+    blas = blas_limiter()  # one BLAS thread per request: requests run side by side
+    try:
+        with blas.limit(limits=1) if blas else contextlib.nullcontext():
+            server.serve_forever()
+    except KeyboardInterrupt:
+        print("stopped", flush=True)
+    finally:
+        server.server_close()
     return 0
-
-
-def _write_predictions(out, names, x, top2, recon) -> None:
-    """One row per image: the input, the first capsule's reconstruction in red, the second's in
-    green, both overlaid (the figure script's colours)."""
-    import visualize_multimnist_capsnet as viz
-    fig = viz.new_figure(6.4, 1.7 * len(x) + 0.3)
-    axes = fig.subplots(len(x), 4, squeeze=False)
-    for row, name, img, (a, b), ra, rb in zip(axes, names, x, top2, *recon):
-        viz.show(row[0], viz.as_image(img), Path(name).name)
-        viz.show(row[1], viz.tint(ra, viz.A_RGB), f"capsule {a}", viz.A_COLOR)
-        viz.show(row[2], viz.tint(rb, viz.B_RGB), f"capsule {b}", viz.B_COLOR)
-        viz.show(row[3], viz.overlay(ra, rb), f"{a} and {b}")
-    viz.save_png(fig, Path(out))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """`multimnist_capsnet.py predict`: reading the user's images, the command, and the shipped model.
 
-Nothing here touches the network or MNIST: the command runs on a tiny synthetic checkpoint, and
-the shipped model is asked about digits that matplotlib's bundled font draws.
+Nothing here needs MNIST: the command runs on stub models whose capsule lengths are set by hand,
+and the shipped model is asked about digits that matplotlib's bundled font draws, as composites
+and as photos of printed digits.
 """
 import subprocess
 import sys
@@ -16,18 +17,6 @@ from matplotlib.figure import Figure
 import multimnist_capsnet as mc
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["--data", "synthetic", "--n-train", "64", "--n-test", "16", "--batch-size", "16",
-        "--conv1-channels", "4", "--primary-types", "2", "--decoder-h1", "16", "--decoder-h2", "16",
-        "--n-epochs", "1", "--quiet"]
-
-
-@pytest.fixture(scope="module")
-def tiny_ckpt(tmp_path_factory):
-    path = tmp_path_factory.mktemp("predict") / "tiny.npz"
-    assert mc.main(TINY + ["--save", str(path)]) == 0
-    return path
-
-
 def digit(rng, side=28) -> np.ndarray:
     """A uint8 blob on black with some ink near the centre."""
     img = np.zeros((side, side), np.uint8)
@@ -36,12 +25,18 @@ def digit(rng, side=28) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------------------------
-# read_image
+# Reading an image: read_image, ink_on_black, to_canvas
+
+def model_input(path, canvas=36, n_digits=1, background="auto") -> np.ndarray:
+    """What predict feeds the model for the image at path."""
+    x, _ = mc.ink_on_black(mc.read_image(path), background)
+    return mc.to_canvas(x, canvas, n_digits)[0]
+
 
 def test_a_28x28_digit_is_placed_at_the_canvas_centre(tmp_path):
     img = digit(np.random.default_rng(0))
     iio.imwrite(tmp_path / "d.png", img)
-    x = mc.read_image(tmp_path / "d.png", 36)
+    x = model_input(tmp_path / "d.png")
     assert x.shape == (36, 36) and x.dtype == np.uint8
     np.testing.assert_array_equal(x[4:32, 4:32], img)
     assert x.sum() == img.sum()
@@ -51,7 +46,7 @@ def test_a_36x36_composite_is_taken_as_it_is(tmp_path):
     img = np.zeros((36, 36), np.uint8)
     img[5:30, 10:20] = 200
     np.save(tmp_path / "c.npy", img)
-    np.testing.assert_array_equal(mc.read_image(tmp_path / "c.npy", 36), img)
+    np.testing.assert_array_equal(model_input(tmp_path / "c.npy", n_digits=2), img)
 
 
 @pytest.mark.parametrize("form", ["grey-u8", "rgb-u8", "rgba-u8", "grey-u16", "float01", "float255",
@@ -73,14 +68,14 @@ def test_forms_of_the_same_digit_read_alike(tmp_path, form):
     want = mc.place(img[None], np.zeros(1, int), np.zeros(1, int), 36)[0].astype(int)
     if form == "bool":
         want = np.where(want > 0, 255, 0)
-    np.testing.assert_allclose(mc.read_image(path, 36).astype(int), want, atol=1)
+    np.testing.assert_allclose(model_input(path).astype(int), want, atol=1)
 
 
 @pytest.mark.parametrize("background", ["black", "white"])
 def test_a_jpeg_reads_like_its_png_up_to_compression(tmp_path, background):
     img = digit(np.random.default_rng(4))
     iio.imwrite(tmp_path / "d.jpg", img if background == "black" else 255 - img, quality=95)
-    x = mc.read_image(tmp_path / "d.jpg", 36).astype(int)
+    x = model_input(tmp_path / "d.jpg").astype(int)
     want = mc.place(img[None], np.zeros(1, int), np.zeros(1, int), 36)[0].astype(int)
     assert np.abs(x - want).mean() < 3 and np.abs(x - want).max() < 80  # JPEG's ringing at edges
 
@@ -88,17 +83,101 @@ def test_a_jpeg_reads_like_its_png_up_to_compression(tmp_path, background):
 def test_background_flag_forces_the_inversion(tmp_path):
     img = digit(np.random.default_rng(2))
     np.save(tmp_path / "d.npy", img)
-    auto = mc.read_image(tmp_path / "d.npy", 36)
-    forced = mc.read_image(tmp_path / "d.npy", 36, background="white")
-    np.testing.assert_array_equal(forced[4:32, 4:32], 255 - auto[4:32, 4:32])
     np.save(tmp_path / "w.npy", 255 - img)
-    np.testing.assert_array_equal(mc.read_image(tmp_path / "w.npy", 36, background="black")[4:32, 4:32],
-                                  255 - img)
+    auto = model_input(tmp_path / "d.npy")
+    np.testing.assert_array_equal(model_input(tmp_path / "w.npy", background="white"), auto)
+    np.testing.assert_array_equal(model_input(tmp_path / "d.npy", background="black"), auto)
+    x = mc.read_image(tmp_path / "d.npy")
+    assert mc.ink_on_black(x, "auto")[1] is False and mc.ink_on_black(x, "black")[1] is False
+    forced, inverted = mc.ink_on_black(x, "white")
+    assert inverted and np.array_equal(forced, 1 - x)
+
+
+def bar(h: int, w: int, top: int, left: int, side=(90, 120)) -> np.ndarray:
+    """A white h x w rectangle on black at (top, left), float in [0, 1]."""
+    x = np.zeros(side)
+    x[top:top + h, left:left + w] = 1
+    return x
+
+
+def box_and_centre(img: np.ndarray) -> tuple[int, int, np.ndarray]:
+    """Height and width of the nonzero pixels' box, and the centre of mass (row, col)."""
+    rows, cols = np.flatnonzero(img.any(1)), np.flatnonzero(img.any(0))
+    w = img.astype(np.float64)
+    com = np.array([(w.sum(1) * (np.arange(len(w)) + 0.5)).sum(),
+                    (w.sum(0) * (np.arange(len(w)) + 0.5)).sum()]) / w.sum()
+    return rows[-1] - rows[0] + 1, cols[-1] - cols[0] + 1, com
+
+
+@pytest.mark.parametrize("n_digits, long_side", [(1, mc.DIGIT_BOX), (2, mc.PAIR_BOX)])
+@pytest.mark.parametrize("canvas", [28, 36])
+def test_any_size_is_scaled_to_mnists_box_keeping_its_aspect_and_centred_by_mass(canvas, n_digits,
+                                                                                 long_side):
+    x = bar(60, 15, top=20, left=80)  # off-centre, 4:1
+    img, how = mc.fit_digits(x, canvas, n_digits)
+    h, w, com = box_and_centre(img)
+    assert img.shape == (canvas, canvas) and (h, w) == (long_side, round(long_side / 4))
+    np.testing.assert_allclose(com, canvas / 2, atol=0.5)
+    assert img.max() == 255 and f"ink >= 0.50 above the background, its box 15x60 at row 20, " \
+        f"col 80 scaled x{long_side / 60:.3g} to {w}x{h}, centred by mass in {canvas}x{canvas}" == how
+
+
+def test_a_digit_scaled_up_and_back_down_comes_back():
+    """A 28x28 MNIST-like digit drawn 4x larger on a 150x130 image, normalised, matches the digit
+    normalised at its own size: the resampling loses little."""
+    small = np.zeros((28, 28))
+    small[4:24, 10:18] = 1
+    small[4:8, 6:22] = 1                                                # a 'T', 20 tall
+    big = np.zeros((130, 150))
+    big[10:122, 30:142] = mc.resize(small, 112, 112)
+    a = mc.fit_digits(big, 28, 1)[0].astype(int)
+    b = mc.fit_digits(small, 28, 1)[0].astype(int)
+    assert box_and_centre(a)[:2] == box_and_centre(b)[:2] == (mc.DIGIT_BOX, 16)
+    assert ((a > 127) == (b > 127)).mean() > 0.97                       # only edges differ
+
+
+def test_the_resize_matrices_keep_the_mean_and_skip_no_pixel():
+    for n_in, n_out in ((100, 20), (20, 100), (37, 36), (5, 5)):
+        m = mc._resize_matrix(n_in, n_out)
+        np.testing.assert_allclose(m.sum(1), 1)
+        assert (m.sum(0) > 0).all() or n_out > n_in
+    np.testing.assert_allclose(mc.resize(np.eye(5), 5, 5), np.eye(5))
+
+
+def photo(ink: np.ndarray, rng, noise=0.05) -> np.ndarray:
+    """ink (H, W) in [0, 1] as dark ink on light-grey paper lit unevenly (brighter to the right,
+    darker in the corners), in colour, with noise in every pixel."""
+    h, w = ink.shape
+    r, c = np.mgrid[:h, :w] / [[[h]], [[w]]] - 0.5
+    paper = 0.75 + 0.15 * c - 0.3 * (r * r + c * c)
+    lum = paper * (1 - 0.8 * ink) + rng.normal(0, noise, ink.shape)
+    return np.round(255 * np.clip(lum[..., None] * [1.05, 1.0, 0.9], 0, 1)).astype(np.uint8)
+
+
+@pytest.mark.parametrize("kind", ["black", "white", "grey", "noisy-grey-jpeg", "faint-specks"])
+def test_an_image_without_ink_has_none(tmp_path, kind):
+    rng = np.random.default_rng(5)
+    x = {"black": np.zeros((90, 120)), "white": np.ones((90, 120)),
+         "grey": np.full((36, 36), 0.6), "noisy-grey-jpeg": None,
+         "faint-specks": (rng.random((28, 28)) < 0.02) * 0.15}[kind]
+    if x is None:
+        iio.imwrite(tmp_path / "p.jpg", photo(np.zeros((90, 120)), rng, noise=0.08), quality=70)
+        x = mc.read_image(tmp_path / "p.jpg")
+    ink, _ = mc.ink_on_black(x)
+    assert mc.to_canvas(ink, 36, 2) == (None, "no ink")
+
+
+def test_faint_ink_on_noisy_paper_is_found_and_stretched_to_white(tmp_path):
+    rng = np.random.default_rng(6)
+    iio.imwrite(tmp_path / "p.jpg", photo(bar(50, 12, 20, 50) * 0.4, rng), quality=70)
+    ink, inverted = mc.ink_on_black(mc.read_image(tmp_path / "p.jpg"))
+    img, _ = mc.to_canvas(ink, 36, 1)
+    assert inverted and box_and_centre(img)[0] == 20 and box_and_centre(img)[1] in (4, 5)
+    assert np.percentile(img[img > 0], 90) > 160  # twice its contrast on the paper (0.32)
+    assert (img > 0).sum() < 2 * 20 * 5                                 # the noise did not come
 
 
 BAD = {
-    "wrong-size": (lambda p: iio.imwrite(p.with_suffix(".png"), np.zeros((30, 40), np.uint8)),
-                   ".png", "is 40x30 pixels; predict takes a 28x28 digit or a 36x36 composite"),
     "nan": (lambda p: np.save(p.with_suffix(".npy"), np.full((28, 28), np.nan)), ".npy", "NaN"),
     "empty-file": (lambda p: p.with_suffix(".png").write_bytes(b""), ".png", "not a readable image"),
     "empty-array": (lambda p: np.save(p.with_suffix(".npy"), np.zeros((0, 28))), ".npy", "is empty"),
@@ -122,7 +201,7 @@ def test_bad_images_are_a_clear_error_naming_the_file(tmp_path, kind):
     path = (tmp_path / "img").with_suffix(suffix)
     make(path)
     with pytest.raises(mc.CapsNetError, match=expect) as e:
-        mc.read_image(path, 36)
+        mc.read_image(path)
     assert str(path) in str(e.value)
 
 
@@ -134,33 +213,141 @@ def cli(*args, cwd):
                           cwd=cwd, capture_output=True, text=True, timeout=120)
 
 
-def test_predict_prints_two_digits_per_image_and_writes_the_figure(tmp_path, tiny_ckpt):
-    rng = np.random.default_rng(3)
-    iio.imwrite(tmp_path / "a.png", digit(rng))
-    np.save(tmp_path / "b.npy", np.maximum(digit(rng, 36), np.roll(digit(rng, 36), 3, axis=1)))
-    r = cli("--checkpoint", tiny_ckpt, "--verbose", "--out", tmp_path / "p.png", "a.png", "b.npy",
+def stub_model(path, canvas: int, lengths: dict) -> Path:
+    """A model file whose digit capsules have the given lengths {digit: length} whatever the
+    image (votes zeroed, each length set by its capsule's bias), at canvas 28 or 36."""
+    cfg = mc.Config(canvas=canvas, max_shift=(canvas - 28) // 2, digit_bias=True,
+                    conv1_channels=4, primary_types=2, decoder_h1=16, decoder_h2=16)
+    run = mc.new_run(cfg)
+    run.params["digit_w"][:] = 0
+    for k, length in lengths.items():
+        run.params["digit_b"][k, 0] = np.sqrt(length / (1 - length))  # squash: n^2 / (1 + n^2)
+    mc.save_model(path, run)
+    return path
+
+
+def test_answers_name_only_capsules_of_at_least_half(tmp_path):
+    s = np.full(10, 0.1)
+    s[[9, 4]] = 0.95, 0.45
+    assert mc.digits_found(s, 2) == [9] and mc.digits_found(s, 1) == [9]
+    assert mc.answer(s, 2) == "9  (capsule length 0.95; no second digit: the next, 4, is 0.45)"
+    s[4] = 0.5
+    assert mc.answer(s, 2) == "9 and 4  (capsule lengths 0.95, 0.50)"
+    assert mc.answer(s, 1) == "9  (capsule length 0.95)"
+    s[9] = 0.3
+    assert mc.answer(s, 2) == "4  (capsule length 0.50; no second digit: the next, 9, is 0.30)"
+    s[4] = 0.49
+    assert mc.answer(s, 2) == ("no digit found  (the longest capsule length, 4's, is 0.49; a "
+                               "digit needs 0.50)")
+
+
+@pytest.mark.parametrize("canvas, want", [(36, "3 and 5  (capsule lengths 0.97, 0.80)"),
+                                          (28, "3  (capsule length 0.97)")])
+def test_a_one_digit_model_answers_one_digit_and_a_two_digit_model_two(tmp_path, canvas, want):
+    ckpt = stub_model(tmp_path / "m.npz", canvas, {3: 0.97, 5: 0.8})
+    iio.imwrite(tmp_path / "a.png", digit(np.random.default_rng(0), 28))
+    iio.imwrite(tmp_path / "b.png", digit(np.random.default_rng(1), 50))
+    r = cli("--checkpoint", ckpt, "a.png", "b.png", "--digits", "2" if canvas == 36 else "auto",
             cwd=tmp_path)
+    assert r.returncode == 0 and r.stdout == f"a.png: {want}\nb.png: {want}\n", r.stderr
+    if canvas == 28:
+        r = cli("--checkpoint", ckpt, "--digits", "2", "a.png", cwd=tmp_path)
+        assert r.returncode == 1 and r.stdout == "" and r.stderr.count("\n") == 1
+        assert "--digits 2: " in r.stderr and "is a one-digit model" in r.stderr
+
+
+def test_a_weak_capsule_is_no_digit(tmp_path):
+    ckpt = stub_model(tmp_path / "m.npz", 36, {6: 0.45})
+    iio.imwrite(tmp_path / "a.png", digit(np.random.default_rng(0), 36))
+    r = cli("--checkpoint", ckpt, "a.png", cwd=tmp_path)
+    assert r.returncode == 0 and r.stdout.startswith("a.png: no digit found  (the longest "
+                                                     "capsule length, 6's, is 0.45")
+
+
+def test_the_model_is_chosen_by_the_digits_an_image_holds(tmp_path, monkeypatch):
+    monkeypatch.setattr(mc, "MNIST_MODEL_FILE", tmp_path / "capsnet-mnist.npz")
+    choose = mc.choose_model
+    assert choose("auto", (28, 28), None) == (mc.MODEL_FILE, 1)  # no MNIST model: the pairs'
+    assert choose("auto", (36, 36), None) == (mc.MODEL_FILE, 2)
+    assert choose("auto", (100, 80), None) == (mc.MODEL_FILE, 2)
+    (tmp_path / "capsnet-mnist.npz").touch()
+    assert choose("auto", (28, 28), None) == (mc.MNIST_MODEL_FILE, 1)
+    assert choose("1", (100, 80), None) == (mc.MNIST_MODEL_FILE, 1)
+    assert choose("2", (28, 28), None) == (mc.MODEL_FILE, 2)
+    assert choose("auto", (28, 28), "m.npz") == (Path("m.npz"), 1)
+    assert choose("2", (28, 28), "m.npz") == (Path("m.npz"), 2)
+
+
+def test_predict_reads_any_image_and_draws_what_it_did(tmp_path):
+    """The shipped model on a composite, a 28x28 digit, a large photo of a digit on paper, a blank
+    page; the figure: one row per image, four cells (as read, input, red, green)."""
+    rng = np.random.default_rng(3)
+    (a, b), (ya, xa, yb, xb) = SHIPPED_CASES[0]
+    pair = np.minimum(font_digit(a, xa, ya).astype(int) + font_digit(b, xb, yb), 255)
+    iio.imwrite(tmp_path / "pair.png", pair.astype(np.uint8))
+    iio.imwrite(tmp_path / "five.png", font_digit(5)[4:32, 4:32])
+    iio.imwrite(tmp_path / "photo.jpg", photo(big_font_digit(3), rng), quality=70)
+    iio.imwrite(tmp_path / "blank.jpg", photo(np.zeros((300, 400)), rng), quality=70)
+    r = cli("--verbose", "--out", "p.png", "pair.png", "five.png", "photo.jpg", "blank.jpg",
+            "--digits", "auto", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
-    lines = r.stdout.splitlines()
-    heads = [ln for ln in lines if not ln.startswith(" ")]
-    assert [h.split(":")[0] for h in heads[:2]] == ["a.png", "b.npy"]
-    for h in heads[:2]:
-        a, _, b = h.split(":")[1].split("(")[0].split()
-        assert a != b and {int(a), int(b)} <= set(range(10))
-    alls = [ln for ln in lines if ln.startswith("  all ten: ")]
-    assert len(alls) == 2 and all(len(ln.split()) == 12 for ln in alls)
-    assert lines[-1] == f"wrote {tmp_path / 'p.png'}"
-    fig = iio.imread(tmp_path / "p.png")
-    assert fig.ndim == 3 and fig[..., :3].std() > 10  # drawn, not blank
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png", "b.npy", "p.png"]
+    heads = [ln for ln in r.stdout.splitlines() if not ln.startswith(" ")]
+    assert heads[0].startswith(("pair.png: 2 and 3  (", "pair.png: 3 and 2  ("))
+    assert heads[1].startswith("five.png: 5  (capsule length ")
+    assert heads[2].startswith("photo.jpg: 3 and ")
+    assert heads[3] == "blank.jpg: no digit found  (no ink)" and heads[4] == "wrote p.png"
+    assert "  120x90, inverted; ink >= " in r.stdout and "centred by mass in 36x36" in r.stdout
+    assert "28x28 digit placed at the centre of 36x36" in r.stdout
+    assert r.stdout.count("  all ten: ") == 3
+    fig = iio.imread(tmp_path / "p.png").astype(int)
+    side = 4 * 36
+    assert fig.shape == (4 * side + 3 * 4, 4 * side + 3 * 4, 3)
+    cell = lambda row, col: fig[row * (side + 4):row * (side + 4) + side,
+                                col * (side + 4):col * (side + 4) + side]
+    for row in range(3):
+        red, green = cell(row, 2), cell(row, 3)
+        assert red[..., 0].max() > 200 and red[..., 1].max() < 0.2 * red[..., 0].max() + 1
+        assert row == 1 or green[..., 1].max() > 100
+    assert cell(1, 3).max() == 0 and cell(3, 1).max() == 0 and cell(3, 2).max() == 0
 
 
-def test_predict_bad_image_is_one_line_and_writes_nothing(tmp_path, tiny_ckpt):
-    iio.imwrite(tmp_path / "a.png", np.zeros((30, 30), np.uint8))
-    r = cli("--checkpoint", tiny_ckpt, "--out", tmp_path / "p.png", "a.png", cwd=tmp_path)
-    assert r.returncode == 1 and r.stdout == ""
-    assert r.stderr.count("\n") == 1 and "a.png is 30x30 pixels" in r.stderr
-    assert r.stderr.startswith("multimnist_capsnet.py predict: error: ")
+def test_predict_photo_of_one_digit(tmp_path):
+    """Photos of printed digits, --digits 1: the shipped model names each one, also in a
+    1200x900 photo (shrunk first)."""
+    rng = np.random.default_rng(7)
+    for d in (2, 5):
+        iio.imwrite(tmp_path / f"{d}.jpg", photo(big_font_digit(d), rng), quality=70)
+    iio.imwrite(tmp_path / "7.jpg", photo(mc.resize(big_font_digit(7), 900, 1200), rng),
+                quality=80)
+    r = cli("--digits", "1", "--verbose", "2.jpg", "5.jpg", "7.jpg", cwd=tmp_path)
+    heads = [ln.split("  ")[0] for ln in r.stdout.splitlines() if not ln.startswith(" ")]
+    assert r.returncode == 0 and heads == ["2.jpg: 2", "5.jpg: 5", "7.jpg: 7"], r.stdout
+    assert "  1200x900, inverted; shrunk to 256x192; ink >= " in r.stdout
+
+
+def test_one_bad_file_among_good_ones_is_one_line_and_the_rest_are_answered(tmp_path):
+    ckpt = stub_model(tmp_path / "m.npz", 36, {3: 0.97, 5: 0.8})
+    iio.imwrite(tmp_path / "a.png", digit(np.random.default_rng(0), 36))
+    iio.imwrite(tmp_path / "c.png", digit(np.random.default_rng(1), 36))
+    (tmp_path / "t.png").write_text("not an image")
+    r = cli("--checkpoint", ckpt, "a.png", "missing.png", "t.png", "c.png", "--out", "p.jpg",
+            cwd=tmp_path)
+    assert r.returncode == 1
+    assert r.stdout.splitlines() == ["a.png: 3 and 5  (capsule lengths 0.97, 0.80)",
+                                     "c.png: 3 and 5  (capsule lengths 0.97, 0.80)", "wrote p.jpg"]
+    assert [ln[:ln.find("(") + 1 or None] for ln in r.stderr.splitlines()] == [
+        "multimnist_capsnet.py predict: error: missing.png does not exist",
+        "multimnist_capsnet.py predict: error: t.png is not a readable image ("]
+    assert (tmp_path / "p.jpg").read_bytes()[:2] == b"\xff\xd8"  # a JPEG, as its suffix says
+    assert iio.imread(tmp_path / "p.jpg").shape[0] == 2 * 4 * 36 + 4
+
+
+@pytest.mark.parametrize("out, expect", [("p.xyz", "no image format for the suffix '.xyz'"),
+                                         ("p", "give it a suffix that names an image format")])
+def test_predict_refuses_an_out_format_before_any_work(tmp_path, out, expect):
+    iio.imwrite(tmp_path / "a.png", digit(np.random.default_rng(0), 36))
+    r = cli("--checkpoint", tmp_path / "none.npz", "--out", out, "a.png", cwd=tmp_path)
+    assert r.returncode == 2 and r.stdout == "" and r.stderr.count("\n") == 1 and expect in r.stderr
     assert [p.name for p in tmp_path.iterdir()] == ["a.png"]
 
 
@@ -190,6 +377,16 @@ def test_predict_bad_flags_are_one_line(tmp_path, args, expect):
 
 # ----------------------------------------------------------------------------------------------
 # The shipped model
+
+def big_font_digit(d: int) -> np.ndarray:
+    """Digit d in matplotlib's bundled DejaVu Sans, about 60 px tall, a little off-centre in a
+    120x90 image: ink (1) on paper (0)."""
+    fig = Figure(figsize=(1.2, 0.9), dpi=100)
+    canvas = FigureCanvasAgg(fig)
+    fig.text(0.55, 0.45, str(d), fontsize=60, ha="center", va="center", fontweight="bold")
+    canvas.draw()
+    return 1 - np.asarray(canvas.buffer_rgba())[..., 0] / 255
+
 
 def font_digit(d: int, dx: int = 0, dy: int = 0) -> np.ndarray:
     """Digit d drawn in matplotlib's bundled DejaVu Sans, white on black, as MNIST frames its
