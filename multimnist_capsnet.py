@@ -2351,9 +2351,10 @@ def build_predict_parser() -> argparse.ArgumentParser:
 def predict_main(argv) -> int:
     parser = build_predict_parser()
     args = parser.parse_args(argv)
-    if args.out and (why := image_writable(args.out)):
-        parser.error(why)
     err = lambda msg: print(f"{parser.prog}: error: {msg}", file=sys.stderr)
+    if args.out and (why := image_writable(args.out)):
+        err(f"--out: {why}")  # as training's output flags: exit 1, before any work
+        return 1
     runs, rows, failed = {}, [], 0
     try:
         if args.checkpoint:  # a bad one is reported before any image is read

@@ -347,20 +347,22 @@ def test_one_bad_file_among_good_ones_is_one_line_and_the_rest_are_answered(tmp_
 def test_predict_refuses_an_out_format_before_any_work(tmp_path, out, expect):
     iio.imwrite(tmp_path / "a.png", digit(np.random.default_rng(0), 36))
     r = cli("--checkpoint", tmp_path / "none.npz", "--out", out, "a.png", cwd=tmp_path)
-    assert r.returncode == 2 and r.stdout == "" and r.stderr.count("\n") == 1 and expect in r.stderr
+    assert r.returncode == 1 and r.stdout == "" and r.stderr.count("\n") == 1 and expect in r.stderr
     assert [p.name for p in tmp_path.iterdir()] == ["a.png"]
 
 
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="needs Linux's /proc")
-def test_predict_unwritable_out_fails_before_predicting(tmp_path, tiny_ckpt):
+def test_predict_unwritable_out_fails_before_predicting(tmp_path):
     """/proc takes no files, even from root: refused before any prediction is printed, in one
-    line and without a traceback."""
+    line, exit 1 and without a traceback."""
+    model = stub_model(tmp_path / "m.npz", 36, {3: 0.9})
     iio.imwrite(tmp_path / "a.png", digit(np.random.default_rng(4)))
-    r = cli("--checkpoint", tiny_ckpt, "--out", "/proc/p.png", "a.png", cwd=tmp_path)
-    assert r.returncode != 0 and r.stdout == "", r.stdout
+    r = cli("--checkpoint", model, "--out", "/proc/p.png", "a.png", cwd=tmp_path)
+    assert r.returncode == 1 and r.stdout == "", r.stdout
     assert "Traceback" not in r.stderr and r.stderr.count("\n") == 1, r.stderr
-    assert r.stderr.startswith("multimnist_capsnet.py predict: error: cannot write /proc/p.png")
-    assert [p.name for p in tmp_path.iterdir()] == ["a.png"]
+    assert r.stderr.startswith("multimnist_capsnet.py predict: error: --out: cannot write "
+                               "/proc/p.png")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png", "m.npz"]
 
 
 @pytest.mark.parametrize("args, expect", [
