@@ -2002,6 +2002,9 @@ def main(argv=None) -> int:
         if argv[:1] == ["serve"]:
             return serve_main(argv[1:])
         return _main(argv)
+    except BrokenPipeError:  # `predict ... | head`: the reader left, which is no error of ours
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no flush error at exit
+        return 141  # as a shell reports a pipe's writer ended by SIGPIPE
     finally:
         for s, handler in old.items():  # a library caller gets its Ctrl-C back
             signal.signal(s, handler)
@@ -2497,12 +2500,18 @@ def accuracy_words(path, run: Run) -> str:
     with np.load(path, allow_pickle=False) as z:
         meta = json.loads(str(z["meta"]))
     for task, m in (meta.get("test_metrics") or {}).items():
-        acc, n = m.get("set_acc", m.get("top1")), meta.get("n_test")
-        return (f"{'accuracy' if one else 'set accuracy'} {acc:.3f} on "
-                f"{f'{n:,} ' if n else ''}test {'digits' if one else 'pairs'}, {task}")
+        n = meta.get("n_test")
+        on = f"{f'{n:,} ' if n else ''}test {'digits' if one else 'pairs'}, {task}"
+        if "test_error" in m:
+            return f"test error {100 * m['test_error']:.2f}% on {on}"
+        return f"{'accuracy' if one else 'set accuracy'} {m.get('set_acc', m['top1']):.3f} on {on}"
     if run.history["epochs"]:
-        return (f"set accuracy {run.history['epochs'][-1]['set_acc']:.3f} on its "
-                f"{run.cfg.n_test:,} test composites (last epoch)")
+        last = run.history["epochs"][-1]
+        if "test_error" in last:
+            return (f"test error {100 * last['test_error']:.2f}% on its {run.cfg.n_test:,} test "
+                    f"digits (last epoch)")
+        return (f"set accuracy {last['set_acc']:.3f} on its {run.cfg.n_test:,} test composites "
+                f"(last epoch)")
     return "never evaluated"
 
 

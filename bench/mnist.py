@@ -150,7 +150,8 @@ def ship(args) -> int:
             f16 = mc.evaluate(half, run.cfg, test, workers)
         storage = "float16" if abs(f16["n_errors"] - f32["n_errors"]) <= args.tolerance else "float32"
         metrics = f16 if storage == "float16" else f32
-        info = dict(test_metrics=metrics, float32_metrics=f32, made_by="python3 bench/mnist.py ship",
+        info = dict(test_metrics={"the MNIST test set": metrics}, n_test=len(test["x"]),
+                    float32_metrics=f32, made_by="python3 bench/mnist.py ship",
                     trained_by=str(LONG.relative_to(ROOT)))
         mc.save_model(args.out, run, storage, **info)
     except mc.CapsNetError as e:

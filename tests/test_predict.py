@@ -422,3 +422,16 @@ def test_the_shipped_model_loads_without_pickle_and_reads_a_composite_it_never_s
         assert set(np.argsort(-lengths)[:2]) == {a, b}, lengths.round(3)
         assert np.sort(lengths)[-2] - np.sort(lengths)[-3] > 0.2, lengths.round(3)
         np.testing.assert_array_equal(mc.predict(run.params, run.cfg, x[None]), v)  # deterministic
+
+
+def test_predict_into_a_pipe_its_reader_closed_ends_without_a_traceback(tmp_path):
+    """`predict ... | head -1`: the reader leaves; predict stops quietly with 141, as SIGPIPE."""
+    model = stub_model(tmp_path / "m.npz", 36, {3: 0.9})
+    for k in range(3):
+        iio.imwrite(tmp_path / f"{k}.png", digit(np.random.default_rng(k), 36))
+    p = subprocess.Popen([sys.executable, str(ROOT / "multimnist_capsnet.py"), "predict",
+                          "--checkpoint", str(model), "0.png", "1.png", "2.png"], cwd=tmp_path,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    p.stdout.close()  # before the model has loaded: every line predict prints meets a closed pipe
+    err = p.stderr.read()
+    assert p.wait(timeout=120) == 141 and "Traceback" not in err, err
