@@ -149,6 +149,8 @@ def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     cfg = viz.config_or_error(parser, args)
+    if cfg.task == "mnist":
+        parser.error("the GIF follows pairs of digits; --task mnist has one per image")
     if why := mc.check_writable(args.out):
         parser.error(why)
     if args.fps > 100:

@@ -772,7 +772,7 @@ def routing_backward(dv, cache, full=False):
 def margin_forward(v, labels, scale=1.0):
     """Margin loss, summed over digit capsules, averaged over the batch, times scale.
 
-    v (N, J, E), labels (N, 2) -> loss scalar. T_k = 1 for both labels:
+    v (N, J, E), labels (N, K) -> loss scalar. T_k = 1 for each of the K labels:
     L_k = T_k max(0, 0.9 - |v_k|)^2 + 0.5 (1 - T_k) max(0, |v_k| - 0.1)^2. The TF reference
     averages L_k over k and halves it: scale 1 / (2 J).
     """
@@ -948,7 +948,7 @@ def capsnet_loss_and_grads(params, batch, cfg: Config, grad_scale: float = 1.0):
     v, enc = encode(params, batch["x"], cfg)
     margin, c_margin = margin_forward(v, batch["labels"], MARGIN_SCALE[cfg.margin_loss])
     z, c_mask = mask_forward(v, batch["labels"])                               # (K*N, J*E)
-    recon, c_dec = decoder_forward(z, params)                                  # (2N, H*W)
+    recon, c_dec = decoder_forward(z, params)                                  # (K*N, H*W)
     targets = np.concatenate([batch[k] for k in SOURCES[:batch["labels"].shape[1]]])  # (K*N, H*W)
     rec, c_rec = recon_forward(recon, targets, n)
     loss = margin + cfg.recon_weight * rec
@@ -1394,8 +1394,11 @@ def make_data(cfg: Config, mnist: dict) -> tuple[dict | None, dict]:
     no pool (every epoch shifts the digits afresh) and the first n_test test digits, unshifted."""
     if cfg.task == "mnist":
         if cfg.n_train > len(mnist["train_x"]):
-            raise CapsNetError(f"--n-train {cfg.n_train}: there are only "
+            raise CapsNetError(f"{flag('n_train')} {cfg.n_train}: there are only "
                                f"{len(mnist['train_x'])} training digits")
+        if cfg.n_test > len(mnist["test_x"]):
+            raise CapsNetError(f"{flag('n_test')} {cfg.n_test}: there are only "
+                               f"{len(mnist['test_x'])} test digits")
         return None, shift_digits(mnist["test_x"][:cfg.n_test], mnist["test_y"][:cfg.n_test], None)
     data_rng = np.random.default_rng(cfg.seed).spawn(3)[0]
     kw = dict(min_iou=cfg.min_iou, overlay=cfg.overlay, max_shift=cfg.max_shift, canvas=cfg.canvas)
@@ -1580,9 +1583,19 @@ def reconstruct(params, v: np.ndarray, digits: np.ndarray) -> np.ndarray:
     return decoder_forward(mask_forward(v, digits[:, None])[0], params)[0]
 
 
-def class_scores(out: np.ndarray) -> np.ndarray:
-    """predict's outputs -> (N, J) scores: capsule lengths |v_j|, or the CNN's sigmoid outputs."""
-    return np.linalg.norm(out, axis=2) if out.ndim == 3 else sigmoid(out)
+def class_scores(out: np.ndarray, cfg: Config | None = None) -> np.ndarray:
+    """predict's outputs -> (N, J) scores: capsule lengths |v_j|, or the CNN's outputs as its
+    loss reads them: sigmoids on MultiMNIST, a softmax on MNIST (cfg.task)."""
+    if out.ndim == 3:
+        return np.linalg.norm(out, axis=2)
+    return softmax(out, axis=1) if cfg is not None and cfg.task == "mnist" else sigmoid(out)
+
+
+def score_name(cfg: Config) -> str:
+    """What class_scores holds, in words."""
+    if cfg.model == "capsnet":
+        return "capsule length"
+    return "softmax probability" if cfg.task == "mnist" else "sigmoid output"
 
 
 def top2(scores: np.ndarray) -> np.ndarray:
@@ -1606,7 +1619,7 @@ def evaluate(params, cfg: Config, pairs: dict, workers=None) -> dict:
     out = predict(params, cfg, pairs["x"], workers)
     labels = pairs["labels"]
     n, k = labels.shape
-    scores = class_scores(out)                                        # (N, J)
+    scores = class_scores(out, cfg)                                   # (N, J)
     if k == 1:
         decode = scores.argmax(1)[:, None]                            # (N, 1)
         wrong = int((decode[:, 0] != labels[:, 0]).sum())
@@ -1718,7 +1731,9 @@ def load_checkpoint(path) -> Run:
 
 
 def init_shapes(cfg: Config) -> dict[str, tuple]:
-    """Parameter shapes of a configuration."""
+    """Parameter shapes of a configuration (a CNN's without drawing its up to 35M weights)."""
+    if cfg.model == "cnn":
+        return cfg.cnn_arch.shapes()
     return {k: p.shape for k, p in init_params(cfg, np.random.default_rng(0)).items()}
 
 
@@ -1727,10 +1742,12 @@ def init_shapes(cfg: Config) -> dict[str, tuple]:
 
 def write_metrics(path, run: Run, total_seconds: float | None = None) -> None:
     """Config, per-step and per-epoch history, final metrics; timings apart so that two runs of
-    the same command differ only under "timing"."""
+    the same command differ only under "timing". The per-step losses keep 5 significant digits
+    (the checkpoint keeps them whole): a 120-minute run's file stays near 1 MB."""
     epochs = [{k: v for k, v in m.items() if k != "seconds"} for m in run.history["epochs"]]
+    steps = {t: [float(f"{x:.5g}") for x in run.history[t]] for t in LOSS_TERMS[run.cfg.model]}
     doc = dict(config=dataclasses.asdict(run.cfg), step=run.step, epoch=run.epoch,
-               history=dict(epochs=epochs, **{t: run.history[t] for t in LOSS_TERMS[run.cfg.model]}),
+               history=dict(epochs=epochs, **steps),
                final=epochs[-1] if epochs else None,
                timing=dict(total_seconds=total_seconds,
                            epoch_seconds=[m.get("seconds") for m in run.history["epochs"]]))
@@ -1897,8 +1914,6 @@ def given_fields(parser: argparse.ArgumentParser, argv) -> set[str]:
     given = set(vars(parser.parse_args(argv)))
     if "preset" in given:
         given |= set(PRESETS["small"])
-    if "task" in given:
-        given |= set(TASKS["mnist"])
     return given & {f.name for f in dataclasses.fields(Config)}
 
 
@@ -2002,6 +2017,9 @@ def main(argv=None) -> int:
         if argv[:1] == ["serve"]:
             return serve_main(argv[1:])
         return _main(argv)
+    except KeyboardInterrupt:  # Ctrl-C in predict or serve before their own handling starts
+        print("interrupted", file=sys.stderr)
+        return 130
     except BrokenPipeError:  # `predict ... | head`: the reader left, which is no error of ours
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no flush error at exit
         return 141  # as a shell reports a pipe's writer ended by SIGPIPE
@@ -2283,8 +2301,8 @@ def choose_model(digits: str, shape, checkpoint: str | None) -> tuple[Path, int]
 
 
 def model_digits(cfg: Config) -> int:
-    """How many digits a model can name: 1 for a 28x28 (MNIST) model, 2 for a MultiMNIST one."""
-    return 1 if cfg.canvas == DIGIT_SIDE else 2
+    """How many digits a model can name: 1 for an MNIST model, 2 for a MultiMNIST one."""
+    return cfg.n_labels
 
 
 def digits_found(scores: np.ndarray, n: int) -> list[int]:
@@ -2407,9 +2425,9 @@ def _predict_one(path, x: np.ndarray, args, runs: dict) -> tuple:
         print(f"{path}: no digit found  (no ink)")
     else:
         out = predict(params, cfg, img[None])                          # (1, J, E) or (1, J)
-        scores = class_scores(out)[0]
+        scores = class_scores(out, cfg)[0]
         found = digits_found(scores, n)
-        what = "capsule length" if cfg.model == "capsnet" else "sigmoid output"
+        what = score_name(cfg)
         print(f"{path}: {answer(scores, n, what)}")
     if args.verbose:
         print(f"  {x.shape[1]}x{x.shape[0]}{', inverted' if inverted else ''}; {how}; "

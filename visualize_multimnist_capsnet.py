@@ -681,11 +681,11 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def default_outdir(checkpoint: str | None) -> str:
-    """viz for a run trained here (the committed default-run figures), viz/shipped for the
-    shipped model, viz/NAME for a checkpoint NAME.npz."""
+def default_outdir(checkpoint: str | None, task: str = "multimnist") -> str:
+    """viz for a run trained here (the committed default-run figures; viz/mnist for an MNIST
+    run), viz/shipped for the shipped model, viz/NAME for a checkpoint NAME.npz."""
     if checkpoint is None:
-        return "viz"
+        return "viz" if task == "multimnist" else str(Path("viz") / task)
     if Path(checkpoint).resolve() == mc.MODEL_FILE:
         return str(Path("viz") / "shipped")
     return str(Path("viz") / Path(checkpoint).stem)
@@ -715,7 +715,7 @@ def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     cfg = config_or_error(parser, args)
-    outdir = args.outdir or default_outdir(args.checkpoint)
+    outdir = args.outdir or default_outdir(args.checkpoint, cfg.task)
     if why := outdir_problem(outdir):
         parser.error(why)
     outdir = Path(outdir).expanduser()

@@ -26,6 +26,9 @@ TASKS = {PAPER_TASK: dict(min_iou=0.0, overlay="clip-sum"),
 
 def test_metrics(params, cfg, mnist, n_test, workers) -> dict:
     """set/soft/top-1 accuracy on n_test fresh test pairs of each task (seed cfg.seed)."""
+    if cfg.task != "multimnist":
+        raise mc.CapsNetError(f"test pairs of the MultiMNIST tasks need a MultiMNIST model, "
+                              f"not a {cfg.task} one")
     out = {}
     for task, kw in TASKS.items():
         tcfg = dataclasses.replace(cfg, n_test=n_test, resample=True, **kw)

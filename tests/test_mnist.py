@@ -8,7 +8,7 @@ import pytest
 
 import multimnist_capsnet as m
 from gradcheck import check, numeric_grad, rel_error
-from test_cli import assert_same_checkpoint, main_in, metrics_wo_timing
+from test_cli import SigintAfter, assert_same_checkpoint, main_in, metrics_wo_timing
 from test_model import sample
 
 CAPS = dict(task="mnist", canvas=12, max_shift=2, kernel=3, conv1_channels=3, primary_types=2,
@@ -253,13 +253,18 @@ def test_mnist_capsnet_run_resumes_bit_for_bit_and_reports_test_error(tmp_path, 
     assert "test error" in out and "set acc" not in out
 
 
-def test_mnist_cnn_with_dropout_resumes_mid_run_bit_for_bit(tmp_path):
-    """The dropout masks come from a generator per step, so a resumed run draws the same ones."""
+def test_mnist_cnn_with_dropout_resumes_mid_epoch_bit_for_bit(tmp_path, monkeypatch):
+    """The dropout masks come from a generator per step, so a run stopped by Ctrl-C in the middle
+    of an epoch and resumed draws the same ones as a straight run."""
     a, b = tmp_path / "a.npz", tmp_path / "b.npz"
     cnn = ("--model", "cnn", "--cnn-conv1", 3, "--cnn-conv2", 3, "--cnn-conv3", 2, "--cnn-fc", 8,
            "--cnn-fc2", 6)
-    assert main_in([*SYNTH, *cnn, "--n-epochs", 1, "--save", a])[0] == 0
-    assert main_in(["--resume", a, "--save", a, "--n-epochs", 2, "--quiet"])[0] == 0
+    spy = SigintAfter(6)  # 4 steps an epoch: stopped after step 2 of epoch 2
+    monkeypatch.setattr(m, "adam_step", spy)
+    assert main_in([*SYNTH, *cnn, "--n-epochs", 2, "--save", a])[0] == 130
+    monkeypatch.setattr(m, "adam_step", spy.real)
+    assert m.load_checkpoint(a).step == 6
+    assert main_in(["--resume", a, "--save", a, "--quiet"])[0] == 0
     assert main_in([*SYNTH, *cnn, "--n-epochs", 2, "--save", b])[0] == 0
     assert_same_checkpoint(a, b)
     run = m.load_checkpoint(a)

@@ -216,7 +216,8 @@ def cli(*args, cwd):
 def stub_model(path, canvas: int, lengths: dict) -> Path:
     """A model file whose digit capsules have the given lengths {digit: length} whatever the
     image (votes zeroed, each length set by its capsule's bias), at canvas 28 or 36."""
-    cfg = mc.Config(canvas=canvas, max_shift=(canvas - 28) // 2, digit_bias=True,
+    cfg = mc.Config(task="mnist" if canvas == 28 else "multimnist", canvas=canvas,
+                    max_shift=(canvas - 28) // 2, digit_bias=True,
                     conv1_channels=4, primary_types=2, decoder_h1=16, decoder_h2=16)
     run = mc.new_run(cfg)
     run.params["digit_w"][:] = 0
