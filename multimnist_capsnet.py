@@ -1085,7 +1085,7 @@ def dropout_backward(dout, keep):
 # connected ReLU layers, (dropout,) the output layer. The MNIST CNN of the paper (three 5x5
 # convolutions of 256, 256, 128 channels, stride 1, fully connected 328 and 192) has its 35.4M
 # parameters only without pooling and with 'same' padding: 28*28*128 = 100,352 inputs to the first
-# fully connected layer (valid padding would give 16*16*128 = 32,768 and 12.6M).
+# fully connected layer (valid padding would give 16*16*128 = 32,768 and 13.3M).
 
 @dataclass(frozen=True)
 class CnnArch:
