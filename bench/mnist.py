@@ -3,6 +3,7 @@
     python3 bench/mnist.py summary RUN.json          test error at each epoch, and at 60/120 min
     python3 bench/mnist.py plot RUN.json [...]       viz/mnist.png: error against minutes, routing
     python3 bench/mnist.py ship                      models/capsnet-mnist.npz (trains it if need be)
+    python3 bench/mnist.py steps                     step time of each capacity weighed
 
 The long run is runs/mnist/long.sh (120 minutes on both cores, stopped by one SIGINT). Its minutes
 are the cumulative training + evaluation seconds of its epochs (checkpoint writes and start-up
@@ -133,6 +134,46 @@ def plot(args) -> int:
     return 0
 
 
+CAPACITIES = {  # the capacities weighed for the long run: (Conv1, capsule types, decoder widths)
+    "small (the default)": (32, 8, 256, 512),
+    "the shipped MultiMNIST model's": (64, 16, 256, 512),
+    "128 / 32": (128, 32, 256, 512),
+    "the paper's": (256, 32, 512, 1024),
+}
+
+
+def steps(args) -> int:
+    """Median time of a training step (forward, backward, Adam; float32, batch 32, both cores)
+    and of scoring the 10,000 test digits, for each capacity: the epochs that fit in the budget."""
+    mnist = mc.load_mnist(args.data_dir)
+    mc.keep_freed_memory()
+    print(f"{'capacity':34s} {'params':>7s} {'step':>8s} {'epoch':>7s} {'test set':>8s} "
+          f"{'epochs in 60 min':>16s}")
+    for name, (c1, t, h1, h2) in CAPACITIES.items():
+        cfg = mc.config_from_args(mc.build_parser().parse_args(
+            ["--task", "mnist", "--conv1-channels", str(c1), "--primary-types", str(t),
+             "--decoder-h1", str(h1), "--decoder-h2", str(h2), "--digit-bias"]))
+        run = mc.new_run(cfg)
+        data = mc.shift_digits(mnist["train_x"], mnist["train_y"], np.random.default_rng(0))
+        with mc.worker_pool(cfg.workers) as pool:
+            ts = []
+            for s in range(args.repeat + 2):  # the first two warm caches and BLAS buffers
+                batch = mc.batch_arrays(data, np.arange(s * 32, s * 32 + 32), cfg.np_dtype)
+                t0 = time.perf_counter()
+                _, grads, _ = mc.sharded_loss_and_grads(run.params, batch, cfg, pool)
+                mc.adam_step(run.params, grads, run.adam, cfg.lr, workers=pool)
+                ts.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            mc.predict(run.params, cfg, mnist["test_x"][:1000], pool)
+            test = 10 * (time.perf_counter() - t0)
+        step = float(np.median(ts[2:]))
+        epoch = step * (cfg.n_train // cfg.batch_size) + test
+        n = sum(p.size for p in run.params.values())
+        print(f"{name:34s} {n / 1e6:6.2f}M {1e3 * step:6.1f}ms {epoch:6.0f}s {test:7.1f}s "
+              f"{3600 / epoch:16.1f}", flush=True)
+    return 0
+
+
 def ship(args) -> int:
     """Evaluate the long run's averaged weights as float32 and rounded to float16 on the 10,000
     test digits; store float16 when its error count is within --tolerance of float32's."""
@@ -184,6 +225,10 @@ def main() -> int:
     f.add_argument("runs", nargs="+", help="metrics JSON files (--metrics-json) or checkpoints")
     f.add_argument("--out", default=str(ROOT / "viz" / "mnist.png"), help="(default: %(default)s)")
     f.set_defaults(fn=plot)
+    t = sub.add_parser("steps", help="step time of each capacity weighed for the long run")
+    t.add_argument("--repeat", type=int, default=15, help="steps timed (default: %(default)s)")
+    t.add_argument("--data-dir", default=None, help="MNIST cache (default: the module's)")
+    t.set_defaults(fn=steps)
     h = sub.add_parser("ship", help="make models/capsnet-mnist.npz from the long run")
     h.add_argument("--checkpoint", default=str(LONG_CKPT),
                    help="trained first by runs/mnist/long.sh when missing (default: %(default)s)")

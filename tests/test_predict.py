@@ -436,3 +436,34 @@ def test_predict_into_a_pipe_its_reader_closed_ends_without_a_traceback(tmp_path
     p.stdout.close()  # before the model has loaded: every line predict prints meets a closed pipe
     err = p.stderr.read()
     assert p.wait(timeout=120) == 141 and "Traceback" not in err, err
+
+
+# Font digits the shipped MNIST model reads with a wide margin (its longest capsule over 0.8, the
+# second under 0.2), so they pin its behaviour without resting on a near tie.
+MNIST_CASES = (0, 2, 3, 5, 8)
+
+
+def test_the_shipped_mnist_model_names_one_digit_deterministically():
+    assert mc.MNIST_MODEL_FILE.exists(), "the shipped MNIST model is part of the repository"
+    assert mc.MNIST_MODEL_FILE.stat().st_size <= 10 * 2 ** 20
+    run = mc.load_checkpoint(mc.MNIST_MODEL_FILE)
+    assert run.adam is None and run.cfg.task == "mnist" and run.cfg.canvas == 28
+    for d in MNIST_CASES:
+        x = font_digit(d)[4:32, 4:32][None]                       # (1, 28, 28) as MNIST frames it
+        lengths = mc.class_scores(mc.predict(run.params, run.cfg, x), run.cfg)[0]
+        assert np.argmax(lengths) == d and lengths[d] > 0.8, lengths.round(3)
+        assert np.sort(lengths)[-2] < 0.2, lengths.round(3)
+        np.testing.assert_array_equal(mc.predict(run.params, run.cfg, x), mc.predict(
+            run.params, run.cfg, x))
+
+
+def test_predict_sends_a_28x28_digit_to_the_mnist_model_and_names_one_digit(tmp_path):
+    for d in MNIST_CASES:
+        iio.imwrite(tmp_path / f"{d}.png", font_digit(d)[4:32, 4:32])
+    r = cli("--verbose", *(f"{d}.png" for d in MNIST_CASES), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    heads = [ln for ln in r.stdout.splitlines() if not ln.startswith(" ")]
+    assert [h.split("  (")[0] for h in heads] == [f"{d}.png: {d}" for d in MNIST_CASES]
+    assert all("(capsule length " in h and " and " not in h for h in heads), heads
+    assert r.stdout.count("model capsnet-mnist.npz, 1 digit") == len(MNIST_CASES), r.stdout
+    assert r.stdout.count("all ten: ") == len(MNIST_CASES)
