@@ -2808,7 +2808,7 @@ def build_serve_parser() -> argparse.ArgumentParser:
     shipped = MODEL_FILE.relative_to(Path(__file__).resolve().parent)
     p.add_argument("--checkpoint", default=None,
                    help=f"serve this model or --save checkpoint alone (default: {shipped}, and "
-                        "models/capsnet-mnist.npz for one digit once it ships)")
+                        "models/capsnet-mnist.npz for one digit)")
     p.add_argument("--data-dir", default=None,
                    help="MNIST cache for the page's random test pairs, read only, never "
                         "downloaded (default: $HINTON_MNIST_DIR or ~/.cache/hinton-mnist)")

@@ -103,7 +103,8 @@ def plot(args) -> int:
     ax, axd, axe = fig.subplots(1, 3, width_ratios=[1.5, 1, 1])
     for name, doc in docs:
         mins, epochs = curve(doc)
-        ax.plot(mins, [100 * e["test_error"] for e in epochs], "o-", ms=2.5, lw=1.2, label=name)
+        ax.plot(mins, [100 * e["test_error"] for e in epochs], "o-", ms=2.5, lw=1.2,
+                label=f"this CapsNet ({name})")
         iters = range(len(epochs[0].get("routing_db", [])))
         for r in iters:
             axd.plot(mins, [e["routing_db"][r] for e in epochs], lw=1.2,
