@@ -110,7 +110,7 @@ def main() -> int:
         if not first.startswith("serving "):
             print(f"serve_load.py: error: the server did not start: {first!r}", file=sys.stderr)
             return 1
-        url = first.split()[3]
+        url = first.split(" on ", 1)[1].split()[0]  # 'serving A.npz[, B.npz] on URL (...)'
         port = int(url.rsplit(":", 1)[1].strip("/"))
         assert url.startswith("http://127.0.0.1:"), url  # loopback only
         results, deadline = [], time.monotonic() + args.deadline

@@ -298,8 +298,10 @@ def test_predict_reads_any_image_and_draws_what_it_did(tmp_path):
     assert heads[2].startswith("photo.jpg: 3 and ")
     assert heads[3] == "blank.jpg: no digit found  (no ink)" and heads[4] == "wrote p.png"
     assert "  120x90, inverted; ink >= " in r.stdout and "centred by mass in 36x36" in r.stdout
-    assert "28x28 digit placed at the centre of 36x36" in r.stdout
+    assert "28x28: the model's size, taken as it is; model capsnet-mnist.npz, 1 digit" in r.stdout
     assert r.stdout.count("  all ten: ") == 3
+    pair_model = cli("--verbose", "--checkpoint", mc.MODEL_FILE, "five.png", cwd=tmp_path)
+    assert "28x28 digit placed at the centre of 36x36" in pair_model.stdout, pair_model.stdout
     fig = iio.imread(tmp_path / "p.png").astype(int)
     side = 4 * 36
     assert fig.shape == (4 * side + 3 * 4, 4 * side + 3 * 4, 3)

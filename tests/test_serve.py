@@ -296,8 +296,9 @@ def test_serve_starts_on_a_free_port_and_stops_on_ctrl_c(tmp_path):
     proc = serve("--port", "0", "--data-dir", tmp_path, cwd=tmp_path)
     try:
         first = proc.stdout.readline()
-        assert first.startswith("serving capsnet-multimnist.npz on http://127.0.0.1:")
-        url = first.split()[3].rstrip("/")
+        assert first.startswith("serving capsnet-multimnist.npz"), first
+        url = first.split(" on ", 1)[1].split()[0].rstrip("/")
+        assert url.startswith("http://127.0.0.1:"), first
         assert "random-pair button is hidden" in proc.stdout.readline()
         status, info = call(url, "/api/models")
         assert status == 200 and info["sample"] is False
