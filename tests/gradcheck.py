@@ -38,3 +38,22 @@ def check(f_out, x, analytic, rng, tol=1e-7, idx=None):
     err = rel_error(ana, num)
     assert err < tol, f"relative error {err:.2e} >= {tol:.0e}"
     return err
+
+
+def sample(grad, rng, k=12):
+    """k entries: half the largest |grad| (zero rows of masked capsules say little), half random."""
+    flat = np.abs(grad.reshape(-1))
+    top = np.argsort(-flat)[:k // 2]
+    rest = rng.choice(flat.size, min(flat.size, k), replace=False)
+    return np.unique(np.concatenate([top, rest]))
+
+
+def parameter_errors(loss, params, grads, rng) -> dict[str, float]:
+    """Relative error of each parameter array's analytic gradient (grads) against centered
+    differences of loss() on sampled entries, every array of params perturbed in place."""
+    errors = {}
+    for name, p in params.items():
+        idx = sample(grads[name], rng)
+        num = numeric_grad(loss, p, eps=1e-5, idx=idx).reshape(-1)[idx]
+        errors[name] = rel_error(grads[name].reshape(-1)[idx], num)
+    return errors
