@@ -1563,17 +1563,21 @@ def score_str(m: dict) -> str:
 # ----------------------------------------------------------------------------------------------
 # Evaluation
 
+def network_input(x_uint8: np.ndarray, dtype) -> np.ndarray:
+    """uint8 images (N, H, W) -> the network's input (N, H, W, 1) in [0, 1], in dtype."""
+    dtype = np.dtype(dtype)
+    return x_uint8.astype(dtype)[..., None] * dtype.type(1 / 255)
+
+
 def predict(params, cfg: Config, x_uint8: np.ndarray, workers=None) -> np.ndarray:
     """The network's outputs for uint8 composites (N, H, W): digit capsules v (N, J, E) of a
     CapsNet, logits (N, J) of the CNN; in batches of cfg.eval_batch (spread over the worker
     threads, if given)."""
-    dtype = cfg.np_dtype
     forward = ((lambda p, x: cnn_forward(p, x, cfg.cnn_arch.pool)) if cfg.model == "cnn"
                else lambda p, x: encode(p, x, cfg))
 
     def encode_batch(i):
-        x = x_uint8[i:i + cfg.eval_batch].astype(dtype)[..., None] * dtype.type(1 / 255)
-        return forward(params, x)[0]
+        return forward(params, network_input(x_uint8[i:i + cfg.eval_batch], cfg.np_dtype))[0]
     starts = range(0, len(x_uint8), cfg.eval_batch)
     return np.concatenate(parallel_map(workers, encode_batch, starts))
 
@@ -1649,7 +1653,7 @@ def routing_stats(params, cfg: Config, x_uint8: np.ndarray, workers=None) -> dic
     dtype = cfg.np_dtype
 
     def sums(i):
-        x = x_uint8[i:i + cfg.eval_batch].astype(dtype)[..., None] * dtype.type(1 / 255)
+        x = network_input(x_uint8[i:i + cfg.eval_batch], dtype)
         uh, iters, _ = encode(params, x, cfg)[1][-1]                   # uh (N, J, I, E)
         db = [np.abs(np.matmul(uh, v[..., None])).sum() for _, v, _ in iters]
         ent = [-(c * np.log(np.maximum(c, np.finfo(dtype).tiny))).sum() for c, _, _ in iters]
@@ -2293,16 +2297,11 @@ def choose_model(digits: str, shape, checkpoint: str | None) -> tuple[Path, int]
     --digits '1' or '2' says how many; 'auto': one in a 28x28 image (MNIST's size), else two.
     --checkpoint, when given, reads everything. Otherwise one digit goes to the MNIST model once
     models/capsnet-mnist.npz ships, and until then to the MultiMNIST model (its longest capsule);
-    two digits always go to the MultiMNIST model. A one-digit model answers one (model_digits)."""
+    two digits always go to the MultiMNIST model. A one-digit model answers one (cfg.n_labels)."""
     n = 1 if digits == "1" or (digits == "auto" and tuple(shape) == (DIGIT_SIDE,) * 2) else 2
     if checkpoint:
         return Path(checkpoint), n
     return (MNIST_MODEL_FILE if n == 1 and MNIST_MODEL_FILE.exists() else MODEL_FILE), n
-
-
-def model_digits(cfg: Config) -> int:
-    """How many digits a model can name: 1 for an MNIST model, 2 for a MultiMNIST one."""
-    return cfg.n_labels
 
 
 def digits_found(scores: np.ndarray, n: int) -> list[int]:
@@ -2401,7 +2400,7 @@ def _model(runs: dict, path: Path, args) -> Run:
     """The run at path, loaded once, checked against the flags."""
     if path not in runs:
         run = load_checkpoint(path)
-        if args.digits == "2" and model_digits(run.cfg) == 1:
+        if args.digits == "2" and run.cfg.n_labels == 1:
             raise CapsNetError(f"--digits 2: {path} is a one-digit model ({DIGIT_SIDE}x"
                                f"{DIGIT_SIDE})")
         if args.out and run.cfg.model != "capsnet":
@@ -2417,7 +2416,7 @@ def _predict_one(path, x: np.ndarray, args, runs: dict) -> tuple:
     ckpt, n = choose_model(args.digits, x.shape, args.checkpoint)
     run = _model(runs, ckpt, args)
     cfg, params = run.cfg, run.eval_params
-    n = min(n, model_digits(cfg))
+    n = min(n, cfg.n_labels)
     ink, inverted = ink_on_black(x, args.background)
     img, how = to_canvas(ink, cfg.canvas, n)
     found, scores = [], None
@@ -2514,7 +2513,7 @@ class Served:
 def accuracy_words(path, run: Run) -> str:
     """The model's test accuracy in words: the first test set its file names (bench/ship_model.py
     stores them), else its last epoch's."""
-    one = model_digits(run.cfg) == 1
+    one = run.cfg.n_labels == 1
     with np.load(path, allow_pickle=False) as z:
         meta = json.loads(str(z["meta"]))
     for task, m in (meta.get("test_metrics") or {}).items():
@@ -2586,7 +2585,7 @@ def page_models(models: dict, digits) -> dict:
         cfg = m.run.cfg
         g = cfg.grid()[1]
         cells = viz.upsample_grid(cfg, np.arange(1, g * g + 1).reshape(g, g, 1))[..., 0] - 1
-        out.append(dict(name=m.name, canvas=cfg.canvas, digits=model_digits(cfg),
+        out.append(dict(name=m.name, canvas=cfg.canvas, digits=cfg.n_labels,
                         accuracy=m.accuracy, dims=cfg.digit_dim, iterations=cfg.routing_iters,
                         grid=g, cells=cells.astype(int).ravel().tolist()))
     return dict(models=out, sample=digits is not None, slider=SLIDER, min_length=MIN_LENGTH)
@@ -2599,7 +2598,7 @@ def page_predict(m: Served, body: dict) -> dict:
     the last iteration's excess over uniform for the two longest, stretched by gain."""
     import visualize_multimnist_capsnet as viz
     cfg, params = m.run.cfg, m.run.eval_params
-    n = model_digits(cfg)
+    n = cfg.n_labels
     x, fit = _image(body, cfg.canvas), body.get("fit", False)
     if type(fit) is not bool:
         raise BadRequest(400, "'fit' must be true or false")
@@ -2648,7 +2647,7 @@ def page_sample(m: Served, digits) -> dict:
         raise BadRequest(503, "this server has no MNIST test digits (the page hides the button)")
     cfg, rng = m.run.cfg, np.random.default_rng()
     x, y = digits
-    if model_digits(cfg) == 1:
+    if cfg.n_labels == 1:
         i = int(rng.integers(len(x)))
         a = place(x[i:i + 1], np.zeros(1, int), np.zeros(1, int), cfg.canvas)[0]
         return dict(a=a.ravel().tolist(), b=[0] * cfg.canvas ** 2, labels=[int(y[i])])

@@ -424,11 +424,9 @@ def routing_batches(params, cfg: mc.Config, x_uint8: np.ndarray, digits: np.ndar
     batch, (sl, ulen, c, v), all float64: sl the batch's slice of the N composites, ulen (n, I)
     the primary capsule lengths |u_i|, c (R, n, K, I) the coupling coefficients c_ij of every
     routing iteration to the capsules digits[sl] (n, K) only, v (n, J, E) the digit capsules."""
-    dtype = cfg.np_dtype
     for start in range(0, len(x_uint8), cfg.eval_batch):
         sl = slice(start, min(start + cfg.eval_batch, len(x_uint8)))
-        x = x_uint8[sl].astype(dtype)[..., None] * dtype.type(1 / 255)
-        v, cache = mc.encode(params, x, cfg)
+        v, cache = mc.encode(params, mc.network_input(x_uint8[sl], cfg.np_dtype), cfg)
         _, norm, _, gain = cache[4]                  # squash_forward(s) -> s * g, (s, n, n2, g)
         ulen = (norm * gain)[..., 0].astype(np.float64)                  # |u| = |s| g, (n, I)
         rows = np.arange(len(x))[:, None]
