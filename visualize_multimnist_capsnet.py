@@ -426,7 +426,8 @@ def routing_batches(params, cfg: mc.Config, x_uint8: np.ndarray, digits: np.ndar
     routing iteration to the capsules digits[sl] (n, K) only, v (n, J, E) the digit capsules."""
     for start in range(0, len(x_uint8), cfg.eval_batch):
         sl = slice(start, min(start + cfg.eval_batch, len(x_uint8)))
-        v, cache = mc.encode(params, mc.network_input(x_uint8[sl], cfg.np_dtype), cfg)
+        x = mc.network_input(x_uint8[sl], cfg.np_dtype)                  # (n, H, W, 1)
+        v, cache = mc.encode(params, x, cfg)
         _, norm, _, gain = cache[4]                  # squash_forward(s) -> s * g, (s, n, n2, g)
         ulen = (norm * gain)[..., 0].astype(np.float64)                  # |u| = |s| g, (n, I)
         rows = np.arange(len(x))[:, None]
