@@ -2,13 +2,14 @@
 
     python3 bench/ab_step.py 6a93d8b           # that commit against the working tree
     python3 bench/ab_step.py 6a93d8b HEAD~2    # two commits
+    python3 bench/ab_step.py HEAD --conv1-channels 64 --primary-types 16 --digit-bias
+                                               # any size: the module's capacity (and other) flags
 
 Both versions are loaded into one process and timed in alternating rounds (each round: a fresh
 step, one warm-up, then the median of --steps steps), so machine noise hits both alike. Prints the
 median of the round medians of each side and their ratio, and whether the two versions give
 bit-identical gradients and parameters after three steps on the same batch.
 """
-import argparse
 import importlib.util
 import subprocess
 import sys
@@ -37,20 +38,19 @@ def load(rev: str | None, name: str, tmp: Path):
     return mod
 
 
-def round_median(mod, steps: int) -> float:
+def round_median(mod, cfg, steps: int) -> float:
     bench_step.m = mod  # make_step builds the step from this module
-    cfg = mod.Config()
     with mod.worker_pool(cfg.workers) as pool:
         return bench_step.median_time(bench_step.make_step(cfg, cfg.batch_size, pool), steps)
 
 
-def three_steps(mod):
-    cfg = mod.Config()
+def three_steps(mod, cfg):
     rng = np.random.default_rng(0)
     params = mod.init_params(cfg, rng)
     adam = mod.adam_init(params)
     mnist = mod.synthetic_mnist(rng, 64, 10)
-    pairs = mod.make_pairs(mnist["train_x"], mnist["train_y"], cfg.batch_size, rng)
+    pairs = mod.make_pairs(mnist["train_x"], mnist["train_y"], cfg.batch_size, rng, min_iou=0.0,
+                           overlay=cfg.overlay)  # random glyphs cannot always reach IoU 0.8
     batch = mod.batch_arrays(pairs, np.arange(cfg.batch_size), cfg.np_dtype)
     with mod.worker_pool(cfg.workers) as pool:
         for _ in range(3):
@@ -60,25 +60,30 @@ def three_steps(mod):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = bench_step.m.ArgumentParser(prog="ab_step.py", description=__doc__.splitlines()[0])
     p.add_argument("old", help="git revision of side A")
     p.add_argument("new", nargs="?", help="git revision of side B (default: the working tree)")
     p.add_argument("--rounds", type=int, default=6, help="alternating rounds (default: 6)")
     p.add_argument("--steps", type=int, default=15, help="timed steps per round (default: 15)")
+    bench_step.m.add_training_flags(p)  # the size compared: --conv1-channels, --preset, ...
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         mods = [load(args.old, "side_a", Path(tmp)), load(args.new, "side_b", Path(tmp))]
+    try:
+        cfgs = [mod.config_from_args(args) for mod in mods]
+    except (mods[0].CapsNetError, mods[1].CapsNetError) as e:
+        p.error(str(e))
     mods[0].keep_freed_memory()
     times = [[], []]
     for _ in range(args.rounds):
-        for side, mod in enumerate(mods):
-            times[side].append(round_median(mod, args.steps))
+        for side, (mod, cfg) in enumerate(zip(mods, cfgs)):
+            times[side].append(round_median(mod, cfg, args.steps))
     labels = [args.old, args.new or "working tree"]
     for label, ts in zip(labels, times):
         print(f"{label:<16} median step {np.median(ts) * 1e3:6.1f} ms   rounds: "
               + " ".join(f"{t * 1e3:.1f}" for t in ts))
     print(f"ratio B/A {np.median(times[1]) / np.median(times[0]):.3f}")
-    (ga, pa), (gb, pb) = three_steps(mods[0]), three_steps(mods[1])
+    (ga, pa), (gb, pb) = (three_steps(mod, cfg) for mod, cfg in zip(mods, cfgs))
     same = all(np.array_equal(ga[k], gb[k]) for k in ga) and all(np.array_equal(pa[k], pb[k]) for k in pa)
     print(f"bit-identical gradients and parameters after 3 steps: {same}")
 
