@@ -626,16 +626,14 @@ def conv_backward(dout, cache, need_dx=True):
     db = d2.sum(0)
     if not need_dx:
         return None, dw, db
-    # One GEMM for every column gradient: faster than one per kernel row, whose thinner
-    # products lose more than the rows' cache locality gains back
-    dcols = (d2 @ w.reshape(k * k * c, f).T).reshape(n, ho, wo, k, k, c)
     dx = np.zeros((n, h, wd, c), dout.dtype)
-    for i in range(k):
+    for i in range(k):  # one kernel row at a time keeps the column gradients in cache
+        dcols = (d2 @ w[i].reshape(k * c, f).T).reshape(n, ho, wo, k, c)
         # Windows overlap whenever stride < K, so accumulate, one output column x at a time: its
         # K taps are K*C contiguous numbers on both sides (per tap they would be C-long pieces).
         # Descending x adds each pixel's taps in ascending j, the order of a plain tap loop.
         for x in reversed(range(wo)):
-            dx[:, i:i + stride * ho:stride, stride * x:stride * x + k] += dcols[:, :, x, i]
+            dx[:, i:i + stride * ho:stride, stride * x:stride * x + k] += dcols[:, :, x]
     return dx, dw, db
 
 
@@ -1302,14 +1300,10 @@ def adam_init(params):
                 v={k: np.zeros_like(p) for k, p in params.items()})
 
 
-ADAM_CHUNK = 1 << 16  # numbers per pass: Adam's ten passes run over ~256 KB pieces in cache,
-                      # not over whole arrays from memory (measured best of 2^12-2^16 at 2.1 MB L2)
-
-
 def adam_step(params, grads, state, lr, beta1=0.9, beta2=0.999, eps=1e-8, workers=None):
     """In place: p -= lr * m_hat / (sqrt(v_hat) + eps), m_hat and v_hat bias-corrected.
 
-    With workers, every array is cut in halves, updated in parallel.
+    With workers, every array is cut in halves along its first axis, updated in parallel.
     """
     state["t"] += 1
     t = state["t"]
@@ -1317,25 +1311,19 @@ def adam_step(params, grads, state, lr, beta1=0.9, beta2=0.999, eps=1e-8, worker
     vscale = 1 / math.sqrt(1 - beta2 ** t)
 
     def update(piece):
-        k, part = piece
-        flat = [a[k].reshape(-1) for a in (params, grads, state["m"], state["v"])]  # views
-        buf = np.empty((2, min(ADAM_CHUNK, part.stop - part.start)), params[k].dtype)
-        for a in range(part.start, part.stop, ADAM_CHUNK):
-            p, g, m, v = (x[a:min(a + ADAM_CHUNK, part.stop)] for x in flat)
-            tmp, denom = buf[:, :len(p)]
-            m *= beta1
-            m += np.multiply(g, 1 - beta1, out=tmp)
-            v *= beta2
-            v += np.multiply(np.square(g, out=tmp), 1 - beta2, out=tmp)
-            np.sqrt(v, out=denom)
-            denom *= vscale
-            denom += eps
-            np.divide(m, denom, out=denom)  # reuse the buffer: denom now holds m / denom
-            denom *= step
-            p -= denom
-    n = 1 if workers is None else 2
-    parallel_map(workers, update, [(k, slice(i * a.size // n, (i + 1) * a.size // n))
-                                   for k, a in params.items() for i in range(n)])
+        k, rows = piece
+        p, g, m, v = params[k][rows], grads[k][rows], state["m"][k][rows], state["v"][k][rows]
+        m *= beta1
+        m += (1 - beta1) * g
+        v *= beta2
+        v += (1 - beta2) * np.square(g)
+        denom = np.sqrt(v)
+        denom *= vscale
+        denom += eps
+        np.divide(m, denom, out=denom)  # reuse the buffer: denom now holds m / denom
+        denom *= step
+        p -= denom
+    parallel_map(workers, update, row_pieces(params, 1 if workers is None else 2))
 
 
 def learning_rate(cfg: Config, step: int) -> float:

@@ -45,13 +45,11 @@ def round_median(mod, cfg, steps: int) -> float:
 
 
 def three_steps(mod, cfg):
+    bench_step.m = mod  # training_batch draws the batch with this module
     rng = np.random.default_rng(0)
     params = mod.init_params(cfg, rng)
     adam = mod.adam_init(params)
-    mnist = mod.synthetic_mnist(rng, 64, 10)
-    pairs = mod.make_pairs(mnist["train_x"], mnist["train_y"], cfg.batch_size, rng, min_iou=0.0,
-                           overlay=cfg.overlay)  # random glyphs cannot always reach IoU 0.8
-    batch = mod.batch_arrays(pairs, np.arange(cfg.batch_size), cfg.np_dtype)
+    batch = bench_step.training_batch(cfg, cfg.batch_size, rng)
     with mod.worker_pool(cfg.workers) as pool:
         for _ in range(3):
             _, grads, _ = mod.sharded_loss_and_grads(params, batch, cfg, pool)

@@ -56,7 +56,7 @@ def matmuls(cfg: m.Config, n: int) -> list[tuple[str, tuple, tuple]]:
     out = [("conv1", (pix, k * k), (k * k, c1)), ("conv1", (k * k, pix), (pix, c1))]  # no dx
     out += [("PrimaryCaps", (prim, k * k * c1), (k * k * c1, td)),
             ("PrimaryCaps", (k * k * c1, prim), (prim, td))]
-    out += [("PrimaryCaps", (prim, td), (td, k * k * c1))]             # dx: every column at once
+    out += [("PrimaryCaps", (prim, td), (td, k * c1))] * k             # dx, one kernel row each
     out += [("u_hat", (i, n, d), (i, d, j * e)), ("u_hat", (i, j * e, n), (i, n, d)),
             ("u_hat", (i, n, j * e), (i, j * e, d))]
     out += [("routing", (n, j, 1, i), (n, j, i, e))] * r               # s = c u_hat

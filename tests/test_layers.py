@@ -1,6 +1,4 @@
 """Every layer's backward against centered finite differences, in float64."""
-import math
-
 import numpy as np
 import pytest
 
@@ -269,28 +267,6 @@ def test_uhat_forward_in_blocks_equals_einsum():
     u, w = rng.standard_normal((2, 2000, 8)), rng.standard_normal((2000, 10, 16, 8))
     uh, _ = m.uhat_forward(u, w)
     np.testing.assert_allclose(uh, np.einsum("nid,ijed->njie", u, w), rtol=1e-12, atol=1e-12)
-
-
-def test_adam_in_pieces_equals_whole_arrays(monkeypatch):
-    """Adam runs over ADAM_CHUNK numbers at a time: with pieces of 7 (a ragged last piece, arrays
-    split across pieces and halves), two steps match one whole-array pass of the same formula."""
-    rng = np.random.default_rng(0)
-    shapes = {"a": (5, 9), "b": (13,), "c": (3, 2, 4)}
-    p0 = {k: rng.standard_normal(s).astype(np.float32) for k, s in shapes.items()}
-    gs = [{k: rng.standard_normal(s).astype(np.float32) for k, s in shapes.items()} for _ in "12"]
-    monkeypatch.setattr(m, "ADAM_CHUNK", 7)
-    params, state = {k: v.copy() for k, v in p0.items()}, m.adam_init(p0)
-    with m.worker_pool(2) as pool:
-        for g in gs:
-            m.adam_step(params, g, state, lr=1e-2, workers=pool)
-    for k, p in p0.items():
-        mom, var, want = np.zeros_like(p), np.zeros_like(p), p.copy()
-        for t, g in enumerate(gs, 1):
-            mom = 0.9 * mom + np.float32(0.1) * g[k]
-            var = 0.999 * var + np.float32(0.001) * g[k] ** 2
-            want -= (1e-2 / (1 - 0.9 ** t)) * mom / (np.sqrt(var) / math.sqrt(1 - 0.999 ** t) + 1e-8)
-        np.testing.assert_allclose(params[k], want, rtol=1e-5)
-        np.testing.assert_allclose(state["m"][k], mom, rtol=1e-6)
 
 
 def test_adam_keeps_float32():
