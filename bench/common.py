@@ -6,6 +6,7 @@ another.
 """
 import dataclasses
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -51,24 +52,35 @@ def shown(cmd, one_thread=True) -> str:
     return ("OPENBLAS_NUM_THREADS=1 " if one_thread else "") + " ".join(words)
 
 
-def run_jobs(todo, jobs: int, env=ENV, on_done=None) -> None:
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of process pid so far, all its threads (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+
+
+def run_jobs(todo, jobs: int, env=ENV, on_done=None, cpu_budget=None) -> None:
     """Run the (cmd, out) pairs of todo, jobs at a time, each logging to out's .log beside it;
-    on_done(returncode, out) after each."""
+    on_done(returncode, out) after each. With cpu_budget (seconds), each process gets one SIGINT
+    when its own CPU time reaches it: a budget that other work on the machine cannot eat into."""
     running = []
     while todo or running:
         while todo and len(running) < jobs:
             cmd, out = todo.pop(0)
             print("$ " + shown(cmd, one_thread=env is ENV), flush=True)
             log = open(out.with_suffix(".log"), "w")
-            running.append((subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log,
-                                             stderr=subprocess.STDOUT), out))
+            running.append([subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log,
+                                             stderr=subprocess.STDOUT), out, False])
         time.sleep(2)
-        for proc, out in list(running):
+        for job in list(running):
+            proc, out, signalled = job
             if proc.poll() is not None:
-                running.remove((proc, out))
+                running.remove(job)
                 print(f"  exit {proc.returncode}: {out.name}", flush=True)
                 if on_done is not None:
                     on_done(proc.returncode, out)
+            elif cpu_budget is not None and not signalled and cpu_seconds(proc.pid) >= cpu_budget:
+                proc.send_signal(signal.SIGINT)  # the run finishes its step and saves
+                job[2] = True
 
 
 def difference(x: np.ndarray, y: np.ndarray) -> str:

@@ -4,6 +4,9 @@
     python3 bench/mnist.py plot RUN.json [...]       viz/mnist.png: error against minutes, routing
     python3 bench/mnist.py ship                      models/capsnet-mnist.npz (trains it if need be)
     python3 bench/mnist.py steps                     step time of each capacity weighed
+    python3 bench/mnist.py table1 calibrate          Table 1's MNIST rows: one core's ms per step
+    python3 bench/mnist.py table1 run [--minutes M]  every row x 3 seeds, two at a time, one core each
+    python3 bench/mnist.py table1 summary            runs/mnist/table1/summary.md
 
 The long run is runs/mnist/long.sh (120 minutes on both cores, stopped by one SIGINT). Its minutes
 are the cumulative training + evaluation seconds of its epochs (checkpoint writes and start-up
@@ -22,6 +25,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import multimnist_capsnet as mc  # noqa: E402
+sys.path.insert(0, str(ROOT / "bench"))
+from common import difference, run_jobs, score_missing, slug  # noqa: E402
 
 LONG = ROOT / "runs" / "mnist" / "long.sh"
 LONG_CKPT = ROOT / "runs" / "mnist" / "long_s0.npz"
@@ -175,6 +180,202 @@ def steps(args) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------------------------
+# Table 1's MNIST rows at equal CPU time: one core each, two runs side by side, stopped by SIGINT
+# when the budget is spent and scored from the checkpoint on all 10,000 test digits.
+
+TABLE1 = ROOT / "runs" / "mnist" / "table1"
+# Every row: the default capacity (Conv1 32, 8 capsule types, decoder 256/512; picked by step time
+# so that a one-core budget reaches the plateau), the 120-minute run's recipe otherwise.
+T1_BASE = ["--task", "mnist", "--digit-bias", "--bias-init", "0.1", "--ema", "0.999",
+           "--lr-decay", "0.96", "--lr-decay-steps", "2000", "--n-epochs", "1000"]
+T1_CNN = {"--cnn-conv1": 256, "--cnn-conv2": 256, "--cnn-conv3": 128, "--cnn-fc": 328,
+          "--cnn-fc2": 192}  # the paper's widths; the row scales them all by T1_CNN_SCALE
+# 1/16 of the paper's widths (16/16/8 channels, 20/12 units): its step is 2x CapsNet's on one core
+# (calibrate), so it gets 10 epochs in the budget; at 1/8 it would get 4 and not converge
+T1_CNN_SCALE = 0.0625
+
+
+def cnn_widths(scale: float) -> list[str]:
+    return [w for k, v in T1_CNN.items() for w in (k, str(max(1, round(v * scale))))]
+
+
+T1_ROWS = [  # (name, flags, the paper's test error in %)
+    ("CapsNet, 1 routing iteration, no reconstruction", ["--routing-iters", "1",
+                                                         "--recon-weight", "0"], 0.34),
+    ("CapsNet, 1 routing iteration, reconstruction", ["--routing-iters", "1"], 0.29),
+    ("CapsNet, 3 routing iterations, no reconstruction", ["--recon-weight", "0"], 0.35),
+    ("CapsNet, 3 routing iterations, reconstruction", [], 0.25),
+    ("CNN, the paper's widths / 16", ["--model", "cnn",
+                                                         *cnn_widths(T1_CNN_SCALE)], 0.39),
+]
+
+
+def step_ms(flags: list[str], mnist: dict, repeat: int) -> tuple[float, int]:
+    """Median ms of one training step (forward, backward, Adam, the weight average), batch 32,
+    one worker; and the parameter count."""
+    cfg = mc.config_from_args(mc.build_parser().parse_args([*T1_BASE, *flags, "--workers", "1"]))
+    run = mc.new_run(cfg)
+    data = mc.shift_digits(mnist["train_x"], mnist["train_y"], np.random.default_rng(0))
+    mc.keep_freed_memory()
+    ts = []
+    for s in range(repeat + 2):  # the first two warm caches and BLAS buffers
+        batch = mc.batch_arrays(data, np.arange(s * 32, s * 32 + 32), cfg.np_dtype)
+        if mc.uses_dropout(cfg):
+            batch["keep"] = mc.dropout_mask(np.random.default_rng(s), (32, cfg.cnn_fc2),
+                                            cfg.cnn_dropout, cfg.np_dtype)
+        t0 = time.perf_counter()
+        _, grads, _ = mc.sharded_loss_and_grads(run.params, batch, cfg, None)
+        mc.adam_step(run.params, grads, run.adam, cfg.lr)
+        mc.ema_step(run)
+        ts.append(time.perf_counter() - t0)
+    return 1e3 * float(np.median(ts[2:])), sum(p.size for p in run.params.values())
+
+
+def table1_calibrate(args) -> int:
+    """ms per step of every row and of the CNN at other scales of the paper's widths, on one
+    core (run it with OPENBLAS_NUM_THREADS=1)."""
+    mnist = mc.load_mnist(args.data_dir)
+    rows = [(n, f) for n, f, _ in T1_ROWS]
+    rows += [(f"CNN, the paper's widths x {k}", ["--model", "cnn", *cnn_widths(k)])
+             for k in args.scales]
+    print("| row | parameters | ms per step, one core |\n|---|---|---|")
+    for name, flags in rows:
+        ms, n = step_ms(flags, mnist, args.repeat)
+        print(f"| {name} | {n / 1e6:.3f}M | {ms:.1f} |", flush=True)
+    return 0
+
+
+def t1_command(name: str, flags: list[str], seed: int):
+    base = TABLE1 / f"{slug(name)}_s{seed}"
+    rel = lambda suffix: str(base.with_suffix(suffix).relative_to(ROOT))
+    return ([sys.executable, "multimnist_capsnet.py", "--seed", str(seed), "--workers", "1", "--quiet", *T1_BASE, *flags,
+             "--save", rel(".npz"), "--metrics-json", rel(".json")], base)
+
+
+def t1_score(base: Path) -> None:
+    """The checkpoint at base.npz (its averaged weights, at the step the budget ended) on all
+    10,000 test digits: base.eval.json."""
+    run = mc.load_checkpoint(base.with_suffix(".npz"))
+    _, test = mc.make_data(run.cfg, mc.load_data(argparse.Namespace(data_dir=None), run.cfg))
+    metrics = mc.evaluate(run.eval_params, run.cfg, test)
+    doc = dict(metrics, step=run.step, epoch=run.epoch, n_test=len(test["x"]),
+               n_params=sum(p.size for p in run.params.values()))
+    mc.atomic_write(base.with_suffix(".eval.json"), mc.compact_json(doc).encode())
+
+
+def t1_docs(name: str) -> list[tuple[dict, dict]]:
+    """(metrics JSON, score) of each seed of the row that has both."""
+    out = []
+    for ev in sorted(TABLE1.glob(f"{slug(name)}_s*.eval.json")):
+        doc = ev.with_name(ev.name.replace(".eval.json", ".json"))
+        if doc.exists():
+            out.append((json.loads(doc.read_text()), json.loads(ev.read_text())))
+    return out
+
+
+def last_third(curves: list[list[float]]) -> tuple[float, float, int]:
+    """The seeds' mean curve (test error per epoch, to the shortest seed's epochs): the change a
+    least-squares line gives over its last third of epochs, its s.e., and that third's epochs."""
+    n = min(len(c) for c in curves)
+    y = np.mean([c[:n] for c in curves], axis=0)[n - max(3, n // 3):]
+    x = np.arange(len(y), dtype=float)
+    slope, icept = np.polyfit(x, y, 1)
+    resid = y - (slope * x + icept)
+    se = np.sqrt(resid @ resid / (len(y) - 2) / ((x - x.mean()) ** 2).sum())
+    return slope * x[-1], se * x[-1], len(y)
+
+
+T1_CONTRASTS = [  # (question, row a, row b): a - b
+    ("routing: 3 iterations - 1, no reconstruction", 2, 0),
+    ("routing: 3 iterations - 1, with reconstruction", 3, 1),
+    ("reconstruction: with - without, 1 iteration", 1, 0),
+    ("reconstruction: with - without, 3 iterations", 3, 2),
+    ("CapsNet 3 iterations + reconstruction - CNN", 3, 4),
+]
+
+
+def table1_summary(args) -> int:
+    """runs/mnist/table1/summary.md and viz/mnist_table1.png from the scored runs."""
+    rows = [(name, paper, t1_docs(name)) for name, _, paper in T1_ROWS]
+    err = {i: np.array([100 * e["test_error"] for _, e in d]) for i, (_, _, d) in enumerate(rows)}
+    lines = [f"Table 1's MNIST rows, {args.minutes:g} CPU minutes a run (one core each, two runs "
+             "side by side), scored at the step the budget ended on all 10,000 test digits "
+             "(averaged weights). `python3 bench/mnist.py table1 run --minutes "
+             f"{args.minutes:g}`, then `table1 summary`.", "",
+             "| row | seeds | test error %, mean ± s.e. | each seed | the paper | steps | epochs "
+             "| parameters | change over the last third of the curve (epochs) |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for i, (name, paper, docs) in enumerate(rows):
+        if not docs:
+            continue
+        e = err[i]
+        se = f" ± {e.std(ddof=1) / np.sqrt(len(e)):.3f}" if len(e) > 1 else ""
+        change, cse, k = last_third([[100 * x["test_error"] for x in d["history"]["epochs"]]
+                                     for d, _ in docs])
+        flat = "flat" if abs(change) < 2 * cse else "still moving"
+        lines.append(f"| {name} | {len(e)} | {e.mean():.3f}{se} | "
+                     f"{', '.join(f'{x:.2f}' for x in e)} | {paper:.2f} | "
+                     f"{np.mean([s['step'] for _, s in docs]):,.0f} | "
+                     f"{np.mean([s['step'] for _, s in docs]) / 1875:.1f} | "
+                     f"{docs[0][1]['n_params'] / 1e6:.3f}M | "
+                     f"{change:+.3f} ± {cse:.3f} over {k}: {flat} |")
+    lines += ["", "| difference (percentage points of test error) | here, ± s.e. | the paper |",
+              "|---|---|---|"]
+    for what, a, b in T1_CONTRASTS:
+        if len(err[a]) and len(err[b]):
+            lines.append(f"| {what} | {difference(err[a], err[b])} | "
+                         f"{rows[a][1] - rows[b][1]:+.2f} |")
+    text = "\n".join(lines) + "\n"
+    print(text, end="")
+    mc.atomic_write(TABLE1 / "summary.md", text.encode())
+    t1_plot(rows)
+    return 0
+
+
+def t1_plot(rows) -> None:
+    import visualize_multimnist_capsnet as viz
+    fig = viz.new_figure(7.5, 4.2)
+    ax = fig.subplots()
+    for k, (name, paper, docs) in enumerate(rows):
+        if not docs:
+            continue
+        curves = [[100 * x["test_error"] for x in d["history"]["epochs"]] for d, _ in docs]
+        n = min(len(c) for c in curves)
+        c = np.array([c[:n] for c in curves])
+        m, se = c.mean(0), c.std(0, ddof=1) / np.sqrt(len(c)) if len(c) > 1 else 0 * c[0]
+        x = np.arange(1, n + 1)
+        color = f"C{k}"
+        ax.plot(x, m, "o-", ms=2.5, lw=1.2, color=color, label=f"{name} (paper {paper:.2f}%)")
+        ax.fill_between(x, m - se, m + se, color=color, alpha=0.2, lw=0)
+        ax.axhline(paper, color=color, ls="--", lw=0.8)
+    ax.set(xlabel="epoch (60,000 shifted digits)", ylabel="test error, % of 10,000 digits",
+           ylim=(0.15, 1.5), title="Table 1's MNIST rows at equal CPU time: mean ± s.e. of the "
+           "seeds; dashed: the paper")
+    ax.title.set_fontsize(8)
+    ax.legend(fontsize=6.5, loc="upper right")
+    ax.grid(alpha=0.3)
+    viz.save_png(fig, ROOT / "viz" / "mnist_table1.png")
+
+
+def table1(args) -> int:
+    if args.what == "calibrate":
+        return table1_calibrate(args)
+    if args.what == "summary":
+        return table1_summary(args)
+    TABLE1.mkdir(parents=True, exist_ok=True)
+    if args.what == "score":
+        score_missing(TABLE1, t1_score)
+        return 0
+    rows = range(len(T1_ROWS)) if args.rows is None else args.rows
+    todo = [t1_command(*T1_ROWS[i][:2], s) for s in args.seeds for i in rows]
+    todo = [(c, b) for c, b in todo if not b.with_suffix(".eval.json").exists()]
+    # 130: the budget's SIGINT ended the run (it saved first, as intended)
+    run_jobs(todo, args.jobs, on_done=lambda rc, b: t1_score(b) if rc in (0, 130) else None,
+             cpu_budget=60 * args.minutes)
+    return 0
+
+
 def ship(args) -> int:
     """Evaluate the long run's averaged weights as float32 and rounded to float16 on the 10,000
     test digits; store float16 when its error count is within --tolerance of float32's."""
@@ -238,6 +439,21 @@ def main() -> int:
                    help="most test errors float16 may add or remove (default: %(default)s)")
     h.add_argument("--data-dir", default=None, help="MNIST cache (default: the module's)")
     h.set_defaults(fn=ship)
+    t1 = sub.add_parser("table1", help="Table 1's MNIST rows at equal CPU time")
+    t1.add_argument("what", choices=("calibrate", "run", "score", "summary"))
+    t1.add_argument("--minutes", type=float, default=18,
+                    help="CPU minutes per run, one core (default: %(default)s)")
+    t1.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
+                    help="(default: %(default)s)")
+    t1.add_argument("--rows", type=int, nargs="+", default=None,
+                    help="indices into the rows (default: all)")
+    t1.add_argument("--jobs", type=int, default=2, help="runs at a time (default: %(default)s)")
+    t1.add_argument("--scales", type=float, nargs="*", default=[0.125, 0.25, 0.375, 0.5],
+                    help="calibrate: CNN width scales timed (default: %(default)s)")
+    t1.add_argument("--repeat", type=int, default=15, help="calibrate: steps timed "
+                    "(default: %(default)s)")
+    t1.add_argument("--data-dir", default=None, help="MNIST cache (default: the module's)")
+    t1.set_defaults(fn=table1)
     args = p.parse_args()
     return args.fn(args)
 

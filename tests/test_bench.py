@@ -34,3 +34,35 @@ def test_no_bench_script_imports_another_but_common(script):
         elif isinstance(node, ast.ImportFrom):
             imported.add(node.module)
     assert imported & names <= {"bench_step"}, f"{script.name} imports {imported & names}"
+
+
+sys.path.insert(0, str(ROOT / "bench"))
+
+
+def test_run_jobs_stops_a_run_with_one_sigint_when_its_cpu_budget_is_spent(tmp_path):
+    """The Table 1 runners' budget is the process's own CPU time: a busy loop gets SIGINT near
+    the budget, handles it, and on_done sees its exit status; an idle process is not stopped."""
+    import common
+    busy = ("import signal, sys, time\n"
+            "signal.signal(signal.SIGINT, lambda *a: sys.exit(7))\n"
+            "t = time.time()\n"
+            "while time.time() - t < 30: pass\n")
+    done = {}
+    todo = [([sys.executable, "-c", busy], tmp_path / "busy"),
+            ([sys.executable, "-c", "import time; time.sleep(4)"], tmp_path / "idle")]
+    t0 = __import__("time").perf_counter()
+    common.run_jobs(todo, 2, on_done=lambda rc, out: done.setdefault(out.name, rc),
+                    cpu_budget=1.0)
+    assert done == {"busy": 7, "idle": 0}
+    assert __import__("time").perf_counter() - t0 < 15
+
+
+def test_last_third_fits_the_trend_of_the_seeds_mean_curve():
+    import mnist
+    flat = [[1.0, 0.6, 0.5, 0.4, 0.41, 0.39, 0.4, 0.41, 0.39], [1.1, 0.7, 0.5, 0.4, 0.39, 0.41,
+                                                                0.4, 0.39, 0.41]]
+    change, se, k = mnist.last_third(flat)
+    assert k == 3 and abs(change) < 2 * se + 1e-12
+    falling = [[1.0, 0.9, 0.8, 0.7, 0.6, 0.5], [1.0, 0.9, 0.8, 0.7, 0.6, 0.5]]
+    change, se, k = mnist.last_third(falling)
+    assert k == 3 and change == pytest.approx(-0.2) and se == pytest.approx(0, abs=1e-9)
