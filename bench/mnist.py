@@ -5,12 +5,17 @@
     python3 bench/mnist.py ship                      models/capsnet-mnist.npz (trains it if need be)
     python3 bench/mnist.py steps                     step time of each capacity weighed
     python3 bench/mnist.py table1 calibrate          Table 1's MNIST rows: one core's ms per step
-    python3 bench/mnist.py table1 run [--minutes M]  every row x 3 seeds, two at a time, one core each
+    python3 bench/mnist.py table1 run [--minutes M]  every row x 3 seeds, two at a time, 1 core each
     python3 bench/mnist.py table1 summary            runs/mnist/table1/summary.md
 
 The long run is runs/mnist/long.sh (120 minutes on both cores, stopped by one SIGINT). Its minutes
 are the cumulative training + evaluation seconds of its epochs (checkpoint writes and start-up
 excluded: under 1 s an epoch and ~3 s once).
+
+Table 1's rows run one core each, two side by side. Each gets one SIGINT when its own CPU time
+reaches the budget (bench/common.run_jobs), so other work on the machine slows it down without
+shortening it. Each is then scored from its checkpoint (averaged weights, the step the budget
+ended) on all 10,000 test digits: runs/mnist/table1/NAME_sSEED.json (training) and .eval.json.
 """
 import argparse
 import json
@@ -249,7 +254,8 @@ def table1_calibrate(args) -> int:
 def t1_command(name: str, flags: list[str], seed: int):
     base = TABLE1 / f"{slug(name)}_s{seed}"
     rel = lambda suffix: str(base.with_suffix(suffix).relative_to(ROOT))
-    return ([sys.executable, "multimnist_capsnet.py", "--seed", str(seed), "--workers", "1", "--quiet", *T1_BASE, *flags,
+    return ([sys.executable, "multimnist_capsnet.py", "--seed", str(seed), "--workers", "1",
+             "--quiet", *T1_BASE, *flags,
              "--save", rel(".npz"), "--metrics-json", rel(".json")], base)
 
 
@@ -314,11 +320,12 @@ def table1_summary(args) -> int:
         change, cse, k = last_third([[100 * x["test_error"] for x in d["history"]["epochs"]]
                                      for d, _ in docs])
         flat = "flat" if abs(change) < 2 * cse else "still moving"
+        steps = np.mean([s["step"] for _, s in docs])
+        epochs = np.mean([s["step"] * d["config"]["batch_size"] / d["config"]["n_train"]
+                          for d, s in docs])
         lines.append(f"| {name} | {len(e)} | {e.mean():.3f}{se} | "
-                     f"{', '.join(f'{x:.2f}' for x in e)} | {paper:.2f} | "
-                     f"{np.mean([s['step'] for _, s in docs]):,.0f} | "
-                     f"{np.mean([s['step'] for _, s in docs]) / 1875:.1f} | "
-                     f"{docs[0][1]['n_params'] / 1e6:.3f}M | "
+                     f"{', '.join(f'{x:.2f}' for x in e)} | {paper:.2f} | {steps:,.0f} | "
+                     f"{epochs:.1f} | {docs[0][1]['n_params'] / 1e6:.3f}M | "
                      f"{change:+.3f} ± {cse:.3f} over {k}: {flat} |")
     lines += ["", "| difference (percentage points of test error) | here, ± s.e. | the paper |",
               "|---|---|---|"]
