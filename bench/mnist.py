@@ -296,6 +296,17 @@ def last_third(curves: list[list[float]]) -> tuple[float, float, int]:
     return slope * x[-1], se * x[-1], len(y)
 
 
+def paired(a: list, b: list) -> str:
+    """mean ± s.e. of the per-seed differences of two rows' test errors (points) over the seeds
+    both have: a seed fixes the shifts and the batch order, which move every row alike."""
+    ea, eb = ({json.dumps(d["config"]["seed"]): 100 * e["test_error"] for d, e in r}
+              for r in (a, b))
+    d = np.array([ea[k] - eb[k] for k in ea if k in eb])
+    if len(d) < 2:
+        return "–"
+    return f"{d.mean():+.3f} ± {d.std(ddof=1) / np.sqrt(len(d)):.3f}"
+
+
 T1_CONTRASTS = [  # (question, row a, row b): a - b
     ("routing: 3 iterations - 1, no reconstruction", 2, 0),
     ("routing: 3 iterations - 1, with reconstruction", 3, 1),
@@ -335,12 +346,12 @@ def table1_summary(args) -> int:
                      f"{', '.join(f'{x:.2f}' for x in e)} | {paper:.2f} | {steps:,.0f} | "
                      f"{epochs:.1f} | {docs[0][1]['n_params'] / 1e6:.3f}M | "
                      f"{change:+.3f} ± {cse:.3f} over {k} | {noise:.3f} | {flat} |")
-    lines += ["", "| difference (percentage points of test error) | here, ± s.e. | the paper |",
-              "|---|---|---|"]
+    lines += ["", "| difference (percentage points of test error) | here, ± s.e. | paired by "
+              "seed, ± s.e. | the paper |", "|---|---|---|---|"]
     for what, a, b in T1_CONTRASTS:
         if len(err[a]) and len(err[b]):
             lines.append(f"| {what} | {difference(err[a], err[b])} | "
-                         f"{rows[a][1] - rows[b][1]:+.2f} |")
+                         f"{paired(rows[a][2], rows[b][2])} | {rows[a][1] - rows[b][1]:+.2f} |")
     lines += ["", "Routing at each row's last epoch (500 test digits, mean over the seeds; "
               "Appendix A: the 2nd iteration's change settles near 0.007; uniform couplings: "
               f"entropy ln 10 = {math.log(10):.4f}):", "",
