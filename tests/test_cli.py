@@ -505,7 +505,10 @@ def _signal_twice(tmp_path: Path, first, second, delay: float) -> tuple[int, str
     Returns (exit code, stderr, seconds from the second signal to exit, the epoch-1 ckpt)."""
     s = tmp_path / "s.npz"
     proc = subprocess.Popen([sys.executable, "-c", HELD_STEP,
-                             *tiny("--n-epochs", 1000, "--save", s)], cwd=tmp_path,
+                             # epochs of 40 steps: on a fast machine the stop still lands
+                             # mid-epoch (at 4 steps an epoch it sometimes hit a boundary)
+                             *tiny("--n-epochs", 1000, "--n-train", 640, "--save", s)],
+                            cwd=tmp_path,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             env=offline_env())
     lines: queue.Queue = queue.Queue()
