@@ -62,25 +62,25 @@ def run_jobs(todo, jobs: int, env=ENV, on_done=None, cpu_budget=None) -> None:
     """Run the (cmd, out) pairs of todo, jobs at a time, each logging to out's .log beside it;
     on_done(returncode, out) after each. With cpu_budget (seconds), each process gets one SIGINT
     when its own CPU time reaches it: a budget that other work on the machine cannot eat into."""
-    running = []
+    running, signalled = [], set()
     while todo or running:
         while todo and len(running) < jobs:
             cmd, out = todo.pop(0)
             print("$ " + shown(cmd, one_thread=env is ENV), flush=True)
             log = open(out.with_suffix(".log"), "w")
-            running.append([subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log,
-                                             stderr=subprocess.STDOUT), out, False])
+            running.append((subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log,
+                                             stderr=subprocess.STDOUT), out))
         time.sleep(2)
-        for job in list(running):
-            proc, out, signalled = job
+        for proc, out in list(running):
             if proc.poll() is not None:
-                running.remove(job)
+                running.remove((proc, out))
                 print(f"  exit {proc.returncode}: {out.name}", flush=True)
                 if on_done is not None:
                     on_done(proc.returncode, out)
-            elif cpu_budget is not None and not signalled and cpu_seconds(proc.pid) >= cpu_budget:
+            elif (cpu_budget is not None and proc.pid not in signalled
+                  and cpu_seconds(proc.pid) >= cpu_budget):
                 proc.send_signal(signal.SIGINT)  # the run finishes its step and saves
-                job[2] = True
+                signalled.add(proc.pid)
 
 
 def difference(x: np.ndarray, y: np.ndarray) -> str:

@@ -284,11 +284,18 @@ def t1_docs(name: str) -> list[tuple[dict, dict]]:
     return out
 
 
-def last_third(curves: list[list[float]]) -> tuple[float, float, int]:
-    """The seeds' mean curve (test error per epoch, to the shortest seed's epochs): the change a
-    least-squares line gives over its last third of epochs, its s.e., and that third's epochs."""
+def seed_curves(docs: list[tuple[dict, dict]]) -> np.ndarray:
+    """Each seed's test error (%) after each epoch, cut to the shortest seed's: (seeds, epochs)."""
+    curves = [[100 * x["test_error"] for x in d["history"]["epochs"]] for d, _ in docs]
     n = min(len(c) for c in curves)
-    y = np.mean([c[:n] for c in curves], axis=0)[n - max(3, n // 3):]
+    return np.array([c[:n] for c in curves])
+
+
+def last_third(curves: np.ndarray) -> tuple[float, float, int]:
+    """The seeds' mean curve (seeds, epochs): the change a least-squares line gives over its
+    last third of epochs, its s.e., and that third's epochs."""
+    y = np.mean(curves, axis=0)
+    y = y[len(y) - max(3, len(y) // 3):]
     x = np.arange(len(y), dtype=float)
     slope, icept = np.polyfit(x, y, 1)
     resid = y - (slope * x + icept)
@@ -299,8 +306,7 @@ def last_third(curves: list[list[float]]) -> tuple[float, float, int]:
 def paired(a: list, b: list) -> str:
     """mean ± s.e. of the per-seed differences of two rows' test errors (points) over the seeds
     both have: a seed fixes the shifts and the batch order, which move every row alike."""
-    ea, eb = ({json.dumps(d["config"]["seed"]): 100 * e["test_error"] for d, e in r}
-              for r in (a, b))
+    ea, eb = ({d["config"]["seed"]: 100 * e["test_error"] for d, e in r} for r in (a, b))
     d = np.array([ea[k] - eb[k] for k in ea if k in eb])
     if len(d) < 2:
         return "–"
@@ -333,8 +339,7 @@ def table1_summary(args) -> int:
             continue
         e = err[i]
         se = f" ± {e.std(ddof=1) / np.sqrt(len(e)):.3f}" if len(e) > 1 else ""
-        change, cse, k = last_third([[100 * x["test_error"] for x in d["history"]["epochs"]]
-                                     for d, _ in docs])
+        change, cse, k = last_third(seed_curves(docs))
         # the noise: the sampling s.e. of one test score, sqrt(p (1 - p) / n), in points
         p = e.mean() / 100
         noise = 100 * np.sqrt(p * (1 - p) / docs[0][1]["n_test"])
@@ -378,9 +383,8 @@ def t1_plot(rows) -> None:
     for k, (name, paper, docs) in enumerate(rows):
         if not docs:
             continue
-        curves = [[100 * x["test_error"] for x in d["history"]["epochs"]] for d, _ in docs]
-        n = min(len(c) for c in curves)
-        c = np.array([c[:n] for c in curves])
+        c = seed_curves(docs)
+        n = c.shape[1]
         m, se = c.mean(0), c.std(0, ddof=1) / np.sqrt(len(c)) if len(c) > 1 else 0 * c[0]
         x = np.arange(1, n + 1)
         color = f"C{k}"
