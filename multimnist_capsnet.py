@@ -995,6 +995,68 @@ def pad_backward(dout, cache):
     return np.ascontiguousarray(dout[:, p:p + h, p:p + w])
 
 
+def rowconv_forward(x, w, b):
+    """'Same' convolution, stride 1, by kernel rows: x (N, H, W, C), w (K, K, C, F) with K odd,
+    b (F,) -> out (N, H, W, F), equal to a valid convolution of pad_forward(x, K // 2).
+
+    im2col's columns hold K*K*C numbers per output pixel; here only the K rows of a window are
+    gathered (K*C numbers per padded pixel), one GEMM makes every column tap's output at once,
+    and K shifted adds place them. The buffers shrink K*C/F-fold against im2col's, which pays
+    when F < K*C (the CNN's later layers); conv1, with C = 1, keeps im2col.
+    """
+    n, h, wd, c = x.shape
+    k, f = w.shape[0], w.shape[3]
+    xp, p = pad_forward(x, k // 2)                                          # (N, H+K-1, Wp, C)
+    wp = xp.shape[2]
+    rows = np.lib.stride_tricks.sliding_window_view(xp, k, axis=1)         # (N, H, Wp, C, K)
+    rows = np.ascontiguousarray(rows.transpose(0, 1, 2, 4, 3)).reshape(n * h * wp, k * c)
+    taps = (rows @ w.transpose(0, 2, 1, 3).reshape(k * c, k * f)).reshape(n, h, wp, k, f)
+    out = taps[:, :, :wd, 0] + b                                            # (N, H, W, F)
+    for j in range(1, k):  # out[.., x, :] = sum_j taps[.., x + j, j, :]
+        out += taps[:, :, j:j + wd, j]
+    return out, (rows, x.shape, w)
+
+
+def rowconv_backward(dout, cache, need_dx=True):
+    """dout (N, H, W, F) -> dx (N, H, W, C) or None, dw (K, K, C, F), db (F,)."""
+    rows, (n, h, wd, c), w = cache
+    k, f = w.shape[0], w.shape[3]
+    wp = wd + k - 1
+    shifted = np.zeros((n, h, wp, k, f), dout.dtype)  # [.., x', j, :] = dout[.., x' - j, :]
+    for j in range(k):
+        shifted[:, :, j:j + wd, j] = dout
+    shifted = shifted.reshape(n * h * wp, k * f)                            # (N*H*Wp, K*F)
+    dw = (rows.T @ shifted).reshape(k, c, k, f).transpose(0, 2, 1, 3)       # (K, K, C, F)
+    db = dout.sum((0, 1, 2))
+    if not need_dx:
+        return None, np.ascontiguousarray(dw), db
+    drows = (shifted @ w.transpose(1, 3, 0, 2).reshape(k * f, k * c)).reshape(n, h, wp, k, c)
+    dxp = np.zeros((n, h + k - 1, wp, c), dout.dtype)
+    for i in range(k):  # row i of every window read padded row y + i
+        dxp[:, i:i + h] += drows[:, :, :, i]
+    return pad_backward(dxp, k // 2), np.ascontiguousarray(dw), db
+
+
+def same_conv_forward(x, w, b):
+    """'Same' convolution, stride 1: x (N, H, W, C), w (K, K, C, F), b (F,) -> (N, H, W, F),
+    by kernel rows where that moves fewer numbers (F < K*C), else padding and im2col."""
+    if w.shape[3] < w.shape[0] * w.shape[2]:
+        out, cache = rowconv_forward(x, w, b)
+        return out, (rowconv_backward, cache)
+    xp, c_pad = pad_forward(x, w.shape[0] // 2)                             # (N, H+K-1, W+K-1, C)
+    out, cache = conv_forward(xp, w, b, 1)
+    return out, (conv_backward, cache)
+
+
+def same_conv_backward(dout, cache, need_dx=True):
+    """dout (N, H, W, F) -> dx (N, H, W, C) or None, dw (K, K, C, F), db (F,)."""
+    backward, inner = cache
+    dx, dw, db = backward(dout, inner, need_dx)
+    if dx is not None and backward is conv_backward:
+        dx = pad_backward(dx, (dx.shape[1] - dout.shape[1]) // 2)
+    return dx, dw, db
+
+
 def maxpool_forward(x):
     """2x2 max pooling, stride 2: x (N, H, W, C) -> out (N, H//2, W//2, C).
 
@@ -1152,12 +1214,11 @@ def cnn_forward(params, x, pool=True, keep=None):
     """
     h, convs = x, []
     for i in range(1, 1 + sum(k.startswith("cnn_conv") for k in params) // 2):
-        w = params[f"cnn_conv{i}_w"]
-        h, c_pad = pad_forward(h, w.shape[0] // 2)                          # (N, H+K-1, W+K-1, C)
-        h, c_conv = conv_forward(h, w, params[f"cnn_conv{i}_b"], 1)         # (N, H, W, F)
+        w, b = params[f"cnn_conv{i}_w"], params[f"cnn_conv{i}_b"]
+        h, c_conv = same_conv_forward(h, w, b)                              # (N, H, W, F)
         h, c_pool = maxpool_forward(h) if pool else (h, None)              # (N, H/2, W/2, F)
         h, c_relu = relu_forward(h)
-        convs.append((c_pad, c_conv, c_pool, c_relu))
+        convs.append((c_conv, c_pool, c_relu))
     h_shape = h.shape
     h, fcs = h.reshape(len(x), -1), []                                      # (N, flat)
     for name in (f for f in FC_NAMES if f + "_w" in params):
@@ -1181,14 +1242,12 @@ def cnn_backward(dlogits, cache):
         dh, g[name + "_w"], g[name + "_b"] = affine_backward(relu_backward(dh, c_relu), c_fc)
     dh = dh.reshape(h_shape)                                                # (N, H', W', C)
     for i in range(len(convs), 0, -1):
-        c_pad, c_conv, c_pool, c_relu = convs[i - 1]
+        c_conv, c_pool, c_relu = convs[i - 1]
         dh = relu_backward(dh, c_relu)
         if c_pool is not None:
             dh = maxpool_backward(dh, c_pool)                               # (N, 2H', 2W', C)
         # the input needs no gradient: skip conv1's col2im, the most expensive part of its backward
-        dh, g[f"cnn_conv{i}_w"], g[f"cnn_conv{i}_b"] = conv_backward(dh, c_conv, need_dx=i > 1)
-        if i > 1:
-            dh = pad_backward(dh, c_pad)
+        dh, g[f"cnn_conv{i}_w"], g[f"cnn_conv{i}_b"] = same_conv_backward(dh, c_conv, i > 1)
     return g
 
 

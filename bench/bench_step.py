@@ -112,13 +112,19 @@ def matmul_floor(cfg: m.Config, repeat: int) -> dict[str, tuple[int, float, floa
 
 
 def training_batch(cfg: m.Config, n: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
-    """n composites of synthetic glyphs (no MNIST needed) as one batch in cfg's dtype. Drawn
-    without the IoU demand: random glyphs cannot always reach IoU 0.8 (one failed at Conv1 8),
-    and a step's time does not depend on the pixels."""
+    """n composites (--task mnist: single digits) of synthetic glyphs (no MNIST needed) as one
+    batch in cfg's dtype. Composites are drawn without the IoU demand: random glyphs cannot
+    always reach IoU 0.8 (one failed at Conv1 8), and a step's time does not depend on the pixels."""
     mnist = m.synthetic_mnist(rng, n_train=max(n, 64), n_test=10)
-    pairs = m.make_pairs(mnist["train_x"], mnist["train_y"], n, rng, min_iou=0.0,
-                         overlay=cfg.overlay)
-    return m.batch_arrays(pairs, np.arange(n), cfg.np_dtype)
+    if cfg.task == "mnist":  # single shifted digits, and the CNN's dropout mask as train() draws it
+        pairs = m.shift_digits(mnist["train_x"][:n], mnist["train_y"][:n], rng, cfg.max_shift)
+    else:
+        pairs = m.make_pairs(mnist["train_x"], mnist["train_y"], n, rng, min_iou=0.0,
+                             overlay=cfg.overlay)
+    batch = m.batch_arrays(pairs, np.arange(n), cfg.np_dtype)
+    if m.uses_dropout(cfg):
+        batch["keep"] = m.dropout_mask(rng, (n, cfg.cnn_fc2), cfg.cnn_dropout, cfg.np_dtype)
+    return batch
 
 
 def make_step(cfg: m.Config, n: int, workers=None):

@@ -55,6 +55,51 @@ def test_pad_backward(rng):
     check(f, x, lambda d: m.pad_backward(d, m.pad_forward(x, 2)[1]), rng)
 
 
+def padded_conv(x, w, b):
+    """The 'same' convolution as pad + the valid im2col convolution, its reference."""
+    return m.conv_forward(m.pad_forward(x, w.shape[0] // 2)[0], w, b, 1)[0]
+
+
+ROWCONV_SHAPES = [(3, 3, 2), (5, 4, 3), (5, 1, 3)]  # (K, C, F): F below K*C, and C = 1
+
+
+@pytest.mark.parametrize("k, c, f", ROWCONV_SHAPES)
+def test_rowconv_forward_matches_padded_im2col(rng, k, c, f):
+    x, w, b = rng.standard_normal((2, 6, 7, c)), rng.standard_normal((k, k, c, f)), rng.standard_normal(f)
+    out, _ = m.rowconv_forward(x, w, b)
+    np.testing.assert_allclose(out, padded_conv(x, w, b), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("k, c, f", ROWCONV_SHAPES)
+def test_rowconv_backward(rng, k, c, f):
+    x, w, b = rng.standard_normal((2, 6, 7, c)), rng.standard_normal((k, k, c, f)), rng.standard_normal(f)
+    fwd = lambda: m.rowconv_forward(x, w, b)[0]
+    grads = lambda d: m.rowconv_backward(d, m.rowconv_forward(x, w, b)[1])
+    for i, a in enumerate((x, w, b)):
+        check(fwd, a, lambda d: grads(d)[i], rng)
+
+
+def test_rowconv_backward_without_dx_gives_same_weight_grads(rng):
+    x, w, b = rng.standard_normal((2, 5, 5, 3)), rng.standard_normal((3, 3, 3, 2)), np.zeros(2)
+    out, cache = m.rowconv_forward(x, w, b)
+    dout = rng.standard_normal(out.shape)
+    full, skip = m.rowconv_backward(dout, cache), m.rowconv_backward(dout, cache, need_dx=False)
+    assert skip[0] is None
+    np.testing.assert_array_equal(full[1], skip[1])
+
+
+@pytest.mark.parametrize("c, f", [(1, 6), (3, 2)])  # F >= K*C: pad and im2col; F < K*C: rows
+def test_same_conv_backward_on_both_paths(rng, c, f):
+    x, w, b = rng.standard_normal((2, 5, 6, c)), rng.standard_normal((3, 3, c, f)), rng.standard_normal(f)
+    out, cache = m.same_conv_forward(x, w, b)
+    assert cache[0] is (m.rowconv_backward if f < 3 * c else m.conv_backward)
+    np.testing.assert_allclose(out, padded_conv(x, w, b), rtol=1e-12, atol=1e-12)
+    fwd = lambda: m.same_conv_forward(x, w, b)[0]
+    grads = lambda d: m.same_conv_backward(d, m.same_conv_forward(x, w, b)[1])
+    for i, a in enumerate((x, w, b)):
+        check(fwd, a, lambda d: grads(d)[i], rng)
+
+
 @pytest.mark.parametrize("shape", [(2, 6, 8, 3), (2, 7, 9, 3)])
 def test_maxpool_forward_matches_naive_loop(rng, shape):
     x = rng.standard_normal(shape)
@@ -193,4 +238,6 @@ def test_backward_leaves_the_upstream_gradient_alone(rng):
     before = d.copy()
     m.maxpool_backward(d, m.maxpool_forward(rng.standard_normal((2, 6, 8, 5)))[1])
     m.pad_backward(d, 0)
+    m.rowconv_backward(d, m.rowconv_forward(rng.standard_normal((2, 3, 4, 2)),
+                                            rng.standard_normal((3, 3, 2, 5)), np.zeros(5))[1])
     np.testing.assert_array_equal(d, before)
