@@ -6,6 +6,7 @@ another.
 """
 import dataclasses
 import os
+import platform
 import signal
 import subprocess
 import sys
@@ -56,6 +57,25 @@ def cpu_seconds(pid: int) -> float:
     """User + system CPU seconds of process pid so far, all its threads (Linux /proc)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+
+
+def cpu_model() -> str:
+    """The CPU's model name and number (Linux; virtual machines often name only the vendor's
+    line), else the machine type."""
+    try:
+        info = dict(ln.split(":", 1) for ln in open("/proc/cpuinfo").read().split("\n\n")[0]
+                    .splitlines() if ":" in ln)
+        info = {k.strip(): v.strip() for k, v in info.items()}
+        return f"{info['model name']} (model {info.get('model', '?')})"
+    except (OSError, KeyError):
+        return platform.machine()
+
+
+def commit() -> str:
+    """The checkout's short commit, with + when the working tree has changes."""
+    git = lambda *a: subprocess.run(["git", "-C", str(ROOT), *a], capture_output=True,
+                                    text=True).stdout.strip()
+    return git("rev-parse", "--short", "HEAD") + ("+" if git("status", "--porcelain", "-uno") else "")
 
 
 def run_jobs(todo, jobs: int, env=ENV, on_done=None, cpu_budget=None) -> None:

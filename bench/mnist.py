@@ -20,6 +20,7 @@ ended) on all 10,000 test digits: runs/mnist/table1/NAME_sSEED.json (training) a
 import argparse
 import json
 import math
+import os
 import subprocess
 import sys
 import time
@@ -31,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import multimnist_capsnet as mc  # noqa: E402
 sys.path.insert(0, str(ROOT / "bench"))
-from common import difference, run_jobs, score_missing, slug  # noqa: E402
+from common import commit, cpu_model, difference, run_jobs, score_missing, slug  # noqa: E402
 
 LONG = ROOT / "runs" / "mnist" / "long.sh"
 LONG_CKPT = ROOT / "runs" / "mnist" / "long_s0.npz"
@@ -197,7 +198,10 @@ TABLE1 = ROOT / "runs" / "mnist" / "table1"
 # makes in 15 minutes, so that each row settles within its budget. The CNN, at about half the
 # steps, decays per 200 steps to end at the same lr. No score chose these: only the step counts.
 T1_BASE = ["--task", "mnist", "--digit-bias", "--bias-init", "0.1", "--ema", "0.999",
-           "--lr-decay", "0.96", "--lr-decay-steps", "400", "--n-epochs", "1000"]
+           "--lr-decay", "0.96", "--n-epochs", "1000"]
+# The decay's spacing (--decay-steps, --cnn-decay-steps) is a table1 flag: on a CPU that makes
+# fewer steps in the budget, a shorter spacing ends every row at the same ~3% of its lr.
+T1_DECAY_STEPS = (400, 200)  # CapsNet rows, the CNN row
 T1_CNN = {"--cnn-conv1": 256, "--cnn-conv2": 256, "--cnn-conv3": 128, "--cnn-fc": 328,
           "--cnn-fc2": 192}  # the paper's widths; the row scales them all by T1_CNN_SCALE
 # 1/16 of the paper's widths (16/16/8 channels, 20/12 units): its step is 2x CapsNet's on one core
@@ -215,8 +219,7 @@ T1_ROWS = [  # (name, flags, the paper's test error in %)
     ("CapsNet, 1 routing iteration, reconstruction", ["--routing-iters", "1"], 0.29),
     ("CapsNet, 3 routing iterations, no reconstruction", ["--recon-weight", "0"], 0.35),
     ("CapsNet, 3 routing iterations, reconstruction", [], 0.25),
-    ("CNN, the paper's widths / 16", ["--model", "cnn", *cnn_widths(T1_CNN_SCALE),
-                                       "--lr-decay-steps", "200"], 0.39),
+    ("CNN, the paper's widths / 16", ["--model", "cnn", *cnn_widths(T1_CNN_SCALE)], 0.39),
 ]
 
 
@@ -255,11 +258,12 @@ def table1_calibrate(args) -> int:
     return 0
 
 
-def t1_command(name: str, flags: list[str], seed: int):
-    base = TABLE1 / f"{slug(name)}_s{seed}"
-    rel = lambda suffix: str(base.with_suffix(suffix).relative_to(ROOT))
+def t1_command(name: str, flags: list[str], seed: int, out: Path, decay: tuple[int, int]):
+    base = out / f"{slug(name)}_s{seed}"
+    rel = lambda suffix: os.path.relpath(base.with_suffix(suffix), ROOT)
+    spacing = decay["--model" in flags]
     return ([sys.executable, "multimnist_capsnet.py", "--seed", str(seed), "--workers", "1",
-             "--quiet", *T1_BASE, *flags,
+             "--quiet", *T1_BASE, "--lr-decay-steps", str(spacing), *flags,
              "--save", rel(".npz"), "--metrics-json", rel(".json")], base)
 
 
@@ -274,10 +278,10 @@ def t1_score(base: Path) -> None:
     mc.atomic_write(base.with_suffix(".eval.json"), mc.compact_json(doc).encode())
 
 
-def t1_docs(name: str) -> list[tuple[dict, dict]]:
+def t1_docs(name: str, where: Path) -> list[tuple[dict, dict]]:
     """(metrics JSON, score) of each seed of the row that has both."""
     out = []
-    for ev in sorted(TABLE1.glob(f"{slug(name)}_s*.eval.json")):
+    for ev in sorted(where.glob(f"{slug(name)}_s*.eval.json")):
         doc = ev.with_name(ev.name.replace(".eval.json", ".json"))
         if doc.exists():
             out.append((json.loads(doc.read_text()), json.loads(ev.read_text())))
@@ -323,13 +327,22 @@ T1_CONTRASTS = [  # (question, row a, row b): a - b
 
 
 def table1_summary(args) -> int:
-    """runs/mnist/table1/summary.md and viz/mnist_table1.png from the scored runs."""
-    rows = [(name, paper, t1_docs(name)) for name, _, paper in T1_ROWS]
+    """OUT/summary.md and the figure from the scored runs in OUT."""
+    where = Path(args.out)
+    rows = [(name, paper, t1_docs(name, where)) for name, _, paper in T1_ROWS]
     err = {i: np.array([100 * e["test_error"] for _, e in d]) for i, (_, _, d) in enumerate(rows)}
+    spacing = [rows[i][2][0][0]["config"]["lr_decay_steps"] if rows[i][2] else d
+               for i, d in ((0, T1_DECAY_STEPS[0]), (4, T1_DECAY_STEPS[1]))]
+    flags = f"--minutes {args.minutes:g}"
+    if tuple(spacing) != T1_DECAY_STEPS:
+        flags += f" --decay-steps {spacing[0]} --cnn-decay-steps {spacing[1]}"
+    if where.resolve() != TABLE1:
+        flags += f" --out {os.path.relpath(where, ROOT)}"
     lines = [f"Table 1's MNIST rows, {args.minutes:g} CPU minutes a run (one core each, two runs "
              "side by side), scored at the step the budget ended on all 10,000 test digits "
-             "(averaged weights). `python3 bench/mnist.py table1 run --minutes "
-             f"{args.minutes:g}`, then `table1 summary`.", "",
+             f"(averaged weights); lr 0.96 per {spacing[0]} steps (the CNN: per {spacing[1]}). "
+             f"`python3 bench/mnist.py table1 run {flags}`, then `table1 summary` with the same "
+             "flags.", "",
              "| row | seeds | test error %, mean ± s.e. | each seed | the paper | steps | epochs "
              "| parameters | last third of the seeds' mean curve: fitted change ± s.e. over its "
              "epochs | noise of one test score | within it |",
@@ -371,12 +384,12 @@ def table1_summary(args) -> int:
                          f"{' '.join(f'{v:.4f}' for v in ent)} |")
     text = "\n".join(lines) + "\n"
     print(text, end="")
-    mc.atomic_write(TABLE1 / "summary.md", text.encode())
-    t1_plot(rows)
+    mc.atomic_write(where / "summary.md", text.encode())
+    t1_plot(rows, Path(args.figure))
     return 0
 
 
-def t1_plot(rows) -> None:
+def t1_plot(rows, path: Path) -> None:
     import visualize_multimnist_capsnet as viz
     fig = viz.new_figure(7.5, 4.2)
     ax = fig.subplots()
@@ -397,7 +410,7 @@ def t1_plot(rows) -> None:
     ax.title.set_fontsize(8)
     ax.legend(fontsize=6.5, loc="upper right")
     ax.grid(alpha=0.3)
-    viz.save_png(fig, ROOT / "viz" / "mnist_table1.png")
+    viz.save_png(fig, path)
 
 
 def table1(args) -> int:
@@ -405,12 +418,15 @@ def table1(args) -> int:
         return table1_calibrate(args)
     if args.what == "summary":
         return table1_summary(args)
-    TABLE1.mkdir(parents=True, exist_ok=True)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     if args.what == "score":
-        score_missing(TABLE1, t1_score)
+        score_missing(out, t1_score)
         return 0
     rows = range(len(T1_ROWS)) if args.rows is None else args.rows
-    todo = [t1_command(*T1_ROWS[i][:2], s) for s in args.seeds for i in rows]
+    decay = (args.decay_steps, args.cnn_decay_steps)
+    print(f"# {cpu_model()}, commit {commit()}", flush=True)
+    todo = [t1_command(*T1_ROWS[i][:2], s, out, decay) for s in args.seeds for i in rows]
     todo = [(c, b) for c, b in todo if not b.with_suffix(".eval.json").exists()]
     # 130: the budget's SIGINT ended the run (it saved first, as intended)
     run_jobs(todo, args.jobs, on_done=lambda rc, b: t1_score(b) if rc in (0, 130) else None,
@@ -494,6 +510,14 @@ def main() -> int:
                     help="calibrate: CNN width scales timed (default: %(default)s)")
     t1.add_argument("--repeat", type=int, default=15, help="calibrate: steps timed "
                     "(default: %(default)s)")
+    t1.add_argument("--decay-steps", type=int, default=T1_DECAY_STEPS[0],
+                    help="run: the CapsNet rows' lr decays 0.96 per this many steps "
+                    "(default: %(default)s)")
+    t1.add_argument("--cnn-decay-steps", type=int, default=T1_DECAY_STEPS[1],
+                    help="run: the CNN row's spacing (default: %(default)s)")
+    t1.add_argument("--out", default=str(TABLE1), help="the runs' folder (default: %(default)s)")
+    t1.add_argument("--figure", default=str(ROOT / "viz" / "mnist_table1.png"),
+                    help="summary: the figure (default: %(default)s)")
     t1.add_argument("--data-dir", default=None, help="MNIST cache (default: the module's)")
     t1.set_defaults(fn=table1)
     args = p.parse_args()

@@ -14,7 +14,6 @@ import argparse
 import http.client
 import json
 import os
-import platform
 import signal
 import subprocess
 import sys
@@ -29,6 +28,9 @@ from matplotlib.figure import Figure
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import multimnist_capsnet as mc  # noqa: E402
+
+sys.path.insert(0, str(ROOT / "bench"))
+from common import cpu_model  # noqa: E402
 
 
 def font_digit(d: int) -> np.ndarray:
@@ -132,15 +134,6 @@ def main() -> int:
     if args.out:
         mc.atomic_write(Path(args.out), report.encode())
     return 0 if all(err is None for _, _, err in results) else 1
-
-
-def cpu_model() -> str:
-    """The CPU's model name (Linux), else the machine type."""
-    try:
-        return next(ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo")
-                    if ln.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.machine()
 
 
 def summary(results, wall, args, load) -> str:
