@@ -7,6 +7,7 @@ button's), no network. The browser test needs Debian's chromium and chromium-dri
 .ci/run installs; where they are missing it is skipped and says so.
 """
 import base64
+import contextlib
 import json
 import os
 import re
@@ -286,28 +287,46 @@ def test_concurrent_requests_are_answered_alike(url):
 # ----------------------------------------------------------------------------------------------
 # The command
 
+@contextlib.contextmanager
 def serve(*args, cwd):
-    return subprocess.Popen([sys.executable, str(ROOT / "multimnist_capsnet.py"), "serve",
+    """`serve` in a child process; killed on the way out if still running, so that a failed or
+    timed-out test leaves no server behind."""
+    proc = subprocess.Popen([sys.executable, str(ROOT / "multimnist_capsnet.py"), "serve",
                              *map(str, args)], cwd=cwd, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
 
 
 def test_serve_starts_on_a_free_port_and_stops_on_ctrl_c(tmp_path):
-    proc = serve("--port", "0", "--data-dir", tmp_path, cwd=tmp_path)
-    try:
-        first = proc.stdout.readline()
-        assert first.startswith("serving capsnet-multimnist.npz"), first
-        url = first.split(" on ", 1)[1].split()[0].rstrip("/")
-        assert url.startswith("http://127.0.0.1:"), first
-        assert "random-pair button is hidden" in proc.stdout.readline()
-        status, info = call(url, "/api/models")
-        assert status == 200 and info["sample"] is False
-        assert info["models"][0]["accuracy"].startswith("set accuracy 0.859 on 10,000 test pairs")
-    finally:
-        proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=30)
+    with serve("--port", "0", "--data-dir", tmp_path, cwd=tmp_path) as proc:
+        try:
+            first = proc.stdout.readline()
+            assert first.startswith("serving capsnet-multimnist.npz"), first
+            url = first.split(" on ", 1)[1].split()[0].rstrip("/")
+            assert url.startswith("http://127.0.0.1:"), first
+            assert "random-pair button is hidden" in proc.stdout.readline()
+            status, info = call(url, "/api/models")
+            assert status == 200 and info["sample"] is False
+            assert info["models"][0]["accuracy"].startswith(
+                "set accuracy 0.859 on 10,000 test pairs")
+        finally:
+            proc.send_signal(signal.SIGINT)
+            out, err = proc.communicate(timeout=30)
     assert proc.returncode == 0 and out == "stopped\n" and err == ""
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_failing_test_leaves_no_server_running(tmp_path):
+    with pytest.raises(RuntimeError), serve("--port", "0", "--data-dir", tmp_path,
+                                            cwd=tmp_path) as proc:
+        assert proc.stdout.readline().startswith("serving ")
+        raise RuntimeError("a test failing while the server runs")
+    assert proc.returncode is not None
 
 
 def test_serve_bad_flags_and_a_busy_port_are_one_line(tmp_path):
@@ -322,8 +341,8 @@ def test_serve_bad_flags_and_a_busy_port_are_one_line(tmp_path):
             (("--port", port), 1, f"cannot listen on 127.0.0.1:{port}: Address already in use"),
             (("--host", "no.such.host.invalid", "--port", "0"), 1, "cannot listen on no.such"),
         ]:
-            proc = serve(*args, cwd=tmp_path)
-            out, err = proc.communicate(timeout=60)
+            with serve(*args, cwd=tmp_path) as proc:
+                out, err = proc.communicate(timeout=60)
             assert proc.returncode == code and out == "" and err.count("\n") == 1, (args, err)
             assert expect in err and err.startswith("multimnist_capsnet.py serve: error: "), err
 
@@ -331,8 +350,8 @@ def test_serve_bad_flags_and_a_busy_port_are_one_line(tmp_path):
 def test_serve_refuses_a_cnn_checkpoint(tmp_path):
     cfg = mc.Config(model="cnn", cnn_conv1=2, cnn_conv2=2, cnn_fc=4)
     mc.save_model(tmp_path / "cnn.npz", mc.new_run(cfg))
-    proc = serve("--checkpoint", tmp_path / "cnn.npz", cwd=tmp_path)
-    out, err = proc.communicate(timeout=60)
+    with serve("--checkpoint", tmp_path / "cnn.npz", cwd=tmp_path) as proc:
+        out, err = proc.communicate(timeout=60)
     assert proc.returncode == 1 and "the page shows capsules, and a cnn has none" in err
 
 
