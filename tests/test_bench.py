@@ -67,3 +67,14 @@ def test_last_third_fits_the_trend_of_the_seeds_mean_curve():
     falling = [[1.0, 0.9, 0.8, 0.7, 0.6, 0.5], [1.0, 0.9, 0.8, 0.7, 0.6, 0.5]]
     change, se, k = mnist.last_third(falling)
     assert k == 3 and change == pytest.approx(-0.2) and se == pytest.approx(0, abs=1e-9)
+
+
+def test_table1_commands_carry_each_rows_decay_spacing_and_folder(tmp_path):
+    import mnist
+    (caps, _), (cnn, _) = (mnist.t1_command(*mnist.T1_ROWS[i][:2], 3, tmp_path, (300, 150))
+                           for i in (0, 4))
+    flag = lambda cmd, name: cmd[cmd.index(name) + 1]
+    assert flag(caps, "--lr-decay-steps") == "300" and flag(cnn, "--lr-decay-steps") == "150"
+    assert cnn.count("--lr-decay-steps") == 1 and flag(cnn, "--model") == "cnn"
+    assert Path(ROOT, flag(caps, "--save")).resolve() == (
+        tmp_path / "CapsNet-1-routing-iteration-no-reconstruction_s3.npz").resolve()
