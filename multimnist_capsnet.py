@@ -1000,13 +1000,15 @@ def rowconv_forward(x, w, b):
     b (F,) -> out (N, H, W, F), equal to a valid convolution of pad_forward(x, K // 2).
 
     im2col's columns hold K*K*C numbers per output pixel; here only the K rows of a window are
-    gathered (K*C numbers per padded pixel), one GEMM makes every column tap's output at once,
-    and K shifted adds place them. The buffers shrink K*C/F-fold against im2col's, which pays
-    when F < K*C (the CNN's later layers); conv1, with C = 1, keeps im2col.
+    gathered (K*C numbers per padded pixel), one GEMM makes every column tap's output at once
+    (K*F numbers per padded pixel), and K shifted adds place them. That moves fewer numbers than
+    im2col when F < K*C (the CNN's later layers: 2.6x fewer at 16 channels in and out); a first
+    layer with F >= K*C keeps im2col (same_conv_forward).
     """
     n, h, wd, c = x.shape
     k, f = w.shape[0], w.shape[3]
-    xp, p = pad_forward(x, k // 2)                                          # (N, H+K-1, Wp, C)
+    assert k % 2, "a 'same' convolution needs an odd kernel"
+    xp, _ = pad_forward(x, k // 2)                                          # (N, H+K-1, Wp, C)
     wp = xp.shape[2]
     rows = np.lib.stride_tricks.sliding_window_view(xp, k, axis=1)         # (N, H, Wp, C, K)
     rows = np.ascontiguousarray(rows.transpose(0, 1, 2, 4, 3)).reshape(n * h * wp, k * c)
@@ -1042,18 +1044,18 @@ def same_conv_forward(x, w, b):
     by kernel rows where that moves fewer numbers (F < K*C), else padding and im2col."""
     if w.shape[3] < w.shape[0] * w.shape[2]:
         out, cache = rowconv_forward(x, w, b)
-        return out, (rowconv_backward, cache)
-    xp, c_pad = pad_forward(x, w.shape[0] // 2)                             # (N, H+K-1, W+K-1, C)
+        return out, (rowconv_backward, cache)  # no padding to strip: rowconv pads inside
+    xp, p = pad_forward(x, w.shape[0] // 2)                                 # (N, H+K-1, W+K-1, C)
     out, cache = conv_forward(xp, w, b, 1)
-    return out, (conv_backward, cache)
+    return out, (conv_backward, cache, p)
 
 
 def same_conv_backward(dout, cache, need_dx=True):
     """dout (N, H, W, F) -> dx (N, H, W, C) or None, dw (K, K, C, F), db (F,)."""
-    backward, inner = cache
+    backward, inner, *pad = cache
     dx, dw, db = backward(dout, inner, need_dx)
-    if dx is not None and backward is conv_backward:
-        dx = pad_backward(dx, (dx.shape[1] - dout.shape[1]) // 2)
+    if dx is not None and pad:
+        dx = pad_backward(dx, pad[0])
     return dx, dw, db
 
 
@@ -1359,15 +1361,16 @@ def adam_init(params):
                 v={k: np.zeros_like(p) for k, p in params.items()})
 
 
-ADAM_BLOCK = 1 << 16  # numbers per block: Adam's four arrays and a scratch block fit in L2
+ADAM_BLOCK = 1 << 16  # numbers per block: 1.25 MB for Adam's four arrays and a scratch block in
+                     # float32, so that they stay in a 2 MB L2 across the passes
 
 
 def adam_step(params, grads, state, lr, beta1=0.9, beta2=0.999, eps=1e-8, workers=None):
     """In place: p -= lr * m_hat / (sqrt(v_hat) + eps), m_hat and v_hat bias-corrected.
 
     With workers, every array is cut in halves along its first axis, updated in parallel. Each
-    piece is updated a block at a time: its eleven elementwise passes then run on numbers in
-    cache instead of streaming whole arrays through memory eleven times.
+    piece is updated a block at a time: its thirteen elementwise passes then run on numbers in
+    cache instead of streaming whole arrays through memory thirteen times.
     """
     state["t"] += 1
     t = state["t"]
@@ -1376,9 +1379,9 @@ def adam_step(params, grads, state, lr, beta1=0.9, beta2=0.999, eps=1e-8, worker
 
     def update(piece):
         k, rows = piece
-        # flat views (copy=False raises rather than update a copy)
-        p, g, m, v = (np.reshape(a[k][rows], -1, copy=False)
-                      for a in (params, grads, state["m"], state["v"]))
+        # flat views of what is updated (copy=False raises rather than update a copy)
+        p, m, v = (np.reshape(a[k][rows], -1, copy=False) for a in (params, state["m"], state["v"]))
+        g = grads[k][rows].reshape(-1)
         scratch = np.empty(min(ADAM_BLOCK, p.size), p.dtype)
         for s in range(0, p.size, ADAM_BLOCK):
             pb, gb, mb, vb = (a[s:s + ADAM_BLOCK] for a in (p, g, m, v))

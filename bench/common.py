@@ -63,8 +63,8 @@ def cpu_model() -> str:
     """The CPU's model name and number (Linux; virtual machines often name only the vendor's
     line), else the machine type."""
     try:
-        info = dict(ln.split(":", 1) for ln in open("/proc/cpuinfo").read().split("\n\n")[0]
-                    .splitlines() if ":" in ln)
+        first = Path("/proc/cpuinfo").read_text().split("\n\n")[0]  # the first core's lines
+        info = dict(ln.split(":", 1) for ln in first.splitlines() if ":" in ln)
         info = {k.strip(): v.strip() for k, v in info.items()}
         return f"{info['model name']} (model {info.get('model', '?')})"
     except (OSError, KeyError):
@@ -75,7 +75,11 @@ def commit() -> str:
     """The checkout's short commit, with + when the working tree has changes."""
     git = lambda *a: subprocess.run(["git", "-C", str(ROOT), *a], capture_output=True,
                                     text=True).stdout.strip()
-    return git("rev-parse", "--short", "HEAD") + ("+" if git("status", "--porcelain", "-uno") else "")
+    try:
+        return git("rev-parse", "--short", "HEAD") + ("+" if git("status", "--porcelain", "-uno")
+                                                      else "")
+    except OSError:  # no git
+        return "unknown"
 
 
 def run_jobs(todo, jobs: int, env=ENV, on_done=None, cpu_budget=None) -> None:

@@ -195,17 +195,18 @@ TABLE1 = ROOT / "runs" / "mnist" / "table1"
 # so that a one-core budget reaches the plateau), the 120-minute run's recipe but a faster decay.
 # With its 0.96 per 2000 steps, 18 CPU minutes left the curves still falling (runs/mnist/table1/
 # slow-decay/); 0.96 per 400 steps takes the lr to ~3% of its start by the ~34,000 steps CapsNet
-# makes in 15 minutes, so that each row settles within its budget. The CNN, at about half the
-# steps, decays per 200 steps to end at the same lr. No score chose these: only the step counts.
+# makes in 15 minutes on the AMD EPYC, so that each row settles within its budget. The CNN decays
+# per (CapsNet's spacing x its step count / CapsNet's) steps to end at the same lr: per 200 when
+# im2col made its step 2x CapsNet's, per 300 at 1.3x. No score chose these: only step counts.
 T1_BASE = ["--task", "mnist", "--digit-bias", "--bias-init", "0.1", "--ema", "0.999",
            "--lr-decay", "0.96", "--n-epochs", "1000"]
 # The decay's spacing (--decay-steps, --cnn-decay-steps) is a table1 flag: on a CPU that makes
 # fewer steps in the budget, a shorter spacing ends every row at the same ~3% of its lr.
-T1_DECAY_STEPS = (400, 200)  # CapsNet rows, the CNN row
+T1_DECAY_STEPS = (400, 300)  # CapsNet rows, the CNN row
 T1_CNN = {"--cnn-conv1": 256, "--cnn-conv2": 256, "--cnn-conv3": 128, "--cnn-fc": 328,
           "--cnn-fc2": 192}  # the paper's widths; the row scales them all by T1_CNN_SCALE
-# 1/16 of the paper's widths (16/16/8 channels, 20/12 units): its step is 2x CapsNet's on one core
-# (calibrate), so it gets 9 epochs in the budget; at 1/8 it would get 4 and not converge
+# 1/16 of the paper's widths (16/16/8 channels, 20/12 units): its step was 2x CapsNet's on one core
+# with im2col and is 1.3x by kernel rows (calibrate); at 1/8 it would get half the epochs
 T1_CNN_SCALE = 0.0625
 
 
@@ -261,7 +262,7 @@ def table1_calibrate(args) -> int:
 def t1_command(name: str, flags: list[str], seed: int, out: Path, decay: tuple[int, int]):
     base = out / f"{slug(name)}_s{seed}"
     rel = lambda suffix: os.path.relpath(base.with_suffix(suffix), ROOT)
-    spacing = decay["--model" in flags]
+    spacing = decay["cnn" in flags]
     return ([sys.executable, "multimnist_capsnet.py", "--seed", str(seed), "--workers", "1",
              "--quiet", *T1_BASE, "--lr-decay-steps", str(spacing), *flags,
              "--save", rel(".npz"), "--metrics-json", rel(".json")], base)
@@ -331,8 +332,14 @@ def table1_summary(args) -> int:
     where = Path(args.out)
     rows = [(name, paper, t1_docs(name, where)) for name, _, paper in T1_ROWS]
     err = {i: np.array([100 * e["test_error"] for _, e in d]) for i, (_, _, d) in enumerate(rows)}
-    spacing = [rows[i][2][0][0]["config"]["lr_decay_steps"] if rows[i][2] else d
-               for i, d in ((0, T1_DECAY_STEPS[0]), (4, T1_DECAY_STEPS[1]))]
+    spacing = []  # the decay spacing of the CapsNet rows, then the CNN's, as their runs had it
+    for model, default in zip(("capsnet", "cnn"), T1_DECAY_STEPS):
+        seen = {d["config"]["lr_decay_steps"] for _, _, docs in rows for d, _ in docs
+                if d["config"]["model"] == model}
+        if len(seen) > 1:
+            raise SystemExit(f"mnist.py: error: {where} mixes {model} runs decayed per "
+                             f"{sorted(seen)} steps")
+        spacing.append(seen.pop() if seen else default)
     flags = f"--minutes {args.minutes:g}"
     if tuple(spacing) != T1_DECAY_STEPS:
         flags += f" --decay-steps {spacing[0]} --cnn-decay-steps {spacing[1]}"
@@ -342,7 +349,7 @@ def table1_summary(args) -> int:
              "side by side), scored at the step the budget ended on all 10,000 test digits "
              f"(averaged weights); lr 0.96 per {spacing[0]} steps (the CNN: per {spacing[1]}). "
              f"`python3 bench/mnist.py table1 run {flags}`, then `table1 summary` with the same "
-             "flags.", "",
+             f"flags.{t1_machine(where)}", "",
              "| row | seeds | test error %, mean ± s.e. | each seed | the paper | steps | epochs "
              "| parameters | last third of the seeds' mean curve: fitted change ± s.e. over its "
              "epochs | noise of one test score | within it |",
@@ -385,8 +392,21 @@ def table1_summary(args) -> int:
     text = "\n".join(lines) + "\n"
     print(text, end="")
     mc.atomic_write(where / "summary.md", text.encode())
-    t1_plot(rows, Path(args.figure))
+    t1_plot(rows, t1_figure(where))
     return 0
+
+
+def t1_machine(where: Path) -> str:
+    """' Ran on CPU, commit C.' from the runner's log (its first line), or ''."""
+    log = where / "run.txt"
+    first = log.read_text().split("\n", 1)[0] if log.exists() else ""
+    return f" Ran on {first[2:]}." if first.startswith("# ") else ""
+
+
+def t1_figure(where: Path) -> Path:
+    """viz/mnist_table1.png for the default folder, viz/mnist_FOLDER.png for another."""
+    name = "table1" if where.resolve() == TABLE1 else where.resolve().name
+    return ROOT / "viz" / f"mnist_{name}.png"
 
 
 def t1_plot(rows, path: Path) -> None:
@@ -515,9 +535,9 @@ def main() -> int:
                     "(default: %(default)s)")
     t1.add_argument("--cnn-decay-steps", type=int, default=T1_DECAY_STEPS[1],
                     help="run: the CNN row's spacing (default: %(default)s)")
-    t1.add_argument("--out", default=str(TABLE1), help="the runs' folder (default: %(default)s)")
-    t1.add_argument("--figure", default=str(ROOT / "viz" / "mnist_table1.png"),
-                    help="summary: the figure (default: %(default)s)")
+    t1.add_argument("--out", default=str(TABLE1), help="the runs' folder; summary writes its "
+                    "figure to viz/mnist_FOLDER.png (default: %(default)s, whose figure is "
+                    "viz/mnist_table1.png)")
     t1.add_argument("--data-dir", default=None, help="MNIST cache (default: the module's)")
     t1.set_defaults(fn=table1)
     args = p.parse_args()

@@ -6,6 +6,8 @@ import multimnist_capsnet as m
 from gradcheck import check, rel_error
 
 TINY = m.CnnArch((9, 5), (3, 4), (8,), True, 10)  # 10 -> 10 -> 5 -> 5 -> 2: the second pool drops a row
+# both of TINY's convolutions go by kernel rows (F < K*C); this one's conv1 (F >= K*C) by im2col
+TINY_IM2COL = m.CnnArch((3, 3), (4, 2), (8,), True, 10)
 
 
 @pytest.fixture
@@ -18,12 +20,12 @@ def distinct(rng, shape):
     return (rng.permutation(int(np.prod(shape))).reshape(shape) - 0.5 * np.prod(shape)) * 0.01
 
 
-def tiny_problem(rng, n=2, dtype=np.float64):
-    params = m.cnn_init_params(TINY, rng, dtype)
+def tiny_problem(rng, n=2, dtype=np.float64, arch=TINY):
+    params = m.cnn_init_params(arch, rng, dtype)
     for k in params:  # nonzero biases, so their gradients are tested in general position
         if k.endswith("_b"):
             params[k] = (0.1 * rng.standard_normal(params[k].shape)).astype(dtype)
-    x = rng.random((n, TINY.canvas, TINY.canvas, 1)).astype(dtype)
+    x = rng.random((n, arch.canvas, arch.canvas, 1)).astype(dtype)
     labels = np.stack([rng.choice(10, 2, replace=False) for _ in range(n)])
     return params, x, labels
 
@@ -86,6 +88,7 @@ def test_rowconv_backward_without_dx_gives_same_weight_grads(rng):
     full, skip = m.rowconv_backward(dout, cache), m.rowconv_backward(dout, cache, need_dx=False)
     assert skip[0] is None
     np.testing.assert_array_equal(full[1], skip[1])
+    np.testing.assert_array_equal(full[2], skip[2])
 
 
 @pytest.mark.parametrize("c, f", [(1, 6), (3, 2)])  # F >= K*C: pad and im2col; F < K*C: rows
@@ -190,10 +193,11 @@ def entries_to_check(grad, rng, n_top=15, n_random=15):
     return sorted(set(top) | set(rng.choice(grad.size, n_random, replace=False)))
 
 
+@pytest.mark.parametrize("arch", [TINY, TINY_IM2COL], ids=["rows", "im2col-conv1"])
 @pytest.mark.parametrize("name", ["cnn_conv1_w", "cnn_conv1_b", "cnn_conv2_w", "cnn_conv2_b",
                                   "cnn_fc_w", "cnn_fc_b", "cnn_out_w", "cnn_out_b"])
-def test_cnn_backward(rng, name):
-    params, x, labels = tiny_problem(rng)
+def test_cnn_backward(rng, name, arch):
+    params, x, labels = tiny_problem(rng, arch=arch)
 
     def loss():
         return m.sigmoid_xent_forward(m.cnn_forward(params, x)[0], labels)[0]
@@ -209,8 +213,9 @@ def test_cnn_backward(rng, name):
     check(loss, params[name], lambda d: d * grads()[name], rng, idx=entries_to_check(g[name], rng))
 
 
-def test_float32_in_float32_out(rng):
-    params, x, labels = tiny_problem(rng, dtype=np.float32)
+@pytest.mark.parametrize("arch", [TINY, TINY_IM2COL], ids=["rows", "im2col-conv1"])
+def test_float32_in_float32_out(rng, arch):
+    params, x, labels = tiny_problem(rng, dtype=np.float32, arch=arch)
     logits, cache = m.cnn_forward(params, x)
     loss, c_loss = m.sigmoid_xent_forward(logits, labels)
     dlogits = m.sigmoid_xent_backward(c_loss)
