@@ -1361,16 +1361,10 @@ def adam_init(params):
                 v={k: np.zeros_like(p) for k, p in params.items()})
 
 
-ADAM_BLOCK = 1 << 16  # numbers per block: 1.25 MB for Adam's four arrays and a scratch block in
-                     # float32, so that they stay in a 2 MB L2 across the passes
-
-
 def adam_step(params, grads, state, lr, beta1=0.9, beta2=0.999, eps=1e-8, workers=None):
     """In place: p -= lr * m_hat / (sqrt(v_hat) + eps), m_hat and v_hat bias-corrected.
 
-    With workers, every array is cut in halves along its first axis, updated in parallel. Each
-    piece is updated a block at a time: its thirteen elementwise passes then run on numbers in
-    cache instead of streaming whole arrays through memory thirteen times.
+    With workers, every array is cut in halves along its first axis, updated in parallel.
     """
     state["t"] += 1
     t = state["t"]
@@ -1379,23 +1373,17 @@ def adam_step(params, grads, state, lr, beta1=0.9, beta2=0.999, eps=1e-8, worker
 
     def update(piece):
         k, rows = piece
-        # flat views of what is updated (copy=False raises rather than update a copy)
-        p, m, v = (np.reshape(a[k][rows], -1, copy=False) for a in (params, state["m"], state["v"]))
-        g = grads[k][rows].reshape(-1)
-        scratch = np.empty(min(ADAM_BLOCK, p.size), p.dtype)
-        for s in range(0, p.size, ADAM_BLOCK):
-            pb, gb, mb, vb = (a[s:s + ADAM_BLOCK] for a in (p, g, m, v))
-            tmp = scratch[:len(pb)]
-            mb *= beta1
-            mb += np.multiply(gb, 1 - beta1, out=tmp)
-            vb *= beta2
-            vb += np.multiply(np.square(gb, out=tmp), 1 - beta2, out=tmp)
-            denom = np.sqrt(vb, out=tmp)
-            denom *= vscale
-            denom += eps
-            np.divide(mb, denom, out=denom)  # denom now holds m / denom
-            denom *= step
-            pb -= denom
+        p, g, m, v = params[k][rows], grads[k][rows], state["m"][k][rows], state["v"][k][rows]
+        m *= beta1
+        m += (1 - beta1) * g
+        v *= beta2
+        v += (1 - beta2) * np.square(g)
+        denom = np.sqrt(v)
+        denom *= vscale
+        denom += eps
+        np.divide(m, denom, out=denom)  # reuse the buffer: denom now holds m / denom
+        denom *= step
+        p -= denom
     parallel_map(workers, update, row_pieces(params, 1 if workers is None else 2))
 
 

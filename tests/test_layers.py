@@ -260,26 +260,6 @@ def test_adam_two_steps_by_hand():
     assert state["t"] == 2
 
 
-@pytest.mark.parametrize("workers", [False, True])
-def test_adam_in_blocks_equals_whole_array_formula(workers):
-    """A (3, B + 5) array spans several of Adam's blocks, the last one ragged, in one or two
-    pieces; every number must get the whole-array update, and m and v must persist."""
-    rng = np.random.default_rng(0)
-    p = rng.standard_normal((3, m.ADAM_BLOCK + 5))
-    g1, g2 = rng.standard_normal((2, *p.shape))
-    params, state = {"w": p.copy()}, m.adam_init({"w": p})
-    with m.worker_pool(2 if workers else 1) as pool:
-        for g in (g1, g2):
-            m.adam_step(params, {"w": g}, state, lr=0.1, workers=pool)
-    m2 = 0.9 * 0.1 * g1 + 0.1 * g2
-    v2 = 0.999 * 0.001 * g1 ** 2 + 0.001 * g2 ** 2
-    expected = p - 0.1 * g1 / (np.abs(g1) + 1e-8) \
-        - 0.1 * (m2 / (1 - 0.9 ** 2)) / (np.sqrt(v2 / (1 - 0.999 ** 2)) + 1e-8)
-    np.testing.assert_allclose(params["w"], expected, rtol=1e-10)
-    np.testing.assert_allclose(state["m"]["w"], m2, rtol=1e-12, atol=1e-15)
-    np.testing.assert_allclose(state["v"]["w"], v2, rtol=1e-12, atol=1e-15)
-
-
 def test_uhat_forward_in_blocks_equals_einsum():
     """u_hat is laid out a block of capsules at a time (~2^18 numbers a block): with 2,000
     capsules of 2 composites it takes three blocks, the last one ragged."""
