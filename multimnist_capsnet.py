@@ -1028,15 +1028,15 @@ def rowconv_backward(dout, cache, need_dx=True):
     for j in range(k):
         shifted[:, :, j:j + wd, j] = dout
     shifted = shifted.reshape(n * h * wp, k * f)                            # (N*H*Wp, K*F)
-    dw = (rows.T @ shifted).reshape(k, c, k, f).transpose(0, 2, 1, 3)       # (K, K, C, F)
-    db = dout.sum((0, 1, 2))
+    dw = np.ascontiguousarray((rows.T @ shifted).reshape(k, c, k, f).transpose(0, 2, 1, 3))
+    db = dout.sum((0, 1, 2))                                                # dw (K, K, C, F)
     if not need_dx:
-        return None, np.ascontiguousarray(dw), db
+        return None, dw, db
     drows = (shifted @ w.transpose(1, 3, 0, 2).reshape(k * f, k * c)).reshape(n, h, wp, k, c)
     dxp = np.zeros((n, h + k - 1, wp, c), dout.dtype)
     for i in range(k):  # row i of every window read padded row y + i
         dxp[:, i:i + h] += drows[:, :, :, i]
-    return pad_backward(dxp, k // 2), np.ascontiguousarray(dw), db
+    return pad_backward(dxp, k // 2), dw, db
 
 
 def same_conv_forward(x, w, b):
@@ -1044,7 +1044,7 @@ def same_conv_forward(x, w, b):
     by kernel rows where that moves fewer numbers (F < K*C), else padding and im2col."""
     if w.shape[3] < w.shape[0] * w.shape[2]:
         out, cache = rowconv_forward(x, w, b)
-        return out, (rowconv_backward, cache)  # no padding to strip: rowconv pads inside
+        return out, (rowconv_backward, cache, None)  # no padding to strip: rowconv pads inside
     xp, p = pad_forward(x, w.shape[0] // 2)                                 # (N, H+K-1, W+K-1, C)
     out, cache = conv_forward(xp, w, b, 1)
     return out, (conv_backward, cache, p)
@@ -1052,10 +1052,10 @@ def same_conv_forward(x, w, b):
 
 def same_conv_backward(dout, cache, need_dx=True):
     """dout (N, H, W, F) -> dx (N, H, W, C) or None, dw (K, K, C, F), db (F,)."""
-    backward, inner, *pad = cache
+    backward, inner, pad = cache
     dx, dw, db = backward(dout, inner, need_dx)
-    if dx is not None and pad:
-        dx = pad_backward(dx, pad[0])
+    if dx is not None and pad is not None:
+        dx = pad_backward(dx, pad)
     return dx, dw, db
 
 
