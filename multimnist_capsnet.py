@@ -601,6 +601,27 @@ def batch_arrays(pairs: dict, idx: np.ndarray, dtype) -> dict[str, np.ndarray]:
 # ----------------------------------------------------------------------------------------------
 # Convolution as one GEMM: im2col through strided views, col2im by scatter-add
 
+def im2col(x, k, stride):
+    """x (N, H, W, C) -> cols (N*Ho*Wo, K*K*C): every KxK window, (ky, kx, c) in a row."""
+    n, h, wd, c = x.shape
+    ho, wo = (h - k) // stride + 1, (wd - k) // stride + 1
+    win = np.lib.stride_tricks.sliding_window_view(x, (k, k), axis=(1, 2))  # (N, H-K+1, W-K+1, C, K, K)
+    win = win[:, ::stride, ::stride][:, :ho, :wo]                            # (N, Ho, Wo, C, K, K)
+    return np.ascontiguousarray(win.transpose(0, 1, 2, 4, 5, 3)).reshape(n * ho * wo, k * k * c)
+
+
+def col2im_row(dx, dcols, i, stride):
+    """Add kernel row i's column gradients dcols (N, Ho, Wo, K, C) into dx (N, H, W, C), in place.
+
+    Windows overlap whenever stride < K, so this adds one output column x at a time: its K taps
+    are K*C contiguous numbers on both sides (per tap they would be C-long pieces). Descending x
+    adds each pixel's taps in ascending j, the order of a plain tap loop.
+    """
+    ho, wo, k = dcols.shape[1:4]
+    for x in reversed(range(wo)):
+        dx[:, i:i + stride * ho:stride, stride * x:stride * x + k] += dcols[:, :, x]
+
+
 def conv_forward(x, w, b, stride):
     """Valid convolution, NHWC.
 
@@ -609,10 +630,9 @@ def conv_forward(x, w, b, stride):
     n, h, wd, c = x.shape
     k, f = w.shape[0], w.shape[3]
     ho, wo = (h - k) // stride + 1, (wd - k) // stride + 1
-    win = np.lib.stride_tricks.sliding_window_view(x, (k, k), axis=(1, 2))  # (N, H-K+1, W-K+1, C, K, K)
-    win = win[:, ::stride, ::stride][:, :ho, :wo]                            # (N, Ho, Wo, C, K, K)
-    cols = np.ascontiguousarray(win.transpose(0, 1, 2, 4, 5, 3)).reshape(n * ho * wo, k * k * c)
-    out = cols @ w.reshape(k * k * c, f) + b                                # (N*Ho*Wo, F)
+    cols = im2col(x, k, stride)                                             # (N*Ho*Wo, K*K*C)
+    out = cols @ w.reshape(k * k * c, f)                                    # (N*Ho*Wo, F)
+    out += b  # in place: no second output-sized array
     return out.reshape(n, ho, wo, f), (cols, x.shape, w, stride)
 
 
@@ -629,11 +649,7 @@ def conv_backward(dout, cache, need_dx=True):
     dx = np.zeros((n, h, wd, c), dout.dtype)
     for i in range(k):  # one kernel row at a time keeps the column gradients in cache
         dcols = (d2 @ w[i].reshape(k * c, f).T).reshape(n, ho, wo, k, c)
-        # Windows overlap whenever stride < K, so accumulate, one output column x at a time: its
-        # K taps are K*C contiguous numbers on both sides (per tap they would be C-long pieces).
-        # Descending x adds each pixel's taps in ascending j, the order of a plain tap loop.
-        for x in reversed(range(wo)):
-            dx[:, i:i + stride * ho:stride, stride * x:stride * x + k] += dcols[:, :, x]
+        col2im_row(dx, dcols, i, stride)
     return dx, dw, db
 
 
@@ -702,8 +718,10 @@ def uhat_backward(duh, cache):
 
 
 def softmax(b, axis):
-    z = np.exp(b - b.max(axis=axis, keepdims=True))
-    return z / z.sum(axis=axis, keepdims=True)
+    z = b - b.max(axis=axis, keepdims=True)
+    np.exp(z, out=z)  # in place: one temporary instead of three
+    z /= z.sum(axis=axis, keepdims=True)
+    return z
 
 
 def coupling(b, leaky=False):
@@ -728,7 +746,10 @@ def routing_forward(uh, n_iters, bias=None, leaky=False):
     b = np.zeros((n, j, i_), uh.dtype)
     iters = []
     for r in range(n_iters):
-        c = coupling(b, leaky)                                   # (N, J, I)
+        if r == 0 and not leaky:  # the softmax of zero logits, 1 / J, without its five passes
+            c = np.full((n, j, i_), uh.dtype.type(1) / uh.dtype.type(j))
+        else:
+            c = coupling(b, leaky)                               # (N, J, I)
         s = np.matmul(c[:, :, None, :], uh)[:, :, 0]             # (N, J, E)
         if bias is not None:
             s = s + bias
