@@ -4,12 +4,16 @@
     python3 bench/bench_step.py --no-full  # skip the full run
     python3 bench/bench_step.py --no-full --conv1-channels 64 --primary-types 16 --digit-bias
                                            # any size: the module's capacity (and other) flags
+    python3 bench/bench_step.py --vs-floor 40 --conv1-channels 64 --primary-types 16 --digit-bias
+                                           # only the step against its products alone
 
 Prints one table: the machine's sgemm/dgemm rate, the median step (forward, backward, guard, Adam) at
 float32/float64 and batch 32/64/128 with its fraction of the sgemm peak, the default step's matrix
 products alone (nothing but the products, as the module computes them), the time of each phase of
 a default step (float32, batch 32, two worker threads: each phase's time on one core; Adam's is
-its wall time), and the wall time and peak memory of the default 8-epoch run.
+its wall time), and the wall time and peak memory of the default 8-epoch run. --vs-floor times
+steps and passes of the products alone in alternation and prints the median of their ratios,
+which stays put where the machine's speed moves both (see docs/speed.md).
 """
 import argparse
 import dataclasses
@@ -79,36 +83,74 @@ def step_flops(cfg: m.Config, n: int) -> float:
     return flops(matmuls(cfg, n))
 
 
+def floor_products(cfg: m.Config, pool, rng: np.random.Generator):
+    """The step's matrix products as the module computes them, for each worker's shard, on fresh
+    random contiguous operands: (work, run) with work[i] the (layer, A shape, B shape) list of
+    shard 0 and run(picked) one pass of the picked products on every worker at once."""
+    n_shards = cfg.workers if pool is not None else 1
+    shards = np.diff(np.linspace(0, cfg.batch_size, n_shards + 1).astype(int))
+    work = [matmuls(cfg, int(n)) for n in shards]
+    operands = [[(rng.standard_normal(a).astype(cfg.np_dtype),
+                  rng.standard_normal(b).astype(cfg.np_dtype)) for _, a, b in w] for w in work]
+
+    def products(ops):
+        for a, b in ops:
+            if a.shape[-1] == 1:  # an outer product: einsum, as the module does
+                np.einsum("...ik,...kj->...ij", a, b)
+            else:
+                a @ b
+
+    def run(picked):
+        m.parallel_map(pool, products, [[ops[i] for i in picked] for ops in operands])
+    return work[0], run
+
+
 def matmul_floor(cfg: m.Config, repeat: int) -> dict[str, tuple[int, float, float]]:
-    """The default step's matrix products alone, as the module computes them: each worker runs
-    its shard's products (matmuls(), one after another, each on fresh random contiguous operands),
-    all workers at once.
+    """The step's matrix products alone (floor_products), all workers at once.
 
     Returns layer -> (products, median seconds, FLOP/s of one core), and "all" for every product
     of the step in one go. "all" takes longer than the layers' sum: one layer's operands stay in
     cache from one repeat to the next, the whole step's do not (nor do they in training)."""
-    rng = np.random.default_rng(0)
     out = {}
     with m.worker_pool(cfg.workers) as pool:
-        n_shards = cfg.workers if pool is not None else 1
-        shards = np.diff(np.linspace(0, cfg.batch_size, n_shards + 1).astype(int))
-        work = [matmuls(cfg, int(n)) for n in shards]
-        operands = [[(layer, rng.standard_normal(a).astype(cfg.np_dtype),
-                      rng.standard_normal(b).astype(cfg.np_dtype)) for layer, a, b in w]
-                    for w in work]
-
-        def products(ops):
-            for a, b in ops:
-                if a.shape[-1] == 1:  # an outer product: einsum, as the module does
-                    np.einsum("...ik,...kj->...ij", a, b)
-                else:
-                    a @ b
-        for only in [*dict.fromkeys(layer for layer, _, _ in work[0]), "all"]:
-            picked = [i for i, (layer, _, _) in enumerate(work[0]) if only in (layer, "all")]
-            ops = [[w[i][1:] for i in picked] for w in operands]   # shards list products alike
-            t = median_time(lambda: m.parallel_map(pool, products, ops), repeat)
-            out[only] = (len(picked), t, flops([work[0][i] for i in picked]) / t)
+        work, run = floor_products(cfg, pool, np.random.default_rng(0))
+        for only in [*dict.fromkeys(layer for layer, _, _ in work), "all"]:
+            picked = [i for i, (layer, _, _) in enumerate(work) if only in (layer, "all")]
+            t = median_time(lambda: run(picked), repeat)
+            out[only] = (len(picked), t, flops([work[i] for i in picked]) / t)
     return out
+
+
+def step_vs_floor(cfg: m.Config, pairs: int) -> tuple[np.ndarray, np.ndarray]:
+    """Seconds of `pairs` training steps and `pairs` passes of the step's products alone ("all"),
+    timed in alternation (step first in even pairs, products first in odd ones), so that the
+    machine's drift, which moves both by 20-50% on a shared VM, hits the two alike: the ratio of
+    a pair is steady where neither time is."""
+    with m.worker_pool(cfg.workers) as pool:
+        step = make_step(cfg, cfg.batch_size, pool)
+        work, run = floor_products(cfg, pool, np.random.default_rng(0))
+        floor = lambda: run(range(len(work)))  # noqa: E731
+        step(), floor()  # warm up
+        times = {step: [], floor: []}
+        for i in range(pairs):
+            for f in (step, floor) if i % 2 == 0 else (floor, step):
+                t = time.perf_counter()
+                f()
+                times[f].append(time.perf_counter() - t)
+    return np.array(times[step]), np.array(times[floor])
+
+
+def print_step_vs_floor(cfg: m.Config, pairs: int) -> None:
+    s, f = step_vs_floor(cfg, pairs)
+
+    def spread(a, scale=1e3, fmt=".1f"):
+        lo, mid, hi = np.percentile(a, [25, 50, 75]) * scale
+        return f"{mid:{fmt}} (quartiles {lo:{fmt}}-{hi:{fmt}})"
+    print(f"step against its products alone, {pairs} alternating pairs, {cfg.dtype} batch "
+          f"{cfg.batch_size}, {cfg.workers} workers")
+    print(f"  step (fwd+bwd+guard+adam), ms     {spread(s)}")
+    print(f"  products alone ('all'), ms        {spread(f)}")
+    print(f"  step / products, the pairs' ratio {spread(s / f, 1, '.3f')}")
 
 
 def training_batch(cfg: m.Config, n: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
@@ -237,6 +279,9 @@ def main():
     p = m.ArgumentParser(prog="bench_step.py", description=__doc__.splitlines()[0])
     p.add_argument("--repeat", type=int, default=15, help="steps timed per setting (default: 15)")
     p.add_argument("--no-full", action="store_true", help="skip the full default run")
+    p.add_argument("--vs-floor", type=int, metavar="PAIRS", default=0,
+                   help="only time the step against its products alone, in PAIRS alternating "
+                        "pairs (default: 0, the full table)")
     m.add_training_flags(p)  # the size benched: --conv1-channels, --primary-types, --preset, ...
     args = p.parse_args()
     try:
@@ -245,6 +290,9 @@ def main():
         p.error(str(e))
     if base.task != "multimnist" or base.model != "capsnet":
         p.error("the bench times the MultiMNIST CapsNet's step (--task multimnist --model capsnet)")
+    if args.vs_floor:
+        print_step_vs_floor(base, args.vs_floor)
+        return
     full = None if args.no_full else full_run()
     print(f"numpy {np.__version__}, {os.cpu_count()} cpus, "
           f"OPENBLAS_NUM_THREADS={os.environ.get('OPENBLAS_NUM_THREADS', 'unset')}")

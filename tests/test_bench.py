@@ -78,3 +78,31 @@ def test_table1_commands_carry_each_rows_decay_spacing_and_folder(tmp_path):
     assert cnn.count("--lr-decay-steps") == 1 and flag(cnn, "--model") == "cnn"
     assert Path(ROOT, flag(caps, "--save")).resolve() == (
         tmp_path / "CapsNet-1-routing-iteration-no-reconstruction_s3.npz").resolve()
+
+
+TINY_FLAGS = ["--conv1-channels", "4", "--primary-types", "2", "--decoder-h1", "16",
+              "--decoder-h2", "16", "--batch-size", "4", "--digit-bias"]
+
+
+def test_vs_floor_times_steps_and_products_in_alternating_pairs(monkeypatch):
+    """step_vs_floor alternates its two callables (step first in even pairs), one time each."""
+    import bench_step
+    order = []
+    monkeypatch.setattr(bench_step, "make_step", lambda cfg, n, pool: lambda: order.append("s"))
+    monkeypatch.setattr(bench_step, "floor_products",
+                        lambda cfg, pool, rng: ([None], lambda picked: order.append("f")))
+    cfg = bench_step.m.Config(workers=1)
+    s, f = bench_step.step_vs_floor(cfg, 3)
+    assert order == ["s", "f"] + ["s", "f", "f", "s", "s", "f"]  # warm-up, then the pairs
+    assert len(s) == len(f) == 3 and (s >= 0).all() and (f >= 0).all()
+
+
+def test_vs_floor_and_floor_gap_run_at_a_tiny_size():
+    """The two commands the speed notes quote, end to end on a tiny network: each prints its
+    closing line."""
+    for cmd, line in ((["bench_step.py", "--vs-floor", "2"], "step / products, the pairs' ratio"),
+                      (["floor_gap.py", "--rounds", "2"], "together")):
+        r = subprocess.run([sys.executable, str(ROOT / "bench" / cmd[0]), *cmd[1:], *TINY_FLAGS],
+                           cwd=ROOT, timeout=120, capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+        assert line in r.stdout, r.stdout
