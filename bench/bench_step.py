@@ -121,27 +121,40 @@ def matmul_floor(cfg: m.Config, repeat: int) -> dict[str, tuple[int, float, floa
     return out
 
 
-def step_vs_floor(cfg: m.Config, pairs: int) -> tuple[np.ndarray, np.ndarray]:
+def cpu_ticks() -> np.ndarray | None:
+    """The machine's CPU time so far in clock ticks, all cores: user, nice, system, idle, iowait,
+    irq, softirq, steal (Linux /proc/stat), or None elsewhere."""
+    try:
+        return np.array([int(t) for t in Path("/proc/stat").read_text().split("\n")[0].split()[1:9]])
+    except (OSError, ValueError):
+        return None
+
+
+def step_vs_floor(cfg: m.Config, pairs: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """Seconds of `pairs` training steps and `pairs` passes of the step's products alone ("all"),
     timed in alternation (step first in even pairs, products first in odd ones), so that the
     machine's drift, which moves both by 20-50% on a shared VM, hits the two alike: the ratio of
-    a pair is steady where neither time is."""
+    a pair is steady where neither time is. Also the cores' clock ticks (cpu_ticks) spent during
+    the steps alone, or None."""
     with m.worker_pool(cfg.workers) as pool:
         step = make_step(cfg, cfg.batch_size, pool)
         work, run = floor_products(cfg, pool, np.random.default_rng(0))
         floor = lambda: run(range(len(work)))  # noqa: E731
         step(), floor()  # warm up
-        times = {step: [], floor: []}
+        times, ticks = {step: [], floor: []}, cpu_ticks()
+        ticks = None if ticks is None else 0 * ticks
         for i in range(pairs):
             for f in (step, floor) if i % 2 == 0 else (floor, step):
-                t = time.perf_counter()
+                t, before = time.perf_counter(), cpu_ticks()
                 f()
                 times[f].append(time.perf_counter() - t)
-    return np.array(times[step]), np.array(times[floor])
+                if f is step and ticks is not None:
+                    ticks += cpu_ticks() - before
+    return np.array(times[step]), np.array(times[floor]), ticks
 
 
 def print_step_vs_floor(cfg: m.Config, pairs: int) -> None:
-    s, f = step_vs_floor(cfg, pairs)
+    s, f, ticks = step_vs_floor(cfg, pairs)
 
     def spread(a, scale=1e3, fmt=".1f"):
         lo, mid, hi = np.percentile(a, [25, 50, 75]) * scale
@@ -151,6 +164,10 @@ def print_step_vs_floor(cfg: m.Config, pairs: int) -> None:
     print(f"  step (fwd+bwd+guard+adam), ms     {spread(s)}")
     print(f"  products alone ('all'), ms        {spread(f)}")
     print(f"  step / products, the pairs' ratio {spread(s / f, 1, '.3f')}")
+    if ticks is not None and ticks.sum():
+        busy, idle, steal = ticks[[0, 1, 2, 5, 6]].sum(), ticks[[3, 4]].sum(), ticks[7]
+        print(f"  the cores during the steps: busy {busy / ticks.sum():.1%}, idle "
+              f"{idle / ticks.sum():.1%}, taken by the hypervisor (steal) {steal / ticks.sum():.1%}")
 
 
 def training_batch(cfg: m.Config, n: int, rng: np.random.Generator) -> dict[str, np.ndarray]:

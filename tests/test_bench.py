@@ -92,9 +92,10 @@ def test_vs_floor_times_steps_and_products_in_alternating_pairs(monkeypatch):
     monkeypatch.setattr(bench_step, "floor_products",
                         lambda cfg, pool, rng: ([None], lambda picked: order.append("f")))
     cfg = bench_step.m.Config(workers=1)
-    s, f = bench_step.step_vs_floor(cfg, 3)
+    s, f, ticks = bench_step.step_vs_floor(cfg, 3)
     assert order == ["s", "f"] + ["s", "f", "f", "s", "s", "f"]  # warm-up, then the pairs
     assert len(s) == len(f) == 3 and (s >= 0).all() and (f >= 0).all()
+    assert ticks is None or (len(ticks) == 8 and (ticks >= 0).all())
 
 
 def test_vs_floor_and_floor_gap_run_at_a_tiny_size():
