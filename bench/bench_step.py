@@ -141,8 +141,8 @@ def step_vs_floor(cfg: m.Config, pairs: int) -> tuple[np.ndarray, np.ndarray, np
         work, run = floor_products(cfg, pool, np.random.default_rng(0))
         floor = lambda: run(range(len(work)))  # noqa: E731
         step(), floor()  # warm up
-        times, ticks = {step: [], floor: []}, cpu_ticks()
-        ticks = None if ticks is None else 0 * ticks
+        times = {step: [], floor: []}
+        ticks = None if cpu_ticks() is None else np.zeros(8, int)
         for i in range(pairs):
             for f in (step, floor) if i % 2 == 0 else (floor, step):
                 t, before = time.perf_counter(), cpu_ticks()
@@ -292,6 +292,19 @@ def full_run() -> tuple[float, float]:
     return wall, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2 ** 20
 
 
+def capsnet_args(p: argparse.ArgumentParser):
+    """(args, Config) from a parser that has the module's training flags; a bad flag, or a task or
+    model other than the MultiMNIST CapsNet, ends the program with the parser's one-line error."""
+    args = p.parse_args()
+    try:
+        cfg = m.config_from_args(args)
+    except m.CapsNetError as e:
+        p.error(str(e))
+    if cfg.task != "multimnist" or cfg.model != "capsnet":
+        p.error("this times the MultiMNIST CapsNet's step (--task multimnist --model capsnet)")
+    return args, cfg
+
+
 def main():
     p = m.ArgumentParser(prog="bench_step.py", description=__doc__.splitlines()[0])
     p.add_argument("--repeat", type=int, default=15, help="steps timed per setting (default: 15)")
@@ -300,13 +313,7 @@ def main():
                    help="only time the step against its products alone, in PAIRS alternating "
                         "pairs (default: 0, the full table)")
     m.add_training_flags(p)  # the size benched: --conv1-channels, --primary-types, --preset, ...
-    args = p.parse_args()
-    try:
-        base = m.config_from_args(args)
-    except m.CapsNetError as e:
-        p.error(str(e))
-    if base.task != "multimnist" or base.model != "capsnet":
-        p.error("the bench times the MultiMNIST CapsNet's step (--task multimnist --model capsnet)")
+    args, base = capsnet_args(p)
     if args.vs_floor:
         print_step_vs_floor(base, args.vs_floor)
         return

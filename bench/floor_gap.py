@@ -52,13 +52,7 @@ def main():
     p = m.ArgumentParser(prog="floor_gap.py", description=__doc__.splitlines()[0])
     p.add_argument("--rounds", type=int, default=25, help="alternating rounds (default: 25)")
     m.add_training_flags(p)
-    args = p.parse_args()
-    try:
-        cfg = m.config_from_args(args)
-    except m.CapsNetError as e:
-        p.error(str(e))
-    if cfg.task != "multimnist" or cfg.model != "capsnet":
-        p.error("this times the MultiMNIST CapsNet's step (--task multimnist --model capsnet)")
+    args, cfg = bench_step.capsnet_args(p)
     m.keep_freed_memory()
     rng = np.random.default_rng(0)
     n = cfg.batch_size // cfg.workers

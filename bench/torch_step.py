@@ -13,15 +13,15 @@ prints the median ms of --steps timed steps per round, then the median over roun
 compiled; the first step compiles and its seconds are reported apart (inductor keeps what it
 compiled on disk, /tmp/torchinductor_$USER: a second run compiles in a fraction of the time).
 
-The network follows the module: Conv1 9x9 stride 1 + ReLU, PrimaryCaps 9x9 stride 2, squashed 8-D
-capsules, u_hat from W (I, 10, 16, 8), 3 routing iterations with the module's default
-routing_grad='frozen' backward (routing runs on u_hat detached; only the last s = sum_i c u_hat +
-bias carries gradient), margin loss, both digits reconstructed by the decoder (160 -> 256 -> 512
--> 1296) against the two sources, loss weight 0.0005, Adam at lr 1e-3. The convolutions run
+The network follows the module, whose Config (sizes, loss weights, learning rate) and initial
+weights it takes (multimnist_capsnet needs only NumPy): Conv1 9x9 stride 1 + ReLU, PrimaryCaps
+9x9 stride 2, squashed 8-D capsules, u_hat from W (I, 10, 16, 8), 3 routing iterations with the
+module's default routing_grad='frozen' backward (routing runs on u_hat detached; only the last
+s = sum_i c u_hat + bias carries gradient), margin loss, both digits reconstructed by the
+decoder (160 -> 256 -> 512 -> 1296) against the two sources, Adam. The convolutions run
 channels-last (NHWC in memory: a little faster than NCHW here in eager mode, and the module's
-layout, so the primary capsules come out in the module's order without a copy). --check copies
-the module's initial weights into the model and compares the loss and every gradient with the
-module's loss_and_grads on the same batch (it imports multimnist_capsnet: it needs only NumPy).
+layout, so the primary capsules come out in the module's order without a copy). --check
+compares the loss and every gradient with the module's loss_and_grads on the same batch.
 
 torch is an optional comparison tool for docs/speed.md, not a dependency of the project: nothing
 in the project or its tests imports it. Install it into a separate venv, CPU build (PyPI's
@@ -53,50 +53,6 @@ ROOT = Path(__file__).resolve().parents[1]
 SHIPPED_FLAGS = ["--conv1-channels", "64", "--primary-types", "16", "--digit-bias"]
 
 
-@dataclasses.dataclass(frozen=True)
-class Size:
-    """The shipped model: the module's Config defaults plus SHIPPED_FLAGS (--check compares)."""
-    canvas: int = 36
-    kernel: int = 9
-    conv1_channels: int = 64
-    primary_types: int = 16
-    primary_dim: int = 8
-    primary_stride: int = 2
-    n_classes: int = 10
-    digit_dim: int = 16
-    routing_iters: int = 3
-    decoder_h1: int = 256
-    decoder_h2: int = 512
-    recon_weight: float = 0.0005
-    margin_scale: float = 1.0       # margin_loss 'paper': summed over the classes
-    lr: float = 1e-3
-
-    @property
-    def grid(self) -> int:
-        """Side of the PrimaryCaps grid (36 -> 28 -> 10)."""
-        return (self.canvas - self.kernel + 1 - self.kernel) // self.primary_stride + 1
-
-    @property
-    def n_primary(self) -> int:
-        return self.grid ** 2 * self.primary_types
-
-
-def init_params(size: Size, rng: np.random.Generator) -> dict[str, np.ndarray]:
-    """Weights in the module's layouts and its 'fan-in' init (biases 0), float32."""
-    k, c1, td, j, e = (size.kernel, size.conv1_channels, size.primary_types * size.primary_dim,
-                       size.n_classes, size.digit_dim)
-    h1, h2, px = size.decoder_h1, size.decoder_h2, size.canvas ** 2
-    normal = lambda shape, std: rng.standard_normal(shape) * std
-    p = dict(conv1_w=normal((k, k, 1, c1), (2 / (k * k)) ** 0.5), conv1_b=np.zeros(c1),
-             primary_w=normal((k, k, c1, td), (1 / (k * k * c1)) ** 0.5), primary_b=np.zeros(td),
-             digit_w=normal((size.n_primary, j, e, size.primary_dim), 0.05),
-             digit_b=np.zeros((j, e)),
-             dec1_w=normal((j * e, h1), (2 / (j * e)) ** 0.5), dec1_b=np.zeros(h1),
-             dec2_w=normal((h1, h2), (2 / h1) ** 0.5), dec2_b=np.zeros(h2),
-             dec3_w=normal((h2, px), (1 / h2) ** 0.5), dec3_b=np.zeros(px))
-    return {name: a.astype(np.float32) for name, a in p.items()}
-
-
 def to_torch(params: dict[str, np.ndarray]) -> dict[str, torch.nn.Parameter]:
     """The module's arrays as torch parameters: conv weights (K, K, C, F) -> (F, C, K, K) stored
     channels-last; every other array keeps its layout."""
@@ -121,14 +77,14 @@ def load_torch() -> None:
                  f"as this script's docstring says, and run the script with that venv's python")
 
 
-def make_batch(size: Size, n: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+def make_batch(cfg, n: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
     """A batch in the module's layout: x (N, H, W, 1) uniform in [0, 1), sources a, b (N, H*W),
     labels (N, 2) two different digits each."""
-    px = size.canvas ** 2
-    first = rng.integers(0, size.n_classes, n)
-    second = (first + rng.integers(1, size.n_classes, n)) % size.n_classes
+    px = cfg.canvas ** 2
+    first = rng.integers(0, cfg.n_classes, n)
+    second = (first + rng.integers(1, cfg.n_classes, n)) % cfg.n_classes
     f32 = lambda shape: rng.random(shape, dtype=np.float32)
-    return dict(x=f32((n, size.canvas, size.canvas, 1)), a=f32((n, px)), b=f32((n, px)),
+    return dict(x=f32((n, cfg.canvas, cfg.canvas, 1)), a=f32((n, px)), b=f32((n, px)),
                 labels=np.stack([first, second], 1))
 
 
@@ -161,47 +117,47 @@ def route(uh: torch.Tensor, bias: torch.Tensor, iters: int) -> torch.Tensor:
     return squash((c.unsqueeze(-1) * uh).sum(0) + bias)
 
 
-def encode(p: dict, x: torch.Tensor, size: Size) -> torch.Tensor:
+def encode(p: dict, x: torch.Tensor, cfg) -> torch.Tensor:
     """x (N, 1, H, W) channels-last -> digit capsules v (N, J, E)."""
     h = F.relu(F.conv2d(x, p["conv1_w"], p["conv1_b"]))                        # (N, 64, 28, 28)
-    s = F.conv2d(h, p["primary_w"], p["primary_b"], stride=size.primary_stride)  # (N, 128, 10, 10)
+    s = F.conv2d(h, p["primary_w"], p["primary_b"], stride=cfg.primary_stride)  # (N, 128, 10, 10)
     n = len(x)
     # NHWC order, as the module reshapes it: capsule i = (y * G + x) * T + type
-    u = squash(s.permute(0, 2, 3, 1).reshape(n, size.n_primary, size.primary_dim))  # (N, I, D)
+    u = squash(s.permute(0, 2, 3, 1).reshape(n, cfg.n_primary, cfg.primary_dim))  # (N, I, D)
     w = p["digit_w"]                                                            # (I, J, E, D)
     i_, j, e, d = w.shape
     uh = torch.matmul(u.transpose(0, 1), w.reshape(i_, j * e, d).transpose(1, 2))  # (I, N, J*E)
-    return route(uh.view(i_, n, j, e), p["digit_b"], size.routing_iters)
+    return route(uh.view(i_, n, j, e), p["digit_b"], cfg.routing_iters)
 
 
-def capsnet_loss(p: dict, batch: dict, size: Size) -> torch.Tensor:
+def capsnet_loss(p: dict, batch: dict, cfg, margin_scale: float) -> torch.Tensor:
     """Margin loss + recon_weight * the decoder's squared error for both digits, batch means."""
     x, labels = batch["x"], batch["labels"]
     n, k = labels.shape
-    v = encode(p, x, size)                                                       # (N, J, E)
-    t = torch.zeros(n, size.n_classes).scatter_(1, labels, 1.0)                  # (N, J)
+    v = encode(p, x, cfg)                                                        # (N, J, E)
+    t = torch.zeros(n, cfg.n_classes).scatter_(1, labels, 1.0)                   # (N, J)
     length = torch.linalg.vector_norm(v, dim=-1)
     margin = (t * F.relu(0.9 - length) ** 2
-              + 0.5 * (1 - t) * F.relu(length - 0.1) ** 2).sum() / n * size.margin_scale
-    mask = F.one_hot(labels.T.reshape(-1), size.n_classes).to(v.dtype)          # (K*N, J)
+              + 0.5 * (1 - t) * F.relu(length - 0.1) ** 2).sum() / n * margin_scale
+    mask = F.one_hot(labels.T.reshape(-1), cfg.n_classes).to(v.dtype)           # (K*N, J)
     z = (v.repeat(k, 1, 1) * mask.unsqueeze(-1)).reshape(k * n, -1)              # (K*N, J*E)
     a1 = F.relu(torch.addmm(p["dec1_b"], z, p["dec1_w"]))
     a2 = F.relu(torch.addmm(p["dec2_b"], a1, p["dec2_w"]))
     recon = torch.sigmoid(torch.addmm(p["dec3_b"], a2, p["dec3_w"]))            # (K*N, H*W)
     rec = ((recon - batch["target"]) ** 2).sum() / n
-    return margin + size.recon_weight * rec
+    return margin + cfg.recon_weight * rec
 
 
-def make_step(params: dict, batch: dict, size: Size, mode: str):
+def make_step(params: dict, batch: dict, cfg, margin_scale: float, mode: str):
     """One training step, (zero_grad, forward, loss, backward, Adam), as a function."""
-    opt = torch.optim.Adam(params.values(), lr=size.lr)
+    opt = torch.optim.Adam(params.values(), lr=cfg.lr)
     loss_fn, opt_step = capsnet_loss, opt.step
     if mode == "compile":
         loss_fn, opt_step = torch.compile(capsnet_loss), torch.compile(opt.step)
 
     def step():
         opt.zero_grad()
-        loss = loss_fn(params, batch, size)
+        loss = loss_fn(params, batch, cfg, margin_scale)
         loss.backward()
         opt_step()
         return loss
@@ -219,7 +175,7 @@ def time_steps(step, n: int) -> float:
 
 
 def module_config():
-    """The module and its Config at the shipped size (the module needs only NumPy)."""
+    """The module and its Config at the shipped size, float32 (the module needs only NumPy)."""
     sys.path.insert(0, str(ROOT))
     import multimnist_capsnet as m
     p = m.ArgumentParser()
@@ -232,43 +188,20 @@ def rel_err(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
 
 
-def check(size: Size, n: int, mode: str) -> bool:
+def check(m, cfg, n: int, mode: str) -> bool:
     """Same weights (the module's init_params), same batch: the loss (1e-5 relative) and every
-    gradient (1e-4 relative, in norm) against the module's loss_and_grads; the size, the
-    parameter count and the settings against the module's Config. Prints; True if all agree."""
-    m, cfg = module_config()
-    ok = True
-    for f in dataclasses.fields(Size):
-        if hasattr(cfg, f.name) and getattr(cfg, f.name) != getattr(size, f.name):
-            print(f"FAIL size: module {f.name}={getattr(cfg, f.name)}, "
-                  f"here {getattr(size, f.name)}")
-            ok = False
-    settings = dict(routing_grad=(cfg.routing_grad, "frozen"), digit_bias=(cfg.digit_bias, True),
-                    leaky_routing=(cfg.leaky_routing, False), init=(cfg.init, "fan-in"),
-                    bias_init=(cfg.bias_init, 0.0), n_labels=(cfg.n_labels, 2),
-                    n_primary=(cfg.n_primary, size.n_primary),
-                    margin_scale=(m.MARGIN_SCALE[cfg.margin_loss], size.margin_scale))
-    for name, (got, want) in settings.items():
-        if got != want:
-            print(f"FAIL config: module {name}={got}, here {want}")
-            ok = False
+    gradient (1e-4 relative, in norm) against the module's loss_and_grads. Prints; True if all
+    agree."""
     params = m.init_params(cfg, np.random.default_rng(0))
-    batch = make_batch(size, n, np.random.default_rng(1))
-    ours = init_params(size, np.random.default_rng(0))
-    count, want = sum(a.size for a in ours.values()), sum(a.size for a in params.values())
-    same_init = ours.keys() == params.keys() and all(np.array_equal(ours[k], params[k])
-                                                      for k in ours)
-    print(f"parameters: here {count:,}, module {want:,}; initial values "
-          f"{'the same' if same_init else 'DIFFER'}")
-    ok &= count == want and same_init
+    batch = make_batch(cfg, n, np.random.default_rng(1))
     loss_np, grads_np, _ = m.loss_and_grads(params, batch, cfg)
     tp = to_torch(params)
     loss_fn = torch.compile(capsnet_loss) if mode == "compile" else capsnet_loss
-    loss = loss_fn(tp, batch_to_torch(batch), size)
+    loss = loss_fn(tp, batch_to_torch(batch), cfg, m.MARGIN_SCALE[cfg.margin_loss])
     loss.backward()
     err = abs(loss.item() - loss_np) / abs(loss_np)
     print(f"loss: torch {loss.item():.7f}, module {loss_np:.7f}, relative error {err:.1e}")
-    ok &= err < 1e-5
+    ok = err < 1e-5
     for name, g in grads_np.items():
         gt = tp[name].grad
         if name in ("conv1_w", "primary_w"):
@@ -297,15 +230,15 @@ def main():
         p.error("--steps, --rounds, --threads and --batch must be positive")
     load_torch()
     torch.set_num_threads(args.threads)
-    size = Size()
+    m, cfg = module_config()
     print(f"torch {torch.__version__}, {args.threads} threads, float32, batch {args.batch}, "
           f"mode {args.mode}, channels-last")
     if args.check:
-        sys.exit(0 if check(size, args.batch, args.mode) else 1)
-    params = to_torch(init_params(size, np.random.default_rng(0)))
+        sys.exit(0 if check(m, cfg, args.batch, args.mode) else 1)
+    params = to_torch(m.init_params(cfg, np.random.default_rng(0)))
     print(f"parameters {sum(t.numel() for t in params.values()):,}")
-    batch = batch_to_torch(make_batch(size, args.batch, np.random.default_rng(1)))
-    step = make_step(params, batch, size, args.mode)
+    batch = batch_to_torch(make_batch(cfg, args.batch, np.random.default_rng(1)))
+    step = make_step(params, batch, cfg, m.MARGIN_SCALE[cfg.margin_loss], args.mode)
     t = time.perf_counter()
     step()
     first = time.perf_counter() - t
