@@ -105,8 +105,11 @@ def main() -> int:
     args = p.parse_args()
     rng = np.random.default_rng(args.seed)
     todo = requests(args.requests, rng)
+    # the server stops on SIGINT below: give it a terminal's SIGINT even where this script runs
+    # as a background job, which a shell starts with SIGINT ignored (the server would inherit that)
     server = subprocess.Popen([sys.executable, str(ROOT / "multimnist_capsnet.py"), "serve",
-                               "--port", "0"], stdout=subprocess.PIPE, text=True)
+                               "--port", "0"], stdout=subprocess.PIPE, text=True,
+                              preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         first = server.stdout.readline()
         if not first.startswith("serving "):

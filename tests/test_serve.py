@@ -287,13 +287,20 @@ def test_concurrent_requests_are_answered_alike(url):
 # ----------------------------------------------------------------------------------------------
 # The command
 
+def terminal_sigint():
+    """In the child before it starts: SIGINT as a terminal's Ctrl-C gives it. A shell starts a
+    background job (`pytest &`, nohup) with SIGINT ignored, the child inherits that, Python then
+    installs no KeyboardInterrupt, and a server sent SIGINT would never stop."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @contextlib.contextmanager
 def serve(*args, cwd):
     """`serve` in a child process; killed on the way out if still running, so that a failed or
     timed-out test leaves no server behind."""
     proc = subprocess.Popen([sys.executable, str(ROOT / "multimnist_capsnet.py"), "serve",
                              *map(str, args)], cwd=cwd, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, preexec_fn=terminal_sigint)
     with proc:  # closes the pipes
         try:
             yield proc
