@@ -121,6 +121,43 @@ def matmul_floor(cfg: m.Config, repeat: int) -> dict[str, tuple[int, float, floa
     return out
 
 
+def alternate(fns: dict, rounds: int) -> dict[str, float]:
+    """{name: median ms} of the callables fns, each called once to warm up, then `rounds` times
+    in alternation (reversed order every other round), so that the machine's drift hits them
+    alike."""
+    for f in fns.values():
+        f()
+    ts = {k: [] for k in fns}
+    for r in range(rounds):
+        for k in (list(fns) if r % 2 == 0 else list(fns)[::-1]):
+            t = time.perf_counter()
+            fns[k]()
+            ts[k].append(time.perf_counter() - t)
+    return {k: 1e3 * float(np.median(v)) for k, v in ts.items()}
+
+
+def primary_dx(cfg: m.Config, n: int, rng: np.random.Generator):
+    """PrimaryCaps' input gradient as the module computes it, on n composites of random data:
+    (x, dx) with x the layer's input (N, H, W, C1) and dx(add) the nine kernel rows' column-
+    gradient GEMMs, each followed by add(dx, dcols, i, stride) unless add is None."""
+    k, st, c1 = cfg.kernel, cfg.primary_stride, cfg.conv1_channels
+    f, h = cfg.primary_types * cfg.primary_dim, cfg.grid()[0]
+    x = rng.standard_normal((n, h, h, c1)).astype(cfg.np_dtype)
+    w = (rng.standard_normal((k, k, c1, f)) * 0.02).astype(cfg.np_dtype)
+    out, _ = m.conv_forward(x, w, np.zeros(f, cfg.np_dtype), st)
+    d2 = rng.standard_normal(out.shape).astype(cfg.np_dtype).reshape(-1, f)  # (N*Ho*Wo, F)
+    ho = out.shape[1]
+
+    def dx(add):
+        grad = np.zeros(x.shape, cfg.np_dtype)
+        for i in range(k):
+            dcols = (d2 @ w[i].reshape(k * c1, f).T).reshape(n, ho, ho, k, c1)
+            if add is not None:
+                add(grad, dcols, i, st)
+        return grad
+    return x, dx
+
+
 def cpu_ticks() -> np.ndarray | None:
     """The machine's CPU time so far in clock ticks, all cores: user, nice, system, idle, iowait,
     irq, softirq, steal (Linux /proc/stat), or None elsewhere."""

@@ -15,7 +15,6 @@ else (squash, routing's softmax, ReLU, u_hat's layout, the shards' gradient sum)
 import contextlib
 import dataclasses
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -25,27 +24,6 @@ sys.path.insert(0, str(ROOT / "bench"))
 import bench_step  # noqa: E402
 
 m = bench_step.m
-
-
-def primary_passes(cfg: m.Config, n: int, rng: np.random.Generator) -> dict:
-    """Callables of PrimaryCaps' im2col, its nine dx GEMMs, and those GEMMs with col2im."""
-    k, s, c1, f = cfg.kernel, cfg.primary_stride, cfg.conv1_channels, cfg.primary_types * cfg.primary_dim
-    h = cfg.grid()[0]
-    x = rng.standard_normal((n, h, h, c1)).astype(cfg.np_dtype)
-    w = rng.standard_normal((k, k, c1, f)).astype(cfg.np_dtype)
-    out, (_, shape, _, _) = m.conv_forward(x, w, np.zeros(f, cfg.np_dtype), s)
-    d2 = rng.standard_normal(out.shape).astype(cfg.np_dtype).reshape(-1, f)  # (N*Ho*Wo, F)
-    ho = out.shape[1]
-    wr = [w[i].reshape(k * c1, f).T for i in range(k)]
-
-    def gemms(add):
-        dx = np.zeros(shape, cfg.np_dtype)
-        for i in range(k):
-            dcols = (d2 @ wr[i]).reshape(n, ho, ho, k, c1)
-            if add:
-                m.col2im_row(dx, dcols, i, s)
-    return {"im2col": lambda: m.im2col(x, k, s), "dx GEMMs": lambda: gemms(False),
-            "dx GEMMs + col2im": lambda: gemms(True)}
 
 
 def main():
@@ -63,17 +41,13 @@ def main():
     blas = m.blas_limiter()
     with m.worker_pool(cfg.workers) as pool, (blas.limit(limits=1) if blas else contextlib.nullcontext()):
         work, run = bench_step.floor_products(one, None, rng)
-        fns = {"products alone": lambda: run(range(len(work))), **primary_passes(cfg, n, rng),
-               "Adam (wall, all workers)": lambda: m.adam_step(params, grads, adam, 1e-9, workers=pool)}
-        times = {k: [] for k in fns}
-        for f in fns.values():
-            f()
-        for _ in range(args.rounds):
-            for k, f in fns.items():
-                t = time.perf_counter()
-                f()
-                times[k].append(time.perf_counter() - t)
-    ms = {k: 1e3 * float(np.median(t)) for k, t in times.items()}
+        x, dx = bench_step.primary_dx(cfg, n, rng)
+        ms = bench_step.alternate({
+            "products alone": lambda: run(range(len(work))),
+            "im2col": lambda: m.im2col(x, cfg.kernel, cfg.primary_stride),
+            "dx GEMMs": lambda: dx(None), "dx GEMMs + col2im": lambda: dx(m.col2im_row),
+            "Adam (wall, all workers)": lambda: m.adam_step(params, grads, adam, 1e-9,
+                                                            workers=pool)}, args.rounds)
     gap = {"PrimaryCaps im2col": ms["im2col"],
            "PrimaryCaps col2im adds": ms["dx GEMMs + col2im"] - ms["dx GEMMs"],
            "Adam": ms["Adam (wall, all workers)"]}

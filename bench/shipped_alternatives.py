@@ -10,7 +10,6 @@ machine's drift hits them alike; each line is a median in ms and its ratio to th
 """
 import math
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +17,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 import multimnist_capsnet as m  # noqa: E402
+import bench_step  # noqa: E402
 
 SHIPPED = dict(conv1_channels=64, primary_types=16, digit_bias=True)
 
@@ -76,22 +76,6 @@ def col2im_pairs(dx, dcols, i, stride):
         view += dcols.reshape(n, ho, 2, half, k * c)[:, :, :, x]
 
 
-def time_groups(groups: dict, rounds: int) -> dict:
-    """{group: {variant: median ms}}, every group's variants timed in alternation."""
-    out = {}
-    for name, fns in groups.items():
-        for f in fns.values():
-            f()
-        ts = {k: [] for k in fns}
-        for r in range(rounds):
-            for k in (list(fns) if r % 2 == 0 else list(fns)[::-1]):
-                t = time.perf_counter()
-                fns[k]()
-                ts[k].append(time.perf_counter() - t)
-        out[name] = {k: 1e3 * float(np.median(v)) for k, v in ts.items()}
-    return out
-
-
 def main():
     p = m.ArgumentParser(prog="shipped_alternatives.py", description=__doc__.splitlines()[0])
     p.add_argument("--rounds", type=int, default=30, help="alternating rounds (default: 30)")
@@ -101,7 +85,6 @@ def main():
     rng = np.random.default_rng(0)
     f32 = np.float32
     n, i_, j, e, d = 16, cfg.n_primary, cfg.n_classes, cfg.digit_dim, cfg.primary_dim
-    k, c1, f, st = cfg.kernel, cfg.conv1_channels, cfg.primary_types * d, cfg.primary_stride
     params = m.init_params(cfg, rng)
     grads = {name: (rng.standard_normal(a.shape) * 1e-3).astype(f32) for name, a in params.items()}
     u = m.squash_forward(rng.standard_normal((n, i_, d)).astype(f32))[0]
@@ -112,18 +95,7 @@ def main():
     v = rng.standard_normal((n, j, e)).astype(f32)
     ut = np.ascontiguousarray(u.transpose(1, 0, 2))                           # (I, N, D)
     wt = np.ascontiguousarray(params["digit_w"].reshape(i_, j * e, d).transpose(0, 2, 1))
-    h = cfg.grid()[0]
-    x = rng.standard_normal((n, h, h, c1)).astype(f32)
-    w = (rng.standard_normal((k, k, c1, f)) * 0.02).astype(f32)
-    s, _ = m.conv_forward(x, w, np.zeros(f, f32), st)
-    d2 = rng.standard_normal(s.shape).astype(f32).reshape(-1, f)
-    ho = s.shape[1]
-
-    def dx(add):
-        out = np.zeros(x.shape, f32)
-        for i in range(k):
-            add(out, (d2 @ w[i].reshape(k * c1, f).T).reshape(n, ho, ho, k, c1), i, st)
-        return out
+    _, dx = bench_step.primary_dx(cfg, n, rng)
 
     adam = {name: m.adam_init(params) for name in ("module", 14, 16, 18)}
     with m.worker_pool(2) as pool:  # BLAS at one thread; Adam on both workers
@@ -151,7 +123,7 @@ def main():
                 "two columns an add": lambda: dx(col2im_pairs)},
         }
         assert np.allclose(dx(m.col2im_row), dx(col2im_pairs), atol=1e-4)
-        times = time_groups(groups, args.rounds)
+        times = {name: bench_step.alternate(fns, args.rounds) for name, fns in groups.items()}
     print(f"shipped size, one worker's {n} composites, one BLAS thread, median of {args.rounds} "
           f"alternating rounds")
     for name, row in times.items():
