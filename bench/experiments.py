@@ -1,21 +1,24 @@
-"""Ablations at the default budget, three seeds each, and the best in 60 minutes on each task.
-
-The default budget is 8 epochs of a fixed pool of 6000 composites of the IoU >= 0.8 task; each
-ablation changes one thing: the exact routing gradient, fresh pairs every epoch, capacity, the
-reconstruction weight, one routing iteration, the paper's task.
+"""Ablations at the default budget and the best in 60 minutes on each task; where trained runs
+fail, how they route, and how the two tasks differ.
 
     python3 bench/experiments.py run        # train every missing run (two at a time, 1 thread each)
     python3 bench/experiments.py long       # the two 60-minute runs, one after the other, 2 cores each
                                             # (into runs/long; earlier ones: runs/long/at-1327707)
     python3 bench/experiments.py long-split # the same two side by side, 1 core each
     python3 bench/experiments.py summarize  # the README's tables and viz/experiments.png
+    python3 bench/experiments.py failures CKPT...           # set accuracy by digit and by overlap
+    python3 bench/experiments.py routing CKPT... [--n-test N]  # routing purity, segmentation
+    python3 bench/experiments.py task-stats > runs/task_stats.md  # class frequencies, IoU
 
-Every run is one plain CLI call (printed before it starts) writing runs/exp/NAME_sSEED.json, so
-any row can be reproduced alone; a finished run is never repeated, so `run` can be resumed.
+The default budget is 8 epochs of a fixed pool of 6000 composites of the IoU >= 0.8 task, three
+seeds each; each ablation changes one thing: the exact routing gradient, fresh pairs every epoch,
+capacity, the reconstruction weight, one routing iteration, the paper's task. Every run is one
+plain CLI call (printed before it starts) writing runs/exp/NAME_sSEED.json, so any row can be
+reproduced alone; a finished run is never repeated, so `run` can be resumed.
 """
 import argparse
+import dataclasses
 import io
-import json
 import subprocess
 import sys
 from pathlib import Path
@@ -23,7 +26,10 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ENV, IOU_TASK, PAPER_TASK, ROOT, run_jobs, shown  # noqa: E402
+from common import (ENV, IOU_TASK, PAPER_TASK, ROOT, read_run, run_file, run_jobs,  # noqa: E402
+                    shown)
+import mnist_fetch  # noqa: E402
+import multimnist_capsnet as mc  # noqa: E402
 
 OUT = ROOT / "runs" / "exp"
 SEEDS = (0, 1, 2)
@@ -86,7 +92,7 @@ def all_runs():
 def run(jobs: int) -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     todo = [command(n, f, s) for n, f, s in all_runs()]
-    run_jobs([(cmd, out) for cmd, out in todo if not out.exists()], jobs)
+    run_jobs([(cmd, out) for cmd, out in todo if not run_file(out)], jobs)
 
 
 def long_runs(cores: str) -> None:
@@ -113,8 +119,8 @@ def load(name, seeds, out_dir=OUT):
     docs = []
     for seed in seeds:
         path = out_dir / f"{slug(name)}_s{seed}.json"
-        if path.exists():
-            docs.append(json.loads(path.read_text()))
+        if run_file(path):
+            docs.append(read_run(path))
     return docs
 
 
@@ -160,7 +166,6 @@ def summarize() -> None:
 
 def plot(curves, long) -> None:
     from matplotlib.figure import Figure
-    from multimnist_capsnet import atomic_write
     fig = Figure(figsize=(13, 4.8), dpi=100)
     ax, ax2 = fig.subplots(1, 2, gridspec_kw=dict(width_ratios=(1.25, 1)))
     lo, hi = 0.25, 0.7  # the variants differ by a few points: zoom in, name what falls outside
@@ -195,18 +200,216 @@ def plot(curves, long) -> None:
         a.grid(alpha=0.3)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", bbox_inches="tight")
-    atomic_write(ROOT / "viz" / "experiments.png", buf.getvalue())
+    mc.atomic_write(ROOT / "viz" / "experiments.png", buf.getvalue())
     print("wrote viz/experiments.png")
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("what", choices=("run", "long", "long-split", "summarize"))
-    p.add_argument("--jobs", type=int, default=2, help="runs at a time (default: 2)")
-    args = p.parse_args()
-    {"run": lambda: run(args.jobs), "long": lambda: long_runs("2 cores"),
-     "long-split": lambda: long_runs("1 core"), "summarize": summarize}[args.what]()
+# ----------------------------------------------------------------------------------------------
+# failures: where a trained run fails (was failure_analysis.py)
+
+def failures(path: str, args) -> None:
+    run = mc.load_checkpoint(path)
+    cfg = run.cfg
+    _, test = mc.make_data(cfg, mnist_fetch.load_data(args, cfg))  # the checkpoint's own data
+    v = mc.predict(run.eval_params, cfg, test["x"])
+    right = mc.top2_hits(mc.class_scores(v), test["labels"]).all(1)                # (N,)
+    iou = test["iou"]                                                               # (N,)
+    last = run.history["epochs"][-1]  # an interrupted run saved params a part-epoch past this
+    print(f"\n{path}: parameters at step {run.step}: set accuracy {right.mean():.3f} on "
+          f"{len(right)} test composites (last logged: {last['set_acc']:.3f} at step "
+          f"{last['step']}, end of epoch {last['epoch']})")
+    print("| pairs containing digit | " + " | ".join(map(str, range(10))) + " |")
+    print("|---|" + "---|" * 10)
+    has = [(test["labels"] == k).any(1) for k in range(10)]
+    print("| set accuracy | " + " | ".join(f"{right[h].mean():.3f}" for h in has) + " |")
+    print("| share of pairs | " + " | ".join(f"{h.mean():.1%}" for h in has) + " |")
+    edges = np.quantile(iou, np.linspace(0, 1, 6))
+    print("\n| bounding-box IoU (quintile) | pairs | set accuracy |")
+    print("|---|---|---|")
+    bins = np.clip(np.searchsorted(edges, iou, side="right") - 1, 0, 4)  # ties go to one bin
+    for q, (lo, hi) in enumerate(zip(edges[:-1], edges[1:])):
+        sel = bins == q
+        print(f"| {lo:.2f} – {hi:.2f} | {sel.sum()} | {right[sel].mean():.3f} |")
+
+
+# ----------------------------------------------------------------------------------------------
+# routing: routing purity and segmentation by reconstruction of trained runs (was
+# routing_metrics.py)
+
+ROUTING_ABOUT = """Purity (visualize_multimnist_capsnet.routing_purity): of the primary capsules
+whose receptive-field centre pixel is on digit a's ink only (a > 0.5, b == 0 there), the
+|u|-weighted share of their votes (couplings c) routed to capsule a, per routing iteration; b
+likewise; 'cross' is the share those capsules route to the other true digit. Iteration 1 is 1/10
+by construction. Segmentation (segmentation_accuracy): composite ink pixels (> 0.5) on exactly one
+source, each given to the larger of the two single-capsule reconstructions; the share given to the
+right one.
+
+The test composites are the checkpoint's own (its seed and task); with --n-test they are drawn
+afresh from the same seed, so they are not a prefix of the run's own test set."""
+
+
+def task_name(cfg: mc.Config) -> str:
+    if cfg.min_iou == 0 and cfg.overlay == "clip-sum":
+        return "paper's"
+    if cfg.min_iou == 0.8 and cfg.overlay == "max":
+        return "IoU >= 0.8"
+    return f"IoU >= {cfg.min_iou:g}, {cfg.overlay}"
+
+
+def checkpoint_test_pairs(cfg: mc.Config, args) -> tuple[mc.Config, dict]:
+    """The checkpoint's test composites, args.n_test of them when given. The test pairs are drawn
+    before the training pool, so resample=True (no pool) leaves them as they are."""
+    cfg = dataclasses.replace(cfg, resample=True,
+                              n_test=args.n_test if args.n_test else cfg.n_test)
+    return cfg, mc.make_data(cfg, mnist_fetch.load_data(args, cfg))[1]
+
+
+def routing_measures(run: mc.Run, args) -> dict:
+    import visualize_multimnist_capsnet as viz
+    cfg, test = checkpoint_test_pairs(run.cfg, args)
+    params = run.eval_params
+    v = mc.predict(params, cfg, test["x"])
+    set_acc = float(mc.top2_hits(mc.class_scores(v), test["labels"]).all(1).mean())
+    return dict(cfg=cfg, n=len(test["x"]), set_acc=set_acc,
+                purity=viz.routing_purity(params, cfg, test),
+                seg=viz.segmentation_accuracy(params, cfg, test, v=v))
+
+
+def fmt(x: float) -> str:
+    return "–" if np.isnan(x) else f"{x:.4f}"
+
+
+def routing_table(rows: list[tuple[str, mc.Run, dict]]) -> str:
+    n_it = max(m["cfg"].routing_iters for _, _, m in rows)
+    head = (["checkpoint", "task", "step", "test pairs", "set acc"]
+            + [f"purity iter {r + 1} (a / b)" for r in range(n_it)]
+            + ["cross, last iter (a→b / b→a)", "segmentation (a / b)"])
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for path, run, m in rows:
+        p, s = m["purity"], m["seg"]
+        pur = [f"{fmt(p['a'][r])} / {fmt(p['b'][r])}" if r < len(p["a"]) else ""
+               for r in range(n_it)]
+        cells = ([Path(path).name, task_name(m["cfg"]), str(run.step), str(m["n"]),
+                  f"{m['set_acc']:.3f}"] + pur
+                 + [f"{fmt(p['cross_a'][-1])} / {fmt(p['cross_b'][-1])}",
+                    f"**{fmt(s['accuracy'])}** ({fmt(s['acc_a'])} / {fmt(s['acc_b'])})"])
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def routing(args) -> None:
+    import visualize_multimnist_capsnet as viz
+    runs = [(path, mc.load_checkpoint(path)) for path in args.checkpoints]  # all, before work
+    rows = [(path, run, routing_measures(run, args)) for path, run in runs]
+    print(routing_table(rows))
+    print(f"\npurity over primary capsules centred on one digit's ink only (> {viz.INK:g}, "
+          f"the other 0); segmentation over composite ink (> {viz.INK:g}) on one source only")
+    for path, _, m in rows:
+        p, s = m["purity"], m["seg"]
+        print(f"{Path(path).name}: {p['n_a']} a-only and {p['n_b']} b-only capsules, "
+              f"{s['n_pixels']} pixels scored")
+
+
+def positive_int(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+    if n <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {n}")
+    return n
+
+
+# ----------------------------------------------------------------------------------------------
+# task-stats: how the two MultiMNIST tasks differ (was task_stats.py)
+
+TASK_STATS_ABOUT = """The IoU >= 0.8 task (the default) demands IoU >= 0.8 for every pair and
+merges by max; the paper's task shifts each digit independently by up to 4 px (IoU unconstrained)
+and adds then clips the two images. Class frequencies and bounding-box IoU of 60,000 training
+pairs of each task, seed 0, as markdown tables."""
+
+
+def pair_stats(mnist, min_iou, n=60_000, seed=0):
+    pairs = mc.make_pairs(mnist["train_x"], mnist["train_y"], n, np.random.default_rng(seed),
+                          min_iou=min_iou)
+    freq = np.bincount(pairs["labels"].ravel(), minlength=10) / n  # share of pairs with digit k
+    a, b = mc.bounding_boxes(pairs["a"]), mc.bounding_boxes(pairs["b"])
+    return freq, pairs["iou"], mc.box_intersection(a, b) / mc.box_area(a)
+
+
+def task_stats(args) -> None:
+    mnist = mnist_fetch.load_mnist(args.data_dir)
+    tasks = ((IOU_TASK, pair_stats(mnist, 0.8, args.n)),
+             (PAPER_TASK, pair_stats(mnist, 0.0, args.n)))
+    print("| digit | " + " | ".join(str(k) for k in range(10)) + " |")
+    print("|---|" + "---|" * 10)
+    for name, (freq, _, _) in tasks:
+        print(f"| {name} | " + " | ".join(f"{100 * f:.1f}%" for f in freq) + " |")
+    print("\n| task | mean IoU | 5% | 25% | median | 75% | 95% | IoU >= 0.8 | mean overlap of a's box |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name, (_, iou, overlap) in tasks:
+        q = np.quantile(iou, [0.05, 0.25, 0.5, 0.75, 0.95])
+        print(f"| {name} | {iou.mean():.3f} | " + " | ".join(f"{x:.3f}" for x in q)
+              + f" | {100 * (iou >= 0.8).mean():.1f}% | {100 * overlap.mean():.1f}% |")
+
+
+# ----------------------------------------------------------------------------------------------
+# The command line
+
+def build_parser() -> argparse.ArgumentParser:
+    p = mc.ArgumentParser(prog="experiments.py", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="SUBCOMMAND",
+                           parser_class=mc.ArgumentParser)
+
+    def add(name, work, help, description=None):
+        q = sub.add_parser(name, help=help, description=description or help[0].upper() + help[1:])
+        q.set_defaults(work=work, prog=q.prog)
+        return q
+    r = add("run", lambda a: run(a.jobs), "train every missing ablation run, three seeds each")
+    r.add_argument("--jobs", type=int, default=2, help="runs at a time (default: %(default)s)")
+    add("long", lambda a: long_runs("2 cores"),
+        "the two 60-minute runs, one after the other, 2 cores each")
+    add("long-split", lambda a: long_runs("1 core"),
+        "the two 60-minute runs side by side, 1 core each")
+    add("summarize", lambda a: summarize(), "the README's tables and viz/experiments.png")
+    data_dir = dict(default=None,
+                    help="MNIST cache (default: $HINTON_MNIST_DIR or ~/.cache/hinton-mnist)")
+    f = add("failures", lambda a: [failures(path, a) for path in a.checkpoints],
+            "set accuracy by the digits a pair contains and by how much the two digits' "
+            "bounding boxes overlap, on each run's own test composites (was failure_analysis.py)")
+    f.add_argument("checkpoints", nargs="+", metavar="CKPT", help="checkpoints saved with --save")
+    f.add_argument("--data-dir", **data_dir)
+    o = add("routing", routing, "routing purity and segmentation by reconstruction of trained "
+            "runs, on their own test composites (was routing_metrics.py)")
+    o.description += "\n\n" + ROUTING_ABOUT
+    o.add_argument("checkpoints", nargs="+", metavar="CKPT",
+                   help="checkpoints saved with --save, or model files")
+    o.add_argument("--n-test", type=positive_int, default=None,
+                   help="test composites per checkpoint (default: the run's own n_test)")
+    o.add_argument("--data-dir", **data_dir)
+    t = add("task-stats", task_stats, "how the two MultiMNIST tasks differ: class frequencies "
+            "and bounding-box IoU (was task_stats.py)", TASK_STATS_ABOUT)
+    t.add_argument("--n", type=int, default=60_000,
+                   help="training pairs of each task (default: %(default)s)")
+    t.add_argument("--data-dir", **data_dir)
+    return p
+
+
+def main(argv=None) -> int:
+    """Run the subcommand argv names; the exit status: a CapsNetError (a bad checkpoint, no
+    MNIST) is one line on stderr and status 1."""
+    args = build_parser().parse_args(argv)
+    try:
+        args.work(args)
+    except mc.CapsNetError as e:
+        print(f"{args.prog}: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"{args.prog}: interrupted; nothing half-written (every write is atomic)",
+              file=sys.stderr)
+        return 130
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -6,16 +6,18 @@
     python3 bench/mnist.py steps                     step time of each capacity weighed
     python3 bench/mnist.py table1 calibrate          Table 1's MNIST rows: one core's ms per step
     python3 bench/mnist.py table1 run [--minutes M]  every row x 3 seeds, two at a time, 1 core each
+    python3 bench/mnist.py table1 score              score the rows whose scoring was missed
     python3 bench/mnist.py table1 summary            runs/mnist/table1/summary.md
 
 The long run is runs/mnist/long.sh (120 minutes on both cores, stopped by one SIGINT). Its minutes
 are the cumulative training + evaluation seconds of its epochs (checkpoint writes and start-up
 excluded: under 1 s an epoch and ~3 s once).
 
-Table 1's rows run one core each, two side by side. Each gets one SIGINT when its own CPU time
-reaches the budget (bench/common.run_jobs), so other work on the machine slows it down without
-shortening it. Each is then scored from its checkpoint (averaged weights, the step the budget
-ended) on all 10,000 test digits: runs/mnist/table1/NAME_sSEED.json (training) and .eval.json.
+Table 1's rows run one core each, two side by side (the CNN row through cnn_baseline.py, the
+others through multimnist_capsnet.py). Each gets one SIGINT when its own CPU time reaches the
+budget (bench/common.run_jobs), so other work on the machine slows it down without shortening it.
+Each is then scored from its checkpoint (averaged weights, the step the budget ended) on all
+10,000 test digits: runs/mnist/table1/NAME_sSEED.json (training) and .eval.json.
 """
 import argparse
 import json
@@ -28,11 +30,12 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import (ROOT, commit, cpu_model, difference, read_run, run_file,  # noqa: E402
+                    run_jobs, score_missing, slug, train_command, training_parser)
+import cnn_baseline as cb  # noqa: E402
+import mnist_fetch  # noqa: E402
 import multimnist_capsnet as mc  # noqa: E402
-sys.path.insert(0, str(ROOT / "bench"))
-from common import commit, cpu_model, difference, run_jobs, score_missing, slug  # noqa: E402
 
 LONG = ROOT / "runs" / "mnist" / "long.sh"
 LONG_CKPT = ROOT / "runs" / "mnist" / "long_s0.npz"
@@ -56,7 +59,7 @@ def load(path) -> dict:
         epochs = meta["history"]["epochs"]
         return dict(step=meta["step"], history=dict(epochs=epochs),
                     timing=dict(epoch_seconds=[e["seconds"] for e in epochs], total_seconds=None))
-    return json.loads(Path(path).read_text())
+    return read_run(path)
 
 
 def curve(doc: dict) -> tuple[np.ndarray, list[dict]]:
@@ -109,7 +112,7 @@ def summary(args) -> int:
 def plot(args) -> int:
     sys.path.insert(0, str(ROOT))
     import visualize_multimnist_capsnet as viz
-    docs = [(Path(p).stem, load(p)) for p in args.runs]
+    docs = [(Path(p.removesuffix(".gz")).stem, load(p)) for p in args.runs]
     fig = viz.new_figure(11, 3.8)
     ax, axd, axe = fig.subplots(1, 3, width_ratios=[1.5, 1, 1])
     for name, doc in docs:
@@ -157,7 +160,7 @@ CAPACITIES = {  # the capacities weighed for the long run: (Conv1, capsule types
 def steps(args) -> int:
     """Median time of a training step (forward, backward, Adam; float32, batch 32, both cores)
     and of scoring the 10,000 test digits, for each capacity: the epochs that fit in the budget."""
-    mnist = mc.load_mnist(args.data_dir)
+    mnist = mnist_fetch.load_mnist(args.data_dir)
     mc.keep_freed_memory()
     print(f"{'capacity':34s} {'params':>7s} {'step':>8s} {'epoch':>7s} {'test set':>8s} "
           f"{'epochs in 60 min':>16s}")
@@ -214,28 +217,29 @@ def cnn_widths(scale: float) -> list[str]:
     return [w for k, v in T1_CNN.items() for w in (k, str(max(1, round(v * scale))))]
 
 
-T1_ROWS = [  # (name, flags, the paper's test error in %)
-    ("CapsNet, 1 routing iteration, no reconstruction", ["--routing-iters", "1",
-                                                         "--recon-weight", "0"], 0.34),
-    ("CapsNet, 1 routing iteration, reconstruction", ["--routing-iters", "1"], 0.29),
-    ("CapsNet, 3 routing iterations, no reconstruction", ["--recon-weight", "0"], 0.35),
-    ("CapsNet, 3 routing iterations, reconstruction", [], 0.25),
-    ("CNN, the paper's widths / 16", ["--model", "cnn", *cnn_widths(T1_CNN_SCALE)], 0.39),
+T1_ROWS = [  # (name, model, flags, the paper's test error in %): the CNN trains by cnn_baseline.py
+    ("CapsNet, 1 routing iteration, no reconstruction", "capsnet",
+     ["--routing-iters", "1", "--recon-weight", "0"], 0.34),
+    ("CapsNet, 1 routing iteration, reconstruction", "capsnet", ["--routing-iters", "1"], 0.29),
+    ("CapsNet, 3 routing iterations, no reconstruction", "capsnet", ["--recon-weight", "0"], 0.35),
+    ("CapsNet, 3 routing iterations, reconstruction", "capsnet", [], 0.25),
+    ("CNN, the paper's widths / 16", "cnn", cnn_widths(T1_CNN_SCALE), 0.39),
 ]
 
 
-def step_ms(flags: list[str], mnist: dict, repeat: int) -> tuple[float, int]:
+def step_ms(model: str, flags: list[str], mnist: dict, repeat: int) -> tuple[float, int]:
     """Median ms of one training step (forward, backward, Adam, the weight average), batch 32,
     one worker; and the parameter count."""
-    cfg = mc.config_from_args(mc.build_parser().parse_args([*T1_BASE, *flags, "--workers", "1"]))
+    args = training_parser(model).parse_args([*T1_BASE, *flags, "--workers", "1"])
+    cfg = mc.config_from_args(args)
     run = mc.new_run(cfg)
     data = mc.shift_digits(mnist["train_x"], mnist["train_y"], np.random.default_rng(0))
     mc.keep_freed_memory()
     ts = []
     for s in range(repeat + 2):  # the first two warm caches and BLAS buffers
         batch = mc.batch_arrays(data, np.arange(s * 32, s * 32 + 32), cfg.np_dtype)
-        if mc.uses_dropout(cfg):
-            batch["keep"] = mc.dropout_mask(np.random.default_rng(s), (32, cfg.cnn_fc2),
+        if cb.uses_dropout(cfg):
+            batch["keep"] = cb.dropout_mask(np.random.default_rng(s), (32, cfg.cnn_fc2),
                                             cfg.cnn_dropout, cfg.np_dtype)
         t0 = time.perf_counter()
         _, grads, _ = mc.sharded_loss_and_grads(run.params, batch, cfg, None)
@@ -248,31 +252,33 @@ def step_ms(flags: list[str], mnist: dict, repeat: int) -> tuple[float, int]:
 def table1_calibrate(args) -> int:
     """ms per step of every row and of the CNN at other scales of the paper's widths, on one
     core (run it with OPENBLAS_NUM_THREADS=1)."""
-    mnist = mc.load_mnist(args.data_dir)
-    rows = [(n, f) for n, f, _ in T1_ROWS]
-    rows += [(f"CNN, the paper's widths x {k}", ["--model", "cnn", *cnn_widths(k)])
-             for k in args.scales]
+    mnist = mnist_fetch.load_mnist(args.data_dir)
+    rows = [row[:3] for row in T1_ROWS]
+    rows += [(f"CNN, the paper's widths x {k}", "cnn", cnn_widths(k)) for k in args.scales]
     print("| row | parameters | ms per step, one core |\n|---|---|---|")
-    for name, flags in rows:
-        ms, n = step_ms(flags, mnist, args.repeat)
+    for name, model, flags in rows:
+        ms, n = step_ms(model, flags, mnist, args.repeat)
         print(f"| {name} | {n / 1e6:.3f}M | {ms:.1f} |", flush=True)
     return 0
 
 
-def t1_command(name: str, flags: list[str], seed: int, out: Path, decay: tuple[int, int]):
+def t1_command(name: str, model: str, flags: list[str], seed: int, out: Path,
+               decay: tuple[int, int]):
+    """The training command of a row (cnn_baseline.py for the CNN) and its output stem."""
     base = out / f"{slug(name)}_s{seed}"
-    rel = lambda suffix: os.path.relpath(base.with_suffix(suffix), ROOT)
-    spacing = decay["cnn" in flags]
-    return ([sys.executable, "multimnist_capsnet.py", "--seed", str(seed), "--workers", "1",
-             "--quiet", *T1_BASE, "--lr-decay-steps", str(spacing), *flags,
-             "--save", rel(".npz"), "--metrics-json", rel(".json")], base)
+    rel = lambda suffix: os.path.relpath(base.with_suffix(suffix), ROOT)  # noqa: E731
+    spacing = decay[model == "cnn"]
+    return (train_command(model, "--seed", str(seed), "--workers", "1", "--quiet", *T1_BASE,
+                          "--lr-decay-steps", str(spacing), *flags,
+                          "--save", rel(".npz"), "--metrics-json", rel(".json")), base)
 
 
 def t1_score(base: Path) -> None:
     """The checkpoint at base.npz (its averaged weights, at the step the budget ended) on all
     10,000 test digits: base.eval.json."""
     run = mc.load_checkpoint(base.with_suffix(".npz"))
-    _, test = mc.make_data(run.cfg, mc.load_data(argparse.Namespace(data_dir=None), run.cfg))
+    _, test = mc.make_data(run.cfg, mnist_fetch.load_data(argparse.Namespace(data_dir=None),
+                                                           run.cfg))
     metrics = mc.evaluate(run.eval_params, run.cfg, test)
     doc = dict(metrics, step=run.step, epoch=run.epoch, n_test=len(test["x"]),
                n_params=sum(p.size for p in run.params.values()))
@@ -284,8 +290,8 @@ def t1_docs(name: str, where: Path) -> list[tuple[dict, dict]]:
     out = []
     for ev in sorted(where.glob(f"{slug(name)}_s*.eval.json")):
         doc = ev.with_name(ev.name.replace(".eval.json", ".json"))
-        if doc.exists():
-            out.append((json.loads(doc.read_text()), json.loads(ev.read_text())))
+        if run_file(doc):
+            out.append((read_run(doc), json.loads(ev.read_text())))
     return out
 
 
@@ -330,7 +336,7 @@ T1_CONTRASTS = [  # (question, row a, row b): a - b
 def table1_summary(args) -> int:
     """OUT/summary.md and the figure from the scored runs in OUT."""
     where = Path(args.out)
-    rows = [(name, paper, t1_docs(name, where)) for name, _, paper in T1_ROWS]
+    rows = [(name, paper, t1_docs(name, where)) for name, _, _, paper in T1_ROWS]
     err = {i: np.array([100 * e["test_error"] for _, e in d]) for i, (_, _, d) in enumerate(rows)}
     spacing = []  # the decay spacing of the CapsNet rows, then the CNN's, as their runs had it
     for model, default in zip(("capsnet", "cnn"), T1_DECAY_STEPS):
@@ -446,7 +452,7 @@ def table1(args) -> int:
     rows = range(len(T1_ROWS)) if args.rows is None else args.rows
     decay = (args.decay_steps, args.cnn_decay_steps)
     print(f"# {cpu_model()}, commit {commit()}", flush=True)
-    todo = [t1_command(*T1_ROWS[i][:2], s, out, decay) for s in args.seeds for i in rows]
+    todo = [t1_command(*T1_ROWS[i][:3], s, out, decay) for s in args.seeds for i in rows]
     todo = [(c, b) for c, b in todo if not b.with_suffix(".eval.json").exists()]
     # 130: the budget's SIGINT ended the run (it saved first, as intended)
     run_jobs(todo, args.jobs, on_done=lambda rc, b: t1_score(b) if rc in (0, 130) else None,
@@ -468,7 +474,7 @@ def ship(args) -> int:
             return 1
     try:
         run = mc.load_checkpoint(ckpt)
-        mnist = mc.load_data(args, run.cfg)
+        mnist = mnist_fetch.load_data(args, run.cfg)
         _, test = mc.make_data(run.cfg, mnist)
         t0 = time.perf_counter()
         with mc.worker_pool(run.cfg.workers) as workers:
@@ -495,8 +501,8 @@ def ship(args) -> int:
     return 0
 
 
-def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="mnist.py", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("summary", help="the run's test error by epoch and at 60/120 minutes")
     s.add_argument("runs", nargs="+", help="metrics JSON files (--metrics-json) or checkpoints")
@@ -540,7 +546,7 @@ def main() -> int:
                     "viz/mnist_table1.png)")
     t1.add_argument("--data-dir", default=None, help="MNIST cache (default: the module's)")
     t1.set_defaults(fn=table1)
-    args = p.parse_args()
+    args = p.parse_args(argv)
     return args.fn(args)
 
 

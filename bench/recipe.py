@@ -1,10 +1,13 @@
-"""The paper's task to 90%: A/Bs of the training recipe at equal wall-clock time, then the long run.
+"""The paper's task to 90%: A/Bs of the training recipe at equal wall-clock time, the long run,
+and the shipped model made from it.
 
     python3 bench/recipe.py ab [--minutes 25] [--arms N ...] [--seeds 0]  # two at a time, 1 core each
     python3 bench/recipe.py long [--minutes 120] [--variant V]  # alone on the machine, 2 cores
+    python3 bench/recipe.py score                   # score runs whose scoring was missed
     python3 bench/recipe.py summarize               # the A/B table, and viz/recipe.png of the long run
     python3 bench/recipe.py throughput              # the step time of each capacity and batch size
     python3 bench/recipe.py init-lengths            # the capsules' lengths at step 0, by --init
+    python3 bench/recipe.py ship CHECKPOINT         # models/capsnet-multimnist.npz from the long run
 
 Every arm is one plain CLI call (printed before it starts) on top of BASE, the previous shipped
 model's recipe; every run keeps an average of its weights (--ema 0.999), which changes nothing in its
@@ -13,20 +16,34 @@ the paper's task: its raw weights (the arm itself) and its averaged weights (the
 ends by SIGINT when its budget is spent (timeout's exit 124: it saved its checkpoint) or when its
 epochs are done. Outputs in runs/recipe/: NAME_sSEED.json (training metrics), .eval.json (both
 scores); checkpoints and logs stay out of git.
+
+ship: when the checkpoint does not exist it is trained first with ship_flags(), stopped by SIGINT
+after SHIP_BUDGET as `long` stops it (the paper's task, fresh pairs, Conv1 64 / 16 capsule types,
+digit-capsule biases, 60,000 pairs an epoch, weights averaged; on the 2-core AMD EPYC the budget
+ended at step 50,141, in epoch 27; a faster or slower CPU stops elsewhere; the command is printed,
+its metrics go beside the checkpoint as .json). Its averaged parameters are then evaluated on
+10,000 fresh test pairs of both tasks, once as stored in float32 and once rounded to float16;
+float16 is stored when neither task's set accuracy moves by more than --tolerance, else float32.
+The model file holds the parameters, the config, the per-epoch history and these metrics; no Adam
+state. Metrics also go to runs/ship/model_metrics.json.
 """
 import argparse
+import contextlib
 import io
 import json
 import math
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (BASE, LONG, PAPER_TASK, ROOT, VARIANTS, difference,  # noqa: E402
-                    run_jobs, score_missing, slug, test_metrics)
-import bench_step  # noqa: E402
+from common import (BASE, LONG, PAPER_TASK, ROOT, SHIPPED, TASKS, VARIANTS,  # noqa: E402
+                    difference, make_step, median_time, read_run, run_file, run_jobs,
+                    score_missing, slug, test_metrics)
+import mnist_fetch  # noqa: E402
 import multimnist_capsnet as mc  # noqa: E402
 
 OUT = ROOT / "runs" / "recipe"
@@ -82,7 +99,7 @@ def score(stem: Path, n_test: int = 10_000) -> dict:
     """The checkpoint stem.npz, raw and averaged weights, on n_test fresh pairs of the paper's
     task -> stem.eval.json."""
     run = mc.load_checkpoint(stem.with_suffix(".npz"))
-    mnist = mc.load_data(argparse.Namespace(data_dir=None), run.cfg)
+    mnist = mnist_fetch.load_data(argparse.Namespace(data_dir=None), run.cfg)
     with mc.worker_pool(run.cfg.workers) as workers:
         doc = {which: test_metrics(params, run.cfg, mnist, n_test, workers)[PAPER_TASK]
                for which, params in (("raw", run.params), ("averaged", run.eval_params))}
@@ -107,7 +124,7 @@ SIZES = [("current best", []), ("batch 64", ["--batch-size", "64"]),
          ("the paper's 256/32", ["--conv1-channels", "256", "--primary-types", "32"])]
 
 
-def throughput(repeat: int = 10) -> None:
+def throughput(repeat: int = 10, sizes=None) -> None:
     """The median training step of each of SIZES on BASE, on one core (BLAS at one thread, as
     an A/B arm runs) and on two (two worker threads, as the long run): what each costs in steps
     and pairs per minute, before any accuracy is measured."""
@@ -115,13 +132,13 @@ def throughput(repeat: int = 10) -> None:
           "| ms/step, 2 cores | pairs/min, 2 cores |")
     print("|---|---|---|---|---|---|---|---|")
     blas = mc.blas_limiter()
-    for name, flags in SIZES:
+    for name, flags in sizes or SIZES:
         cfg = mc.config_from_args(mc.build_parser().parse_args([*BASE, *flags, "--workers", "2"]))
         n = cfg.batch_size
-        with blas.limit(limits=1):
-            one = bench_step.median_time(bench_step.make_step(cfg, n), repeat)
+        with blas.limit(limits=1) if blas else contextlib.nullcontext():
+            one = median_time(make_step(cfg, n), repeat)
         with mc.worker_pool(2) as pool:
-            two = bench_step.median_time(bench_step.make_step(cfg, n, pool), repeat)
+            two = median_time(make_step(cfg, n, pool), repeat)
         size = sum(p.size for p in mc.init_params(cfg, np.random.default_rng(0)).values())
         print(f"| {name} | {n} | {size / 1e6:.2f}M | {one * 1e3:.0f} | {60 * n / one:,.0f} | "
               f"{22 * 60 / one:,.0f} | {two * 1e3:.0f} | {60 * n / two:,.0f} |", flush=True)
@@ -135,13 +152,13 @@ def init_lengths(n: int = 256) -> None:
     print("|---|---|---|---|")
     config = lambda *flags: mc.config_from_args(mc.build_parser().parse_args([*BASE, *flags]))
     cfg = config("--n-test", str(n))  # the pairs depend on the task and the seed, not the init
-    _, test = mc.make_data(cfg, mc.load_data(argparse.Namespace(data_dir=None), cfg))
+    _, test = mc.make_data(cfg, mnist_fetch.load_data(argparse.Namespace(data_dir=None), cfg))
     x = mc.batch_arrays(test, np.arange(n), cfg.dtype)["x"]
     for init in ("fan-in", "truncated"):
         for bias in ([], ["--digit-bias", "--bias-init", "0.1"]):
             cfg = config("--init", init, *bias)
             v, cache = mc.encode(mc.init_params(cfg, np.random.default_rng(0)), x, cfg)
-            _, norm, norm2, _ = cache[4]  # the primary squash's cache: |s|, |s|^2 (N, I, 1)
+            norm2 = cache.squash.norm2  # the primary capsules' |s|^2 (N, I, 1)
             print(f"| {init} | {'yes' if bias else 'no'} | {(norm2 / (1 + norm2)).mean():.3f} | "
                   f"{np.linalg.norm(v, axis=-1).mean():.3f} |")
 
@@ -160,7 +177,7 @@ def long(minutes: int, variant: str = "", epochs: int | None = None) -> None:
     flags = [*BASE, *LONG, *VARIANTS[variant]]
     cfg = mc.config_from_args(mc.build_parser().parse_args([*flags, "--workers", "2"]))
     with mc.worker_pool(cfg.workers) as pool:
-        sec = bench_step.median_time(bench_step.make_step(cfg, cfg.batch_size, pool), 10)
+        sec = median_time(make_step(cfg, cfg.batch_size, pool), 10)
     spe = cfg.n_train // cfg.batch_size
     eval_sec = 10_000 * sec / cfg.batch_size / 3  # a forward pass is about a third of a step
     epochs = epochs or max(1, math.floor(0.97 * minutes * 60 / (spe * sec + eval_sec)))
@@ -195,9 +212,9 @@ def summarize() -> None:
               f"{np.mean([d['averaged']['soft_acc'] for d in ds]):.3f} | "
               f"{np.mean([d['averaged']['top1'] for d in ds]):.3f} |")
     stems = {name: OUT / f"{slug(name)}_s0" for name in LONG_RUNS}
-    stems = {name: stem for name, stem in stems.items() if stem.with_suffix(".json").exists()}
+    stems = {name: stem for name, stem in stems.items() if run_file(stem.with_suffix(".json"))}
     for name, stem in stems.items():
-        o = outlook(json.loads(stem.with_suffix(".json").read_text()))
+        o = outlook(read_run(stem.with_suffix(".json")))
         print(f"\n{name} ({o['minutes']:.1f} min of training and evaluation): "
               f"{o['at_60']:.3f} after {o['minutes_at_60']:.1f} min (goal 0.85 at 60), "
               f"{o['last']:.3f} at the end (goal 0.90 at 120); its curve from "
@@ -216,7 +233,7 @@ def equal_steps(stem: Path, plain: Path) -> str:
     """A long variant's averaged set accuracy after each of its epochs against the plain long
     run's after the same epoch: the comparison at equal steps, which a machine running at another
     speed than the plain run's does not move (the equal-time one, at the stop, it does)."""
-    ys = [[e["set_acc"] for e in json.loads(s.with_suffix(".json").read_text())["history"]["epochs"]]
+    ys = [[e["set_acc"] for e in read_run(s.with_suffix(".json"))["history"]["epochs"]]
           for s in (stem, plain)]
     k = min(map(len, ys))
     d = np.array(ys[0][:k]) - np.array(ys[1][:k])
@@ -257,17 +274,17 @@ def plot(stems: dict) -> None:
     from matplotlib.figure import Figure
     fig = Figure(figsize=(7.5, 4.8), dpi=100)
     ax = fig.subplots()
-    ship = json.loads((ROOT / "runs" / "ship" / "paper-task-36-epochs_s0.json").read_text())
+    ship = read_run(ROOT / "runs" / "ship" / "paper-task-36-epochs_s0.json")
     ax.plot(*curve(ship), color="0.6", marker="o", ms=2,
             label=f"the previous shipped model's run, 2 cores (5,000 test pairs): "
                   f"{ship['final']['set_acc']:.3f}")
     cnn = ROOT / "runs" / "table1" / "CNN-the-paper-s-small-widths-32-64-512_long_s0.json"
-    if cnn.exists():  # for scale: bench/table1.py's 60-minute CNN, one core beside another run
-        ax.plot(*curve(json.loads(cnn.read_text())), color="C1", lw=1, alpha=0.7,
+    if run_file(cnn):  # for scale: bench/table1.py's 60-minute CNN, one core beside another run
+        ax.plot(*curve(read_run(cnn)), color="C1", lw=1, alpha=0.7,
                 label="CNN 32/64/512, one core (Table 1; 1,000 test pairs)")
     variants = iter(("C4", "C5", "C6"))
     for name, stem in sorted(stems.items(), key=lambda kv: "," in kv[0]):  # plain runs first
-        doc = json.loads(stem.with_suffix(".json").read_text())
+        doc = read_run(stem.with_suffix(".json"))
         x, y = curve(doc)
         color = next(variants) if "," in name else "C0"
         weights = "averaged weights" if doc["config"]["ema"] else "raw weights"
@@ -307,33 +324,118 @@ def ms(a: np.ndarray) -> str:
     return f"{a.mean():.3f} ± {a.std(ddof=1) / np.sqrt(len(a)):.3f}"
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("what", choices=("ab", "long", "score", "summarize", "throughput",
-                                    "init-lengths"))
-    p.add_argument("--minutes", type=int, default=None,
-                   help="budget per run (default: 25 for ab, 120 for long)")
-    p.add_argument("--arms", nargs="+", default=None, help="arm names (default: all)")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="(default: %(default)s)")
-    p.add_argument("--jobs", type=int, default=2, help="A/B runs at a time (default: %(default)s)")
-    p.add_argument("--variant", choices=list(VARIANTS), default="",
-                   help="long: a change to LONG's recipe (default: none)")
-    p.add_argument("--epochs", type=int, default=None,
-                   help="long: epochs (default: sized from a measured step time)")
-    args = p.parse_args()
-    if args.what == "ab":
-        ab(args.minutes or 25, args.arms, args.seeds, args.jobs)
-    elif args.what == "long":
-        long(args.minutes or 120, args.variant, args.epochs)
-    elif args.what == "score":
-        score_missing(OUT, score)
-    elif args.what == "throughput":
-        throughput()
-    elif args.what == "init-lengths":
-        init_lengths()
-    else:
-        summarize()
+# ----------------------------------------------------------------------------------------------
+# ship: the shipped model, made from the long run (was ship_model.py)
+
+SHIP_BUDGET = "120m"
+
+
+def ship_flags() -> list[str]:
+    """The flags of the `long` run that was shipped: the recipe's BASE, LONG and the SHIPPED
+    variant's flags (bench/common.py), and the 27 epochs it sized on the AMD EPYC."""
+    return ["--seed", "0", "--workers", "2", "--quiet", *BASE, *LONG, *VARIANTS[SHIPPED],
+            "--n-epochs", "27"]
+
+
+def ship(args) -> int:
+    if not Path(args.checkpoint).exists():
+        cmd = ["timeout", "-s", "INT", SHIP_BUDGET, sys.executable,
+               str(ROOT / "multimnist_capsnet.py"), *ship_flags(), "--save", args.checkpoint,
+               "--metrics-json", str(Path(args.checkpoint).with_suffix(".json"))]
+        print("$ " + " ".join("python3" if c == sys.executable else c for c in cmd), flush=True)
+        if subprocess.run(cmd).returncode not in (0, 124):  # 124: the budget ended it, saved
+            return 1
+    run = mc.load_checkpoint(args.checkpoint)
+    mnist = mnist_fetch.load_data(args, run.cfg)
+    t0 = time.perf_counter()
+    with mc.worker_pool(run.cfg.workers) as workers:
+        params = run.eval_params
+        f32 = test_metrics(params, run.cfg, mnist, args.n_test, workers)
+        half = {k: a.astype("float16").astype(a.dtype) for k, a in params.items()}
+        f16 = test_metrics(half, run.cfg, mnist, args.n_test, workers)
+    moved = max(abs(f16[t]["set_acc"] - f32[t]["set_acc"]) for t in TASKS)
+    storage = "float16" if moved <= args.tolerance else "float32"
+    commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
+                            capture_output=True, text=True).stdout.strip()
+    metrics = dict(n_test=args.n_test, storage=storage, float32=f32, float16=f16,
+                   largest_change=moved, eval_seconds=round(time.perf_counter() - t0, 1))
+    info = dict(test_metrics=metrics[storage], n_test=args.n_test,
+                made_by=f"python3 bench/recipe.py ship {args.checkpoint}", source_commit=commit)
+    mc.save_model(args.out, run, storage=storage, **info)
+    out = Path(args.out).resolve()
+    shown = out.relative_to(ROOT) if out.is_relative_to(ROOT) else out
+    doc = dict(checkpoint=args.checkpoint, model=str(shown), **metrics)
+    mc.atomic_write(ROOT / "runs" / "ship" / "model_metrics.json",
+                    (json.dumps(doc, indent=1) + "\n").encode())
+    for t in TASKS:
+        print(f"{t}: set acc float32 {f32[t]['set_acc']:.4f}, float16 {f16[t]['set_acc']:.4f}, "
+              f"soft {f32[t]['soft_acc']:.4f}, top-1 {f32[t]['top1']:.4f}")
+    size = Path(args.out).stat().st_size
+    print(f"wrote {args.out} ({storage}, {size / 2 ** 20:.2f} MiB); largest change {moved:.4f}")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------
+# The command line
+
+def build_parser() -> argparse.ArgumentParser:
+    p = mc.ArgumentParser(prog="recipe.py", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="SUBCOMMAND",
+                           parser_class=mc.ArgumentParser)
+
+    def add(name, work, help):
+        q = sub.add_parser(name, help=help, description=help[0].upper() + help[1:])
+        q.set_defaults(work=work, prog=q.prog)
+        return q
+    a = add("ab", lambda a: ab(a.minutes, a.arms, a.seeds, a.jobs),
+            "A/B arms on top of BASE at equal wall time, two at a time, one core each, each "
+            "scored on 10,000 fresh test pairs")
+    a.add_argument("--minutes", type=int, default=25, help="budget per run (default: %(default)s)")
+    a.add_argument("--arms", nargs="+", default=None, help="arm names (default: all)")
+    a.add_argument("--seeds", type=int, nargs="+", default=[0], help="(default: %(default)s)")
+    a.add_argument("--jobs", type=int, default=2, help="runs at a time (default: %(default)s)")
+    lo = add("long", lambda a: long(a.minutes, a.variant, a.epochs),
+             "the long run, alone on the machine (2 cores), scored as an arm")
+    lo.add_argument("--minutes", type=int, default=120, help="budget (default: %(default)s)")
+    lo.add_argument("--variant", choices=list(VARIANTS), default="",
+                    help="a change to LONG's recipe (default: none)")
+    lo.add_argument("--epochs", type=int, default=None,
+                    help="epochs (default: sized from a measured step time)")
+    add("score", lambda a: score_missing(OUT, score),
+        "score the runs in runs/recipe/ whose scoring was missed")
+    add("summarize", lambda a: summarize(),
+        "the A/B table, the long runs' outlook, and viz/recipe.png")
+    th = add("throughput", lambda a: throughput(a.repeat),
+             "the step time of each capacity and batch size, on one core and on two")
+    th.add_argument("--repeat", type=int, default=10, help="steps timed (default: %(default)s)")
+    il = add("init-lengths", lambda a: init_lengths(a.n),
+             "the primary and digit capsules' mean length at step 0, by --init, with and "
+             "without digit biases")
+    il.add_argument("--n", type=int, default=256, help="test pairs (default: %(default)s)")
+    sh = add("ship", ship, "make the shipped model (models/capsnet-multimnist.npz) from the long "
+             "run's checkpoint, training it first if need be (was ship_model.py)")
+    sh.description += (": its averaged weights on fresh test pairs of both tasks, in float32 and "
+                       "rounded to float16; float16 is stored when neither set accuracy moves by "
+                       "more than --tolerance")
+    sh.add_argument("checkpoint", help="a training checkpoint (multimnist_capsnet.py --save), "
+                    "e.g. runs/recipe/long-120-min_s0.npz")
+    sh.add_argument("--out", default=str(mc.MODEL_FILE), help="(default: %(default)s)")
+    sh.add_argument("--n-test", type=int, default=10_000,
+                    help="test pairs per task (default: %(default)s)")
+    sh.add_argument("--tolerance", type=float, default=0.002,
+                    help="largest set-accuracy change float16 may cause (default: %(default)s)")
+    sh.add_argument("--data-dir", default=None, help="MNIST cache (default: the module's)")
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.work(args) or 0
+    except mc.CapsNetError as e:
+        print(f"{args.prog}: error: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,4 +1,4 @@
-"""A bounded load test of `multimnist_capsnet.py serve` on loopback.
+"""A bounded load test of capsnet_serve.py (the drawing page's server) on loopback.
 
     python3 bench/serve_load.py [--clients 8] [--requests 2000] [--out runs/serve_load.txt]
 
@@ -25,12 +25,9 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import ROOT, cpu_model  # noqa: E402
 import multimnist_capsnet as mc  # noqa: E402
-
-sys.path.insert(0, str(ROOT / "bench"))
-from common import cpu_model  # noqa: E402
 
 
 def font_digit(d: int) -> np.ndarray:
@@ -95,20 +92,20 @@ def client(port: int, todo: list, results: list, deadline: float) -> None:
     conn.close()
 
 
-def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="serve_load.py", description=__doc__.splitlines()[0])
     p.add_argument("--clients", type=int, default=8, help="client threads (default: %(default)s)")
     p.add_argument("--requests", type=int, default=2000, help="in all (default: %(default)s)")
     p.add_argument("--deadline", type=float, default=300, help="seconds at most (default: 300)")
     p.add_argument("--seed", type=int, default=0, help="the request mix (default: %(default)s)")
     p.add_argument("--out", default=None, help="also write the report here (default: none)")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     rng = np.random.default_rng(args.seed)
     todo = requests(args.requests, rng)
     # the server stops on SIGINT below: give it a terminal's SIGINT even where this script runs
     # as a background job, which a shell starts with SIGINT ignored (the server would inherit that)
-    server = subprocess.Popen([sys.executable, str(ROOT / "multimnist_capsnet.py"), "serve",
-                               "--port", "0"], stdout=subprocess.PIPE, text=True,
+    server = subprocess.Popen([sys.executable, str(ROOT / "capsnet_serve.py"), "--port", "0"],
+                              stdout=subprocess.PIPE, text=True,
                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         first = server.stdout.readline()

