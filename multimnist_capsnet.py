@@ -791,21 +791,22 @@ def loss_and_grads(params, batch, cfg: Config, grad_scale: float = 1.0):
 # ----------------------------------------------------------------------------------------------
 # Threads: each batch split across the cores, BLAS at one thread each
 
-def sharded_loss_and_grads(params, batch, cfg: Config, pool=None):
+def sharded_loss_and_grads(params, batch, cfg: Config, pool=None, grad_scale: float = 1.0):
     """loss_and_grads with the batch split into one shard per worker thread.
 
     NumPy and BLAS release the GIL, so the shards run on separate cores; each shard's losses are
     batch means, so the shard results are averaged weighted by shard size (its gradients come
-    already weighted and are summed in parallel). pool=None: one shard.
+    already weighted and are summed in parallel). pool=None: one shard. Every gradient is also
+    multiplied by grad_scale (this batch's share of a larger one split across processes).
     """
-    n = len(batch["labels"])
+    n, grad_scale = len(batch["labels"]), float(grad_scale)  # a NumPy float64 would upcast
     if pool is None or n < 2:
-        return loss_and_grads(params, batch, cfg)
+        return loss_and_grads(params, batch, cfg, grad_scale)
     cuts = np.linspace(0, n, cfg.workers + 1).astype(int)
     shards = [{k: v[a:b] for k, v in batch.items()} for a, b in zip(cuts[:-1], cuts[1:]) if b > a]
     w = [len(shard["labels"]) / n for shard in shards]
-    results = parallel_map(pool, lambda sw: loss_and_grads(params, sw[0], cfg, sw[1]),
-                           list(zip(shards, w)))
+    results = parallel_map(pool, lambda sw: loss_and_grads(params, *sw), [
+        (shard, cfg, wi * grad_scale) for shard, wi in zip(shards, w)])
     grads = results[0][1]  # the shards' gradient arrays are ours: sum them in place
 
     def add_rest(piece):
@@ -1022,10 +1023,12 @@ def keep_freed_memory() -> None:
 
 
 def train(run: Run, mnist: dict, pool: dict | None, test: dict, *, on_step=None, on_epoch=None,
-          should_stop=lambda: False, progress: bool = True) -> bool:
+          should_stop=lambda: False, progress: bool = True, step_fn=None) -> bool:
     """Train run in place up to cfg.n_epochs; False if should_stop() ended it early.
 
     on_step(run, aux) runs after every Adam step, on_epoch(run) after each epoch's evaluation.
+    step_fn(params, batch, cfg, workers) -> (loss, grads, aux) replaces sharded_loss_and_grads,
+    e.g. to take a slice of every batch and sum the gradients over processes (mpi_train.py).
     The epoch's pool (when resampling) and its permutation come from the generator state saved at
     the epoch's start, so a run resumed mid-epoch replays the very same batches.
     """
@@ -1035,7 +1038,8 @@ def train(run: Run, mnist: dict, pool: dict | None, test: dict, *, on_step=None,
     try:
         with worker_pool(cfg.workers) as workers:
             while run.epoch < cfg.n_epochs:
-                if not _train_epoch(run, mnist, pool, test, workers, bar, on_step, should_stop):
+                if not _train_epoch(run, mnist, pool, test, workers, bar, on_step, should_stop,
+                                    step_fn or sharded_loss_and_grads):
                     return False
                 if on_epoch is not None:
                     on_epoch(run)
@@ -1045,7 +1049,7 @@ def train(run: Run, mnist: dict, pool: dict | None, test: dict, *, on_step=None,
             bar.close()
 
 
-def _train_epoch(run: Run, mnist, pool, test, workers, bar, on_step, should_stop) -> bool:
+def _train_epoch(run: Run, mnist, pool, test, workers, bar, on_step, should_stop, step_fn) -> bool:
     """The rest of the current epoch, then its evaluation; False if should_stop() cut it short."""
     cfg, dtype, spe = run.cfg, run.cfg.np_dtype, run.steps_per_epoch()
     model = model_for(cfg)
@@ -1065,7 +1069,7 @@ def _train_epoch(run: Run, mnist, pool, test, workers, bar, on_step, should_stop
         batch = batch_arrays(data, perm[s * cfg.batch_size:(s + 1) * cfg.batch_size], dtype)
         if model.batch_extras is not None:  # e.g. the MNIST CNN's dropout mask
             batch.update(model.batch_extras(cfg, run.step, dtype))
-        loss, grads, aux = sharded_loss_and_grads(run.params, batch, cfg, workers)
+        loss, grads, aux = step_fn(run.params, batch, cfg, workers)
         lr = learning_rate(cfg, run.step)
         check_finite(run, loss, aux, grads, lr)
         adam_step(run.params, grads, run.adam, lr, workers=workers)
@@ -1671,8 +1675,14 @@ def build_parser(model: Model | None = None, script: str = __file__) -> argparse
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
-def main(argv=None, model: Model | None = None, script: str = __file__) -> int:
-    """Train model (default: the CapsNet) as the command line argv asks; the exit status."""
+def main(argv=None, model: Model | None = None, script: str = __file__, team=None) -> int:
+    """Train model (default: the CapsNet) as the command line argv asks; the exit status.
+
+    team: one of several processes that train one model together (mpi_train.py), or None. It
+    has rank (only rank 0 writes files), launcher (the words before `python3 script` that start
+    the team again), step(params, batch, cfg, workers, signum) -> (loss, grads, aux) for this
+    process's slice summed over the team, and signum, the stop signal the team agreed on in its
+    last step (0: none), so that every process stops at the same step."""
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] in (["predict"], ["serve"]):  # the commands that moved out of this module
         print(f"{Path(script).name}: {argv[0]} is now its own program: python3 "
@@ -1680,21 +1690,21 @@ def main(argv=None, model: Model | None = None, script: str = __file__) -> int:
         return 2
     old = {s: signal.getsignal(s) for s in SIGNALS}
     try:
-        return _main(argv, model, script)
+        return _main(argv, model, script, team)
     finally:
         for s, handler in old.items():  # a library caller gets its Ctrl-C back
             signal.signal(s, handler)
 
 
-def shell_command(script, *words) -> str:
+def shell_command(script, *words, launcher=()) -> str:
     """`python3 script words...`, quoted so that pasting it into a shell runs it."""
     script = Path(script).resolve()
     with contextlib.suppress(ValueError):
         script = script.relative_to(Path.cwd())
-    return " ".join(shlex.quote(str(w)) for w in ("python3", script, *words))
+    return " ".join(shlex.quote(str(w)) for w in (*launcher, "python3", script, *words))
 
 
-def _main(argv, model, script) -> int:
+def _main(argv, model, script, team) -> int:
     parser = build_parser(model, script)
     args = parser.parse_args(argv)
     try:
@@ -1707,6 +1717,11 @@ def _main(argv, model, script) -> int:
             err(f"{flag}: {why}")
             return 1
     stop = StopFlag()
+    writes = team is None or team.rank == 0  # one process of a team writes the files
+    step_fn, should_stop = None, lambda: stop.requested
+    if team is not None:
+        step_fn = lambda p, b, c, w: team.step(p, b, c, w, stop.signum or 0)
+        should_stop = lambda: team.signum != 0
     t0 = time.perf_counter()
     last_good = [args.resume]  # the newest checkpoint known to be on disk
 
@@ -1734,14 +1749,15 @@ def _main(argv, model, script) -> int:
         for s in SIGNALS:
             signal.signal(s, stop)
         with np.errstate(over="ignore", invalid="ignore", divide="ignore"):  # check_finite reports
-            finished = train(run, mnist, pool, test, on_epoch=save if args.save else None,
-                             should_stop=lambda: stop.requested, progress=not args.quiet)
+            finished = train(run, mnist, pool, test, should_stop=should_stop, step_fn=step_fn,
+                             on_epoch=save if args.save and writes else None,
+                             progress=not args.quiet and writes)
         for s in SIGNALS:
             signal.signal(s, signal.SIG_IGN)  # never interrupt the final writes
         ckpt = args.save or (None if finished else "capsnet-interrupted.npz")
-        if ckpt:
+        if ckpt and writes:
             save_checkpoint(ckpt, run)
-        if args.metrics_json:
+        if args.metrics_json and writes:
             write_metrics(args.metrics_json, run, time.perf_counter() - t0)
     except KeyboardInterrupt:
         err("interrupted twice; stopped at once (files on disk are whole: every write is atomic)"
@@ -1758,12 +1774,14 @@ def _main(argv, model, script) -> int:
         again = ["--resume", ckpt, "--save", ckpt]
         for flag, value in (("--metrics-json", args.metrics_json), ("--data-dir", args.data_dir)):
             again += [flag, value] if value else []
-        how = "interrupted" if stop.signum == signal.SIGINT else "terminated"
+        signum = stop.signum if team is None else team.signum
+        how = "interrupted" if signum == signal.SIGINT else "terminated"
+        again = shell_command(script, *again, *(["--quiet"] * args.quiet),
+                              launcher=getattr(team, "launcher", ()))
         print(f"{how} at step {run.step}: checkpoint {ckpt}"
               + (f", metrics {args.metrics_json}" if args.metrics_json else "")
-              + f"; continue with:\n  {shell_command(script, *again, *(['--quiet'] * args.quiet))}",
-              file=sys.stderr)
-        return 128 + stop.signum
+              + f"; continue with:\n  {again}", file=sys.stderr)
+        return 128 + signum
     final = run.history["epochs"][-1]
     recon = (f", recon mse {final['recon_mse']:.4f} (mean-image {final['baseline_mse']:.4f})"
              if "recon_mse" in final else "")
@@ -1771,8 +1789,6 @@ def _main(argv, model, script) -> int:
              else f"test set accuracy {final['set_acc']:.3f} (chance {1 / 45:.3f})")
     print(f"done in {time.perf_counter() - t0:.1f}s: {score}{recon}")
     return 0
-
-
 
 
 if __name__ == "__main__":

@@ -1987,3 +1987,33 @@ def test_bad_input(case, matrix_results, tmp_path, good_ckpt):
     assert expect.lower() in line.lower(), f"should: {case.should}\ngot: {line}"
     assert not INTERNAL_NAME.search(line), f"names a Config field, not its flag: {line}"
     assert res["after"] == res["before"], "a failed run changed, added or removed files"
+
+
+# ----------------------------------------------------------------------------------------------
+# A team of processes (mpi_train.py) plugs into main: its step, its agreed stop, one writer
+
+class FakeTeam:
+    """A team of one that behaves as rank `rank` of a larger one: its step is the threaded step,
+    and it agrees to stop after `stop_after` steps (0: never)."""
+    launcher = ("mpiexec", "-n", "2")
+
+    def __init__(self, rank, stop_after=0):
+        self.rank, self.stop_after, self.steps, self.signum = rank, stop_after, 0, 0
+
+    def step(self, params, batch, cfg, workers, signum):
+        self.steps += 1
+        if self.steps == self.stop_after:
+            self.signum = int(signal.SIGTERM)  # as if another rank had been sent it
+        return mc.sharded_loss_and_grads(params, batch, cfg, workers)
+
+
+def test_a_team_rank_other_than_0_writes_nothing_and_the_team_stop_is_obeyed(tmp_path, capsys):
+    argv = [str(a) for a in tiny("--n-epochs", 3, "--save", tmp_path / "c.npz",
+                                 "--metrics-json", tmp_path / "m.json")]
+    assert mc.main(argv, team=FakeTeam(rank=1)) == 0
+    assert list(tmp_path.iterdir()) == []          # rank 1 trained, and wrote nothing
+    team = FakeTeam(rank=0, stop_after=6)           # a stop no signal here asked for
+    assert mc.main(argv, team=team) == 128 + signal.SIGTERM and team.steps == 6
+    err = capsys.readouterr().err
+    assert "terminated at step 6" in err and "continue with:\n  mpiexec -n 2 python3 " in err
+    assert mc.load_checkpoint(tmp_path / "c.npz").step == 6
