@@ -3,8 +3,10 @@ each digit's reconstruction from its own capsule.
 
     python3 capsnet_predict.py IMAGE... [--out predicted.png] [--digits auto|1|2]
 
-Any size, grey or colour, either polarity: the ink is found, cropped, scaled and centred as MNIST
-was (fit_digits). One digit goes to the MNIST model, two to the MultiMNIST model.
+Any size, grey or colour, either polarity: an image that already follows MNIST's convention is
+taken as it is (as_made), any other is cropped, scaled and centred as MNIST was (fit_digits).
+--digits auto counts the digits with both shipped models (count_score); one digit goes to the
+MNIST model, two to the MultiMNIST model.
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import math
 import os
 import sys
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -106,7 +109,8 @@ def _background(x: np.ndarray) -> np.ndarray:
     basis = np.stack([np.ones_like(r), r, c, r * r, r * c, c * c], 1)
     keep = x.ravel() <= np.median(x)
     for _ in range(3):
-        fit = basis @ np.linalg.lstsq(basis[keep], x.ravel()[keep], rcond=None)[0]
+        b = basis[keep]  # least squares by the normal equations: 6x6, 20x faster than lstsq
+        fit = basis @ np.linalg.solve(b.T @ b + 1e-9 * np.eye(6), b.T @ x.ravel()[keep])
         keep = x.ravel() - fit < INK_CONTRAST / 2
     return fit.reshape(h, w)
 
@@ -175,32 +179,176 @@ def fit_digits(x: np.ndarray, canvas: int, n_digits: int) -> tuple[np.ndarray | 
                  f"by mass in {canvas}x{canvas}")
 
 
+INK_LEVEL = 0.1       # a pixel this bright is ink when the convention is checked (MNIST: 25/255)
+MNIST_SPAN = (19, 20)  # the long side of an MNIST digit's ink box (all 60,000 training digits)
+CLEAN = 0.05          # an image whose median pixel is this dark has a black background already
+AS_MADE = "taken as it is"  # to_canvas's words for an image that already follows the convention
+
+
+def _centre_of_mass(x: np.ndarray) -> np.ndarray:
+    """(row, col) of x's centre of mass, pixel centres at +0.5, as fit_digits places it."""
+    return np.array([(x.sum(1 - ax) * (np.arange(x.shape[ax]) + 0.5)).sum() / x.sum()
+                     for ax in (0, 1)])
+
+
+def _moved_by_whole_pixels(x: np.ndarray, canvas: int) -> tuple[np.ndarray | None, tuple]:
+    """x (H, W) on a black canvas x canvas with its centre of mass within a pixel of the centre,
+    moved by whole pixels only (no resampling), as MNIST centred its digits; (None, ...) when
+    that would cut ink off. -> (uint8 image, (dy, dx) the move from x's centred placement)."""
+    com = _centre_of_mass(x) + (np.array([canvas, canvas]) - x.shape) / 2
+    off = canvas / 2 - com
+    move = np.where(np.abs(off) <= 1, 0, np.round(off)).astype(int)  # MNIST: within 1 px
+    top, left = ((canvas - n) // 2 + d for n, d in zip(x.shape, move))
+    out = np.zeros((canvas + 2 * max(x.shape),) * 2)
+    pad = max(x.shape)
+    out[pad + top:pad + top + x.shape[0], pad + left:pad + left + x.shape[1]] = x
+    inside = out[pad:pad + canvas, pad:pad + canvas]
+    if inside.sum() < x.sum() - 1e-9:
+        return None, tuple(move)
+    return np.round(255 * inside).astype(np.uint8), tuple(move)
+
+
+def as_made(x: np.ndarray, canvas: int, n_digits: int) -> tuple[np.ndarray | None, str]:
+    """x (H, W) as the model's uint8 input (canvas, canvas) when it already follows the
+    convention of the images that model learnt from, without resampling; else (None, '').
+
+    Both need a black background (median pixel under CLEAN). Two digits: a canvas-sized image
+    whose ink box spans at least MNIST_SPAN[0], as a composite is made (two MNIST digits, each
+    shifted), is taken as it is. One digit: an ink box with MNIST's long side (MNIST_SPAN), at
+    any image size, is moved by whole pixels to centre its mass (unmoved within a pixel, as
+    MNIST's are), unless that would cut ink off."""
+    if np.median(x) >= CLEAN or not (ink := x >= INK_LEVEL).any():
+        return None, ""
+    rows, cols = np.flatnonzero(ink.any(1)), np.flatnonzero(ink.any(0))
+    side = max(rows[-1] - rows[0], cols[-1] - cols[0]) + 1
+    if n_digits == 2:
+        if x.shape != (canvas, canvas) or side < MNIST_SPAN[0]:
+            return None, ""
+        return (np.round(255 * x).astype(np.uint8),
+                f"{canvas}x{canvas}, ink box {side} px: a composite as the model's were made, "
+                f"{AS_MADE}")
+    if not MNIST_SPAN[0] <= side <= MNIST_SPAN[1]:
+        return None, ""
+    img, move = _moved_by_whole_pixels(x, canvas)
+    if img is None:
+        return None, ""
+    where = (f"moved by {move[0]:+d}, {move[1]:+d} px to centre its mass" if any(move) else
+             "its mass centred")
+    return img, (f"ink box {side} px, MNIST's: {AS_MADE}, {where} in {canvas}x{canvas}")
+
+
 def to_canvas(x: np.ndarray, canvas: int, n_digits: int) -> tuple[np.ndarray | None, str]:
-    """Any white-on-black image as the model's uint8 input, and what was done: the model's own
-    size (canvas x canvas) is taken as it is, a 28x28 MNIST digit placed at the centre of a larger
-    canvas, any other size normalised by fit_digits. (None, why) when there is no ink."""
-    if x.shape != (canvas, canvas) and (x.shape != (DIGIT_SIDE,) * 2 or canvas < DIGIT_SIDE):
-        return fit_digits(x, canvas, n_digits)
-    if not _ink(x)[1].any():
-        return None, "no ink"
-    img = np.round(x * 255).astype(np.uint8)
-    if x.shape[0] == canvas:
-        return img, f"{canvas}x{canvas}: the model's size, taken as it is"
-    return (mc.place(img[None], np.zeros(1, int), np.zeros(1, int), canvas)[0],
-            f"{DIGIT_SIDE}x{DIGIT_SIDE} digit placed at the centre of {canvas}x{canvas}")
+    """Any white-on-black image (H, W) as the model's uint8 input (canvas, canvas), and what was
+    done: as_made when it already follows MNIST's convention, else normalised by fit_digits.
+    (None, why) when there is no ink."""
+    img, how = as_made(x, canvas, n_digits)
+    if img is not None and _ink(x)[1].any():  # faint specks are no digit, in any convention
+        return img, how
+    return fit_digits(x, canvas, n_digits)
 
 
-def choose_model(digits: str, shape, checkpoint: str | None) -> tuple[Path, int]:
-    """Which model reads an image of this shape, and how many digits to look for in it.
+# ----------------------------------------------------------------------------------------------
+# How many digits: both shipped models read the image, each in its own convention, and a linear
+# rule on how well each explains it decides. Fitted on training digits and composites only
+# (`python3 bench/samples.py count fit`, runs/predict/count_fit.txt); the test set only measures.
 
-    --digits '1' or '2' says how many; 'auto': one in a 28x28 image (MNIST's size), else two.
-    --checkpoint, when given, reads everything. Otherwise one digit goes to the MNIST model once
-    models/capsnet-mnist.npz ships, and until then to the MultiMNIST model (its longest capsule);
-    two digits always go to the MultiMNIST model. A one-digit model answers one (cfg.n_labels)."""
-    n = 1 if digits == "1" or (digits == "auto" and tuple(shape) == (DIGIT_SIDE,) * 2) else 2
+COUNT_FEATURES = (
+    "one_misfit",     # log mean squared error of the MNIST model's reconstruction of its digit
+    "two_misfit",     # the same for the MultiMNIST model's two digits (added, clipped at 1)
+    "first_misfit",   # the same for the MultiMNIST model's first digit alone
+    "one_first",      # the MNIST model's longest capsule
+    "one_second",     # its second longest
+    "two_second",     # the MultiMNIST model's second longest capsule
+    "two_third",      # its third longest
+    "one_as_made",    # 1 when the image already was an MNIST digit (as_made), else 0
+    "two_as_made",    # 1 when it already was a 36x36 composite, else 0
+)
+# Weights on COUNT_FEATURES and the bias: two digits when the sum is above 0. From
+# runs/predict/count_fit.txt (python3 bench/samples.py count fit).
+COUNT_WEIGHTS = (
+    4.4568,  # one_misfit
+    -3.6928,  # two_misfit
+    0.9165,  # first_misfit
+    -4.4861,  # one_first
+    8.1131,  # one_second
+    0.8698,  # two_second
+    -1.0513,  # two_third
+    -0.5762,  # one_as_made
+    -0.5236,  # two_as_made
+)
+COUNT_BIAS = 10.0232
+
+
+@dataclass
+class Reading:
+    """What both shipped models make of N white-on-black images: each model's input in its own
+    convention (to_canvas) and its digit capsules."""
+    ink: np.ndarray      # (N,) bool: has the image any ink
+    ones: np.ndarray     # (N, 28, 28) uint8: the MNIST model's input (zeros without ink)
+    twos: np.ndarray     # (N, 36, 36) uint8: the MultiMNIST model's input
+    hows: list           # N (one's how, two's how): what to_canvas did
+    v1: np.ndarray       # (N, 10, 16) the MNIST model's digit capsules
+    v2: np.ndarray       # (N, 10, 16) the MultiMNIST model's
+
+
+def read_both(images, one: Run, two: Run) -> Reading:
+    """Both models' reading of the white-on-black float images (each (H, W), any size)."""
+    ones, twos, hows = [], [], []
+    for x in images:
+        a, how_a = to_canvas(x, one.cfg.canvas, 1)
+        b, how_b = to_canvas(x, two.cfg.canvas, 2)
+        ones.append(np.zeros((one.cfg.canvas,) * 2, np.uint8) if a is None else a)
+        twos.append(np.zeros((two.cfg.canvas,) * 2, np.uint8) if b is None else b)
+        hows.append((how_a, how_b))
+    ones, twos = np.stack(ones), np.stack(twos)
+    return Reading(np.array([h[0] != "no ink" for h in hows]), ones, twos, hows,
+                   mc.predict(one.eval_params, one.cfg, ones),
+                   mc.predict(two.eval_params, two.cfg, twos))
+
+
+def _misfit(params, v: np.ndarray, digits: list, x_uint8: np.ndarray) -> np.ndarray:
+    """log of the mean squared error per pixel between the images x (N, H, W) and the sum of
+    the reconstructions from capsules digits (each (N,) ints) of v (N, J, E), clipped at 1."""
+    recon = sum(mc.reconstruct(params, v, d) for d in digits)
+    x = x_uint8.reshape(len(x_uint8), -1) / 255
+    return np.log(((x - np.minimum(recon, 1)) ** 2).mean(1) + 1e-4)
+
+
+def count_features(r: Reading, one: Run, two: Run) -> np.ndarray:
+    """(N, len(COUNT_FEATURES)) the count rule's inputs for the reading r."""
+    l1, l2 = np.linalg.norm(r.v1, axis=2), np.linalg.norm(r.v2, axis=2)       # (N, 10)
+    o1, o2 = np.argsort(-l1, 1, kind="stable"), np.argsort(-l2, 1, kind="stable")
+    s1, s2 = np.take_along_axis(l1, o1, 1), np.take_along_axis(l2, o2, 1)   # longest first
+    made = np.array([[AS_MADE in h for h in hows] for hows in r.hows], float)  # (N, 2)
+    return np.stack([_misfit(one.eval_params, r.v1, [o1[:, 0]], r.ones),
+                     _misfit(two.eval_params, r.v2, [o2[:, 0], o2[:, 1]], r.twos),
+                     _misfit(two.eval_params, r.v2, [o2[:, 0]], r.twos),
+                     s1[:, 0], s1[:, 1], s2[:, 1], s2[:, 2], made[:, 0], made[:, 1]], 1)
+
+
+def count_score(features: np.ndarray) -> np.ndarray:
+    """(N,) the count rule's score for features (N, F): two digits above 0, one below."""
+    return features @ np.array(COUNT_WEIGHTS) + COUNT_BIAS
+
+
+def shipped_pair(runs: dict) -> tuple[Run, Run] | None:
+    """The two shipped models (MNIST's, MultiMNIST's), loaded once into runs, or None when
+    either is missing: then --digits auto cannot count."""
+    if not (MNIST_MODEL_FILE.exists() and MODEL_FILE.exists()):
+        return None
+    for path in (MNIST_MODEL_FILE, MODEL_FILE):
+        if path not in runs:
+            runs[path] = mc.load_checkpoint(path)
+    return runs[MNIST_MODEL_FILE], runs[MODEL_FILE]
+
+
+def choose_model(n: int, checkpoint: str | None) -> Path:
+    """Which model reads an image that holds n digits: --checkpoint, when given, reads
+    everything; else one digit goes to the MNIST model and two to the MultiMNIST model (one
+    digit too, while the MNIST model is missing: its longest capsule)."""
     if checkpoint:
-        return Path(checkpoint), n
-    return (MNIST_MODEL_FILE if n == 1 and MNIST_MODEL_FILE.exists() else MODEL_FILE), n
+        return Path(checkpoint)
+    return MNIST_MODEL_FILE if n == 1 and MNIST_MODEL_FILE.exists() else MODEL_FILE
 
 
 def digits_found(scores: np.ndarray, n: int) -> list[int]:
@@ -246,24 +394,29 @@ def build_predict_parser() -> argparse.ArgumentParser:
                                    "Each file that cannot be read is one line on stderr; the "
                                    "others are still answered, and the exit status is 1.")
     p.add_argument("images", nargs="+", metavar="IMAGE",
-                   help="PNG, JPEG or .npy, any size, grey or colour, either polarity; the model's "
-                        f"own size ({DIGIT_SIDE}x{DIGIT_SIDE} digit, 36x36 composite) is taken as "
-                        "it is, any other is normalised as MNIST was (--verbose says how)")
-    shipped = Path("models", MODEL_FILE.name)
+                   help="PNG, JPEG or .npy, any size, grey or colour, either polarity; an image "
+                        "that already follows MNIST's convention (a digit's ink box 20 px long, "
+                        "a 36x36 composite) is taken as it is, any other is normalised as MNIST "
+                        "was (--verbose says how)")
+    shipped = [str(Path("models", f.name)) for f in (MNIST_MODEL_FILE, MODEL_FILE)]
     p.add_argument("--checkpoint", default=None,
-                   help=f"a model or a --save checkpoint (default: the shipped model, {shipped})")
+                   help="a model or a --save checkpoint, to read every image with (default: "
+                        f"the shipped models, {shipped[0]} for one digit, {shipped[1]} for two)")
     p.add_argument("--digits", choices=("1", "2", "auto"), default="auto",
-                   help=f"how many digits each image holds; auto: one if it is {DIGIT_SIDE}x"
-                        f"{DIGIT_SIDE}, else two (default: %(default)s)")
+                   help="how many digits each image holds; auto: the shipped models count "
+                        "them, from how well one digit and two explain the image, at any size "
+                        "(default: %(default)s)")
     p.add_argument("--background", choices=("auto", "black", "white"), default="auto",
                    help="the image's background; auto: the side the median pixel is on (ink is "
                         "the minority) (default: %(default)s)")
     p.add_argument("--verbose", action="store_true",
-                   help="print how each image was cropped and scaled, and all ten capsule lengths")
+                   help="print how each image was cropped and scaled, the count rule's score "
+                        "(auto), and all ten capsule lengths")
     p.add_argument("--out", default=None,
                    help="an image (its suffix names the format): per input, the image as read, "
                         "the model's input, the reconstructions from the first digit's capsule "
-                        "(red) and the second's (green) (default: none)")
+                        "(red) and the second's (green), titled, each digit and capsule length "
+                        "under it (default: none)")
     return p
 
 
@@ -309,66 +462,134 @@ def _model(runs: dict, path: Path, args) -> Run:
     return runs[path]
 
 
-def _predict_one(path, x: np.ndarray, args, runs: dict) -> tuple:
-    """Print predict's answer for the image x read from path; -> its row of the --out figure:
-    (x as white on black, the model's input or None, the found digits' reconstructions)."""
-    ckpt, n = choose_model(args.digits, x.shape, args.checkpoint)
+@dataclass
+class Row:
+    """One image's row of the --out figure."""
+    name: str                  # the file, as given
+    ink: np.ndarray            # (H, W) the image as read, white on black
+    img: np.ndarray | None     # (canvas, canvas) uint8 the model's input; None without ink
+    found: list                # the digits named, first first
+    lengths: list              # their capsule lengths
+    recon: list                # their reconstructions, each (canvas * canvas,) in [0, 1]
+    model: str = ""            # the model's file name
+    n: int = 2                 # how many digits were looked for
+
+
+def how_many(ink: np.ndarray, args, runs: dict) -> tuple[int, str, Reading | None]:
+    """How many digits to look for in the white-on-black image ink: --digits 1|2 as given; auto
+    counts with both shipped models (read_both, count_score), which a one-digit --checkpoint
+    needs not. -> (n, why in words for --verbose, the shipped models' reading or None)."""
+    if args.digits != "auto":
+        return int(args.digits), f"--digits {args.digits}", None
+    if args.checkpoint and _model(runs, Path(args.checkpoint), args).cfg.n_labels == 1:
+        return 1, "a one-digit model", None
+    pair = shipped_pair(runs)
+    if pair is None:
+        return 2, "auto, without the MNIST model to count with", None
+    r = read_both([ink], *pair)
+    if not r.ink[0]:
+        return 1, "no ink to count", r
+    score = count_score(count_features(r, *pair))[0]
+    return (2 if score > 0 else 1), f"auto: the count rule's score {score:+.2f}, two above 0", r
+
+
+def _predict_one(path, x: np.ndarray, args, runs: dict) -> Row:
+    """Print predict's answer for the image x read from path; -> its row of the --out figure."""
+    ink, inverted = ink_on_black(x, args.background)
+    n, why, r = how_many(ink, args, runs)
+    ckpt = choose_model(n, args.checkpoint)
     run = _model(runs, ckpt, args)
     cfg, params = run.cfg, run.eval_params
     n = min(n, cfg.n_labels)
-    ink, inverted = ink_on_black(x, args.background)
-    img, how = to_canvas(ink, cfg.canvas, n)
+    shipped = {MNIST_MODEL_FILE: 1, MODEL_FILE: 2}.get(ckpt) if r is not None else None
+    if shipped == n:  # the count's own reading by this model, for n digits: no second pass
+        img, how = (r.ones, r.twos)[shipped - 1][0], r.hows[0][shipped - 1]
+        img = img if r.ink[0] else None
+        out = (r.v1, r.v2)[shipped - 1]
+    else:
+        img, how = to_canvas(ink, cfg.canvas, n)
+        out = mc.predict(params, cfg, img[None]) if img is not None else None  # (1, J, E)|(1, J)
     found, scores = [], None
     if img is None:
         print(f"{path}: no digit found  (no ink)")
     else:
-        out = mc.predict(params, cfg, img[None])                          # (1, J, E) or (1, J)
         scores = mc.class_scores(out, cfg)[0]
         found = digits_found(scores, n)
-        what = mc.score_name(cfg)
-        print(f"{path}: {answer(scores, n, what)}")
+        print(f"{path}: {answer(scores, n, mc.score_name(cfg))}")
     if args.verbose:
         print(f"  {x.shape[1]}x{x.shape[0]}{', inverted' if inverted else ''}; {how}; "
-              f"model {ckpt.name}, {n} digit{'s' * (n > 1)}")
+              f"model {ckpt.name}, {n} digit{'s' * (n > 1)} ({why})")
         if scores is not None:
             print("  all ten: " + "  ".join(f"{k}:{sk:.2f}" for k, sk in enumerate(scores)))
     recon = [mc.reconstruct(params, out, np.array([k]))[0] for k in found] if args.out else []
-    return ink, img, recon
+    return Row(str(path), ink, img, found, [float(scores[k]) for k in found], recon, ckpt.name, n)
 
 
-def _cell(x: np.ndarray, side: int) -> np.ndarray:
-    """An (h, w, 3) image in [0, 1] scaled to fit a black side x side cell, keeping its aspect:
-    by whole pixels when it is small (the model's pixels stay visible), else resampled."""
-    h, w = x.shape[:2]
-    k = side // max(h, w)
-    x = np.repeat(np.repeat(x, k, 0), k, 1) if k >= 1 else resize(
-        x, max(1, h * side // max(h, w)), max(1, w * side // max(h, w)))
-    out = np.zeros((side, side, 3))
-    t, left = (side - x.shape[0]) // 2, (side - x.shape[1]) // 2
-    out[t:t + x.shape[0], left:left + x.shape[1]] = np.clip(x, 0, 1)
-    return out
+FIGURE_CELL = 1.45   # inches a cell of the --out figure takes, at 100 dpi
+COLUMNS = ("as read (ink white)", "model input", "first digit (red)", "second digit (green)")
 
 
-def _write_predictions(out, rows) -> None:
-    """One row per image: the image as read (white on black), the model's input, the
-    reconstruction from the first digit's capsule in red and from the second's in green (black
-    when there is none), in cells of 4 model pixels per pixel, written as out's suffix says."""
+def _tinted(recon: np.ndarray, rgb: np.ndarray) -> np.ndarray:
+    """A reconstruction (canvas * canvas,) in [0, 1] as an (s, s, 3) image in colour rgb."""
+    s = int(round(math.sqrt(recon.size)))
+    return recon.reshape(s, s)[..., None] * rgb
+
+
+def _missing(row: Row, k: int) -> str:
+    """The words under the empty reconstruction cell of digit k (0: first, 1: second)."""
+    if row.img is None:
+        return ""
+    if k >= row.n:
+        return "one digit counted"
+    return "none at 0.50" if k == 0 else "no second at 0.50"
+
+
+def prediction_figure(rows: list[Row]):
+    """The --out figure, a matplotlib Figure drawn on Agg: one row per image, four titled
+    columns: the image as read (white on black), the model's input, the reconstruction from the
+    first digit's capsule (red) and from the second's (green), each digit and capsule length
+    written under it, the file beside its row; a thin grey frame round every image, so that a
+    black or white one still shows where it is."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=(4 * FIGURE_CELL + 0.4, len(rows) * (FIGURE_CELL + 0.25) + 0.35),
+                 dpi=100)
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(len(rows), 4, squeeze=False)
+    fig.subplots_adjust(left=0.4 / fig.get_figwidth(), right=0.99, wspace=0.08, hspace=0.3,
+                        top=1 - 0.3 / fig.get_figheight(), bottom=0.2 / fig.get_figheight())
+    for row, ax in zip(rows, axes):
+        canvas = row.img.shape[0] if row.img is not None else DIGIT_SIDE
+        cells = [np.repeat(row.ink[..., None], 3, 2),
+                 np.repeat((row.img if row.img is not None else np.zeros((canvas,) * 2))[
+                     ..., None] / 255, 3, 2)]
+        cells += [_tinted(r, rgb) for r, rgb in zip(row.recon, (A_RGB, B_RGB))]
+        cells += [np.zeros((canvas, canvas, 3))] * (4 - len(cells))
+        words = [f"{row.ink.shape[1]}x{row.ink.shape[0]}",
+                 f"{Path(row.model).stem}, {canvas}x{canvas}" if row.img is not None else "no ink"]
+        words += [f"{d}, length {n:.2f}" for d, n in zip(row.found, row.lengths)]
+        words += [_missing(row, k) for k in range(len(row.found), 2)]
+        for a, cell, text in zip(ax, cells, words):
+            a.imshow(np.clip(cell, 0, 1), interpolation="nearest")
+            a.set_xticks([]), a.set_yticks([])
+            for spine in a.spines.values():
+                spine.set_color("#999"), spine.set_linewidth(0.8)
+            a.set_xlabel(text, fontsize=8, labelpad=2)
+        name = row.name if len(row.name) <= 24 else "…" + row.name[-23:]
+        ax[0].set_ylabel(name, fontsize=8)
+    for a, title in zip(axes[0], COLUMNS):
+        a.set_title(title, fontsize=9)
+    fig.canvas.draw()
+    return fig
+
+
+def _write_predictions(out, rows: list[Row]) -> None:
+    """prediction_figure written as out's suffix says."""
     import imageio.v3 as iio
-    side = 4 * max(img.shape[0] if img is not None else DIGIT_SIDE for _, img, _ in rows)
-    grey = lambda a: np.repeat(np.asarray(a, np.float64)[..., None], 3, 2)
-    gap = np.full((side, 4, 3), 0.5)
-    lines = []
-    for ink, img, recon in rows:
-        s = int(round(math.sqrt(recon[0].size))) if recon else 1
-        tints = [r.reshape(s, s)[..., None] * rgb for r, rgb in zip(recon, (A_RGB, B_RGB))]
-        tints += [np.zeros((1, 1, 3))] * (2 - len(tints))
-        cells = [grey(ink), grey(img / 255) if img is not None else np.zeros((1, 1, 3)), *tints]
-        line = [part for c in cells for part in (_cell(c, side), gap)][:-1]
-        lines += [np.concatenate(line, 1), np.full((4, len(cells) * (side + 4) - 4, 3), 0.5)]
-    fig = np.round(255 * np.concatenate(lines[:-1])).astype(np.uint8)
+    rgb = np.asarray(prediction_figure(rows).canvas.buffer_rgba())[..., :3]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        data = iio.imwrite("<bytes>", fig, extension=Path(out).suffix.lower())
+        data = iio.imwrite("<bytes>", rgb, extension=Path(out).suffix.lower())
     try:
         mc.atomic_write(Path(out), data)
     except OSError as e:

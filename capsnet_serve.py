@@ -49,6 +49,7 @@ class Served:
     name: str
     run: Run
     accuracy: str
+    path: Path | None = None   # its file, when it was read from one
 
 
 def accuracy_words(path, run: Run) -> str:
@@ -83,7 +84,7 @@ def served_models(checkpoint: str | None) -> list[Served]:
         run = mc.load_checkpoint(path)
         if run.cfg.model != "capsnet":
             raise CapsNetError(f"{path}: the page shows capsules, and a {run.cfg.model} has none")
-        models.append(Served(path.name, run, accuracy_words(path, run)))
+        models.append(Served(path.name, run, accuracy_words(path, run), path))
     return models
 
 
@@ -131,16 +132,30 @@ def page_models(models: dict, digits) -> dict:
     return dict(models=out, sample=digits is not None, slider=SLIDER, min_length=cp.MIN_LENGTH)
 
 
-def page_predict(m: Served, body: dict) -> dict:
-    """POST /api/predict {model, image, fit}: the capsule lengths, the digits found, the two
-    longest capsules' reconstructions, the digit capsules, and the routing: per iteration and
-    digit capsule, each primary-capsule grid cell's |u|-weighted coupling (routing_colours), and
-    the last iteration's excess over uniform for the two longest, stretched by gain."""
+def count(x: np.ndarray, counter, n_labels: int) -> tuple[int, float | None]:
+    """How many digits the drawing x (white on black, in [0, 1]) holds, by predict's rule
+    (cp.count_score on both shipped models' reading; counter is that pair, or None without the
+    MNIST model): -> (1 or 2, the rule's score or None). A one-digit model reads one."""
+    if n_labels == 1 or counter is None:
+        return n_labels, None
+    r = cp.read_both([x], *counter)
+    if not r.ink[0]:                        # a blank: nothing to count
+        return n_labels, None
+    score = float(cp.count_score(cp.count_features(r, *counter))[0])
+    return (2 if score > 0 else 1), score
+
+
+def page_predict(m: Served, body: dict, counter=None) -> dict:
+    """POST /api/predict {model, image, fit}: the capsule lengths, how many digits the drawing
+    holds (count: predict's rule) and those found, the two longest capsules' reconstructions,
+    the digit capsules, and the routing: per iteration and digit capsule, each primary-capsule
+    grid cell's |u|-weighted coupling (routing_colours), and the last iteration's excess over
+    uniform for the two longest, stretched by gain."""
     cfg, params = m.run.cfg, m.run.eval_params
-    n = cfg.n_labels
     x, fit = _image(body, cfg.canvas), body.get("fit", False)
     if type(fit) is not bool:
         raise BadRequest(400, "'fit' must be true or false")
+    n, score = count(x, counter, cfg.n_labels)
     img, how = cp.fit_digits(x, cfg.canvas, n) if fit else cp.to_canvas(x, cfg.canvas, n)
     if img is None:
         return dict(model=m.name, ink=False, how=how)
@@ -152,7 +167,8 @@ def page_predict(m: Served, body: dict) -> dict:
     routing = [[_u8(viz.routing_colours(cfg, ulen[0], ck, ck)[..., 0]) for ck in c[r, 0]]
                for r in range(len(c))]
     excess, gain = viz.routing_excess(cfg, ulen[0], c[-1, 0, top])
-    return dict(model=m.name, ink=True, how=how, input=img.ravel().tolist(),
+    return dict(model=m.name, ink=True, how=how, input=img.ravel().tolist(), count=n,
+                count_score=None if score is None else round(score, 3),
                 lengths=np.round(lengths, 4).tolist(), found=cp.digits_found(lengths, n),
                 top=top.tolist(), recon=[_u8(r) for r in recon],
                 capsules=np.round(v[0], 5).tolist(), routing=routing, excess=_u8(excess),
@@ -204,6 +220,8 @@ class PageHandler(http.server.BaseHTTPRequestHandler):
     timeout = 30                            # seconds a client may take to send its request
 
     def do_GET(self):
+        if self._stranger():
+            return
         path, _, query = self.path.partition("?")
         if path in ("/", "/index.html"):
             return self._reply(200, self.server.page, "text/html; charset=utf-8")
@@ -214,8 +232,43 @@ class PageHandler(http.server.BaseHTTPRequestHandler):
         self._api(routes.get(path))
 
     def do_POST(self):
-        fn = {"/api/predict": page_predict, "/api/perturb": page_perturb}.get(self.path)
+        if self._stranger(post=True):
+            return
+        counter = self.server.counter
+        fn = {"/api/predict": lambda m, body: page_predict(m, body, counter),
+              "/api/perturb": page_perturb}.get(self.path)
         self._api(fn and (lambda: self._post(fn)))
+
+    def do_OPTIONS(self):
+        """What a client may send (a CORS preflight included): no cross-origin grant, so a
+        browser sends another site's request no further."""
+        if self._stranger(post=True):
+            return
+        self.send_response(204)
+        self.send_header("Allow", "GET, POST, OPTIONS")
+        self.send_header("Content-Length", "0")
+        self.send_header("Cache-Control", "no-store")
+        self.end_headers()
+
+    def _stranger(self, post: bool = False) -> bool:
+        """Refuse (403, one line, then hang up) a request whose Host is not this server's
+        address, as a page on another site reached through DNS rebinding sends, and (post) one
+        that another site's page sends, as its Origin says. -> whether it was refused."""
+        host, origin = (self.headers.get(h, "").strip().lower() for h in ("Host", "Origin"))
+        if host not in self.server.hosts:
+            why = f"Host {host[:60]!r} is not this server's address" if host else "no Host"
+        elif post and origin and origin not in self.server.origins:
+            why = f"Origin {origin[:60]!r} is another site"
+        else:
+            return False
+        n = self.headers.get("Content-Length", "")
+        if n.isdigit() and int(n) <= MAX_BODY:
+            self._discard(int(n))               # read, so that the client gets the 403
+        self.close_connection = True            # and hang up
+        self._reply(403, json.dumps(dict(error=f"{why}: refused (open "
+                                               f"{self.server.url})")).encode(),
+                    "application/json")
+        return True
 
     def _post(self, fn) -> dict:
         body = self._body()
@@ -267,12 +320,16 @@ class PageHandler(http.server.BaseHTTPRequestHandler):
 
     def _discard(self, n: int):
         """Read and drop a body too large to take, so that its client, still sending, gets the
-        413 rather than a reset; past 8 x MAX_BODY, hang up instead."""
+        413 rather than a reset; past 8 x MAX_BODY, hang up instead. A client that gives up
+        meanwhile has left: nothing to say."""
         if n > 8 * MAX_BODY:
             self.close_connection = True
             return
-        while n > 0 and (chunk := self.rfile.read(min(n, 65536))):
-            n -= len(chunk)
+        try:
+            while n > 0 and (chunk := self.rfile.read(min(n, 65536))):
+                n -= len(chunk)
+        except (ConnectionError, TimeoutError):
+            self.close_connection = True
 
     def _reply(self, status: int, data: bytes, kind: str):
         self.send_response(status)
@@ -282,8 +339,11 @@ class PageHandler(http.server.BaseHTTPRequestHandler):
         self.send_header("X-Content-Type-Options", "nosniff")
         if self.close_connection:
             self.send_header("Connection", "close")
-        self.end_headers()
-        self.wfile.write(data)
+        try:
+            self.end_headers()
+            self.wfile.write(data)
+        except ConnectionError:  # the client left before its answer: nothing to log
+            self.close_connection = True
 
     def send_error(self, code, message=None, explain=None):
         """A malformed request line or header: JSON like every other error, then hang up (a
@@ -303,11 +363,22 @@ class PageHandler(http.server.BaseHTTPRequestHandler):
 
 
 class PageServer(http.server.ThreadingHTTPServer):
-    """A thread per connection; a connection that breaks is one line on stderr."""
+    """A thread per connection; a connection its client breaks (a reset, a closed pipe) is the
+    client's business and leaves no line; any other failure is one line on stderr."""
     daemon_threads = True
 
     def handle_error(self, request, client_address):
-        print(f"serve: {client_address[0]}: {sys.exc_info()[1]!r}"[:300], file=sys.stderr)
+        if not isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):
+            print(f"serve: {client_address[0]}: {sys.exc_info()[1]!r}"[:300], file=sys.stderr)
+
+
+def own_hosts(host: str, port: int) -> set[str]:
+    """The Host headers that name a server listening on host:port: loopback's names
+    (localhost, 127.0.0.1, [::1]) and host itself, each with the port (and without it on port
+    80, as browsers send it), lower case."""
+    names = {"localhost", "127.0.0.1", "[::1]", f"[{host}]" if ":" in host else host}
+    return {f"{h.lower()}:{port}" for h in names} | ({h.lower() for h in names} if port == 80
+                                                      else set())
 
 
 def make_server(models: list[Served], digits=None, host: str = "127.0.0.1", port: int = 8000,
@@ -324,7 +395,18 @@ def make_server(models: list[Served], digits=None, host: str = "127.0.0.1", port
                            f"{getattr(e, 'strerror', None) or e}") from None
     server.models, server.digits, server.page, server.log = \
         {m.name: m for m in models}, digits, page, log
+    port = server.server_address[1]
+    server.hosts = own_hosts(host, port)
+    server.origins = {f"http://{h}" for h in server.hosts}
+    server.url = f"http://{f'[{host}]' if ':' in host else host}:{port}/"
+    server.counter = counter(models)
     return server
+
+
+def counter(models: list[Served]):
+    """The two shipped models predict counts digits with (cp.shipped_pair), reusing those
+    served, or None when either is missing."""
+    return cp.shipped_pair({m.path: m.run for m in models if m.path is not None})
 
 
 def _port(text: str) -> int:

@@ -4,6 +4,8 @@ reads many such images.
     python3 bench/samples.py mnist OUTDIR [--n 4] [--seed 0]       # digits and composites, as made
     python3 bench/samples.py examples write OUTDIR [--seed 0]      # the images a new user tries
     python3 bench/samples.py examples score [--n 1000] [--seed 0]  # the shipped model on many
+    python3 bench/samples.py count fit [--n 1500] [--out FILE]     # --digits auto's rule, fitted
+    python3 bench/samples.py count score [--n 500] [--out FILE]    # and measured
 
 mnist: for each k < n, OUTDIR/digit_k_L.png, one 28x28 test digit of label L, as MNIST stores it,
 and OUTDIR/composite_k_A_B.png, a 36x36 composite of the paper's task (two test digits of labels
@@ -21,19 +23,36 @@ task as they are and drawn 3x larger, black on white, in a 120x120 image (read w
 set accuracy of the two longest capsules, and how often both are named, i.e. are right and reach
 0.5).
 
+count fit: n training digits and n training composites of the paper's task, each drawn at 28,
+36, 64 and 200 px (resampled), white on black or black on white at random, read as
+capsnet_predict.py reads them; a logistic regression of "two digits" on cp.COUNT_FEATURES, its
+bias then moved to make the worst group's right-count share largest; prints COUNT_WEIGHTS and
+COUNT_BIAS for capsnet_predict.py, and each group's right count (also fitted on half the images,
+measured on the other half).
+
+count score: n test digits and n test composites, drawn at each size in both polarities: per
+group, the right count of --digits auto and the digits named right with auto and with the true
+count forced (--digits 1|2); then the MNIST convention: all raw test digits and n raw composites
+read as they are and after to_canvas, and n test digits scaled to fill 28x28 against the same at
+64x64, with no flag.
+
 MNIST is fetched into its cache first if it is not there.
 """
 import argparse
+import os
 import sys
+import time
 from pathlib import Path
 
 import imageio.v3 as iio
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 import capsnet_predict as cp  # noqa: E402
 import mnist_fetch  # noqa: E402
 import multimnist_capsnet as mc  # noqa: E402
+from common import commit, cpu_model  # noqa: E402
 
 
 # ----------------------------------------------------------------------------------------------
@@ -131,6 +150,200 @@ def examples_score(args, mnist) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
+# count: how many digits --digits auto finds, fitted on training images, measured on test images
+
+SIDES = (28, 36, 64, 200)                     # each image drawn at these sizes (square, px)
+POLARITIES = ("white on black", "black on white")
+KINDS = ("digits", "composites")              # MNIST digits; composites of the paper's task
+
+
+def drawn(img: np.ndarray, side: int, polarity: str) -> np.ndarray:
+    """uint8 image (28x28 digit or 36x36 composite) drawn at side x side (resampled when it is
+    another size, as cp.resize does), stored as 8 bits in the polarity -> float (side, side) in
+    [0, 1], as read_image returns a PNG of it."""
+    x = img / 255 if img.shape[0] == side else np.clip(cp.resize(img / 255, side, side), 0, 1)
+    u8 = np.round(255 * x)
+    return (255 - u8 if polarity == "black on white" else u8) / 255
+
+
+def source_images(mnist, split: str, n: int, seed: int) -> dict:
+    """n digits and n composites of the paper's task from one split: {kind: (images, labels)},
+    labels (n, 1) for digits and (n, 2) for composites."""
+    rng = np.random.default_rng(seed)
+    x, y = mnist[f"{split}_x"], mnist[f"{split}_y"]
+    idx = rng.choice(len(x), n, replace=False)
+    pairs = mc.make_pairs(x, y, n, rng, min_iou=0.0, overlay="clip-sum")
+    return {"digits": (x[idx], y[idx].astype(np.int64)[:, None]),
+            "composites": (pairs["x"], pairs["labels"])}
+
+
+def read_auto(images, models) -> dict:
+    """What capsnet_predict.py answers for float images (white or black background), with
+    --digits auto and with the true count forced: {count (N,) the rule's, found1 and found2 (N
+    lists) the digits named as one digit (--digits 1) and as two (--digits 2), features}."""
+    one, two = models
+    r = cp.read_both([cp.ink_on_black(x)[0] for x in images], one, two)
+    f = cp.count_features(r, one, two)
+    s1, s2 = mc.class_scores(r.v1), mc.class_scores(r.v2)
+    return dict(count=np.where(cp.count_score(f) > 0, 2, 1), features=f,
+                found1=[cp.digits_found(s, 1) for s in s1],
+                found2=[cp.digits_found(s, 2) for s in s2])
+
+
+def named_right(found: list, labels: np.ndarray) -> np.ndarray:
+    """(N,) bool: the digits named are exactly the labels (N, k), each at least MIN_LENGTH."""
+    return np.array([sorted(f) == sorted(lab.tolist()) for f, lab in zip(found, labels)])
+
+
+def count_groups(mnist, split, n, seed, polarities, models, log) -> dict:
+    """Every (kind, side, polarity) group of n images from split: {group: (read_auto, labels)}.
+    The polarity 'mixed' draws each image in one of POLARITIES at random."""
+    out = {}
+    for kind, (images, labels) in source_images(mnist, split, n, seed).items():
+        for side in SIDES:
+            for pol in polarities:
+                rng = np.random.default_rng([seed, side])
+                pols = rng.choice(POLARITIES, n) if pol == "mixed" else [pol] * n
+                t0 = time.perf_counter()
+                g = read_auto([drawn(im, side, q) for im, q in zip(images, pols)], models)
+                out[kind, side, pol] = g, labels
+                log(f"  {kind} at {side} px, {pol}: {time.perf_counter() - t0:.0f} s")
+    return out
+
+
+def logistic_fit(x: np.ndarray, y: np.ndarray, l2: float = 1e-3) -> np.ndarray:
+    """Weights (F + 1,) of a logistic regression of y (N,) in {0, 1} on x (N, F) plus a bias,
+    by Newton's method with an L2 penalty l2 (on the standardised features)."""
+    mu, sd = x.mean(0), x.std(0) + 1e-9
+    z = np.concatenate([(x - mu) / sd, np.ones((len(x), 1))], 1)
+    w = np.zeros(z.shape[1])
+    for _ in range(50):
+        p = 1 / (1 + np.exp(-np.clip(z @ w, -30, 30)))
+        hess = (z * (p * (1 - p))[:, None]).T @ z / len(z) + l2 * np.eye(len(w))
+        w -= np.linalg.solve(hess, z.T @ (p - y) / len(z) + l2 * w)
+    return np.append(w[:-1] / sd, w[-1] - (w[:-1] * mu / sd).sum())  # on the raw features
+
+
+def maximin_bias(scores: dict, step: float = 0.01) -> float:
+    """The shift of the bias that makes the worst group's right-count share largest: scores
+    {group: (scores (N,), two (N,) bool)}; ties go to the shift nearest 0."""
+    shifts = np.arange(-3, 3 + step / 2, step)
+    worst = [min(((s + b > 0) == two).mean() for s, two in scores.values()) for b in shifts]
+    best = np.flatnonzero(np.isclose(worst, max(worst)))
+    return float(shifts[best[np.argmin(np.abs(shifts[best]))]])
+
+
+def header(args, what: str) -> list[str]:
+    return [f"# python3 bench/samples.py count {args.how} --n {args.n} --seed {args.seed}: {what}",
+            f"# {cpu_model()}, {os.cpu_count()} cores; commit {commit()}"]
+
+
+def count_fit(args, mnist) -> None:
+    """Fit the count rule on training digits and composites (one polarity each, at random)."""
+    models = load_shipped()
+    print(f"reading {args.n} training digits and composites at {SIDES} px", flush=True)
+    groups = count_groups(mnist, "train", args.n, args.seed, ("mixed",), models, print)
+    x = np.concatenate([g["features"] for g, _ in groups.values()])
+    two = np.concatenate([np.full(args.n, k[0] == "composites") for k in groups])
+    w = logistic_fit(x, two.astype(float))
+    half = np.tile(np.arange(args.n) % 2 == 0, len(groups))
+    w_half = logistic_fit(x[half], two[half].astype(float))
+    per = lambda w: {k: (g["features"] @ w[:-1] + w[-1], np.full(args.n, k[0] == "composites"))
+                     for k, (g, _) in groups.items()}
+    bias = w[-1] + maximin_bias(per(w))
+    lines = header(args, "the count rule, fitted on training images (each drawn white on black "
+                         "or black on white at random)")
+    lines += ["# logistic regression on cp.COUNT_FEATURES, L2 1e-3 on standardised features; "
+              "bias moved to the best worst group", "COUNT_WEIGHTS = ("]
+    lines += [f"    {v:.4f},  # {name}" for v, name in zip(w[:-1], cp.COUNT_FEATURES)]
+    lines += [")", f"COUNT_BIAS = {bias:.4f}", "",
+              "right count on the training images (n each)    the rule    fitted on the other half"]
+    for k, (g, _) in groups.items():
+        s, truth = g["features"], k[0] == "composites"
+        own = ((s @ w[:-1] + bias > 0) == truth)
+        other = ((s @ w_half[:-1] + w_half[-1] > 0) == truth)[np.arange(args.n) % 2 == 1]
+        lines.append(f"  {k[0]:10s} at {k[1]:3d} px  n {args.n:5d}    {own.mean():.3f}       "
+                     f"{other.mean():.3f}")
+    report("\n".join(lines) + "\n", args.out)
+
+
+def count_score(args, mnist) -> None:
+    """Measure --digits auto on test digits and composites, and the MNIST convention (point 2)."""
+    models = load_shipped()
+    print(f"reading {args.n} test digits and composites at {SIDES} px, both polarities", flush=True)
+    groups = count_groups(mnist, "test", args.n, args.seed, POLARITIES, models, print)
+    lines = header(args, "--digits auto against the true count forced, on test images")
+    lines += ["| images | px | polarity | n | right count | named right, auto | named right, "
+              "forced --digits 1/2 |", "|---|---|---|---|---|---|---|"]
+    for (kind, side, pol), (g, labels) in groups.items():
+        k = labels.shape[1]
+        auto = np.where(g["count"] == 1, named_right(g["found1"], labels) * (k == 1),
+                        named_right(g["found2"], labels) * (k == 2))
+        forced = named_right(g[f"found{k}"], labels)
+        lines.append(f"| {kind} | {side} | {pol} | {len(labels)} | {(g['count'] == k).mean():.3f} "
+                     f"| {auto.mean():.3f} | {forced.mean():.3f} |")
+    lines += ["", *convention_rows(mnist, args, models)]
+    report("\n".join(lines) + "\n", args.out)
+
+
+def frame_filling(img: np.ndarray) -> np.ndarray:
+    """A 28x28 digit whose ink box is scaled (keeping its aspect) to fill the 28x28 frame."""
+    rows, cols = np.flatnonzero(img.any(1)), np.flatnonzero(img.any(0))
+    crop = img[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1] / 255
+    h, w = (max(1, round(n * 28 / max(crop.shape))) for n in crop.shape)
+    out = np.zeros((28, 28))
+    out[(28 - h) // 2:(28 - h) // 2 + h, (28 - w) // 2:(28 - w) // 2 + w] = cp.resize(crop, h, w)
+    return np.round(255 * np.clip(out, 0, 1)).astype(np.uint8)
+
+
+def convention_rows(mnist, args, models) -> list[str]:
+    """Point 2: raw test digits and composites read as before (as they are) and now (to_canvas);
+    frame-filling 28x28 digits against the same digits at 64x64, both with no flag."""
+    one, two = models
+    x, y = mnist["test_x"], mnist["test_y"].astype(np.int64)
+    new = np.stack([cp.to_canvas(d / 255, 28, 1)[0] for d in x])
+    before = lambda run, imgs: mc.class_scores(mc.predict(run.eval_params, run.cfg, imgs))
+    s_old, s_new = before(one, x), before(one, new)
+    src = source_images(mnist, "test", args.n, args.seed)
+    cx, cy = src["composites"]
+    c_new = np.stack([cp.to_canvas(c / 255, 36, 2)[0] for c in cx])
+    top2 = lambda s: (np.sort(mc.top2(s), 1) == np.sort(cy, 1)).all(1).mean()
+    dx, dy = src["digits"]
+    filled = read_auto([f / 255 for f in map(frame_filling, dx)], models)
+    at64 = read_auto([drawn(d, 64, "white on black") for d in dx], models)
+    old_filled = before(one, np.stack([frame_filling(d) for d in dx]))
+    auto = lambda g: (np.where(g["count"] == 1, named_right(g["found1"], dy), False).mean(),
+                      (g["count"] == 1).mean())
+    return ["the MNIST convention (to_canvas) against reading the image as it is",
+            f"  all {len(x)} raw 28x28 test digits, MNIST model: top-1 as they are "
+            f"{(s_old.argmax(1) == y).mean():.4f}, after to_canvas {(s_new.argmax(1) == y).mean():.4f}"
+            f" ({(new != x).any((1, 2)).sum()} images changed)",
+            f"  {len(cx)} raw 36x36 test composites, MultiMNIST model: set accuracy as they are "
+            f"{top2(before(two, cx)):.4f}, after to_canvas {top2(before(two, c_new)):.4f} "
+            f"({(c_new != cx).any((1, 2)).sum()} changed)",
+            f"  {len(dx)} test digits, no flag (auto): named right / counted one",
+            "    frame-filling 28x28 (ink box scaled to 28): {:.3f} / {:.3f}".format(*auto(filled)),
+            "    the same digits at 64x64:                   {:.3f} / {:.3f}".format(*auto(at64)),
+            f"    frame-filling 28x28 read as it is (before): top-1 "
+            f"{(old_filled.argmax(1) == dy[:, 0]).mean():.3f}"]
+
+
+def load_shipped() -> tuple:
+    pair = cp.shipped_pair({})
+    if pair is None:
+        raise mc.CapsNetError("count needs both shipped models, models/capsnet-mnist.npz and "
+                              "models/capsnet-multimnist.npz")
+    return pair
+
+
+def report(text: str, out) -> None:
+    print(text, end="")
+    if out:
+        mc.atomic_write(Path(out), text.encode())
+        print(f"wrote {out}")
+
+
+# ----------------------------------------------------------------------------------------------
 # The command line
 
 def build_parser() -> argparse.ArgumentParser:
@@ -165,7 +378,28 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--model", default=str(mc.MODEL_FILE),
                    help="the model read (default: the shipped MultiMNIST model)")
     s.set_defaults(fn=examples_score)
-    for q in (mn, w, s):
+    co = sub.add_parser("count", help="--digits auto: fit its count rule on training images, "
+                        "measure it on test images",
+                        description="count fit: fit the count rule of capsnet_predict.py on --n "
+                        "training digits and --n training composites of the paper's task, each "
+                        f"drawn at {', '.join(map(str, SIDES))} px; count score: measure it on "
+                        "test images drawn so, in both polarities, against --digits 1|2, and "
+                        "how the MNIST convention reads raw and frame-filling digits.")
+    co_how = co.add_subparsers(dest="how", required=True, metavar="{fit,score}",
+                               parser_class=mc.ArgumentParser)
+    cf = co_how.add_parser("fit", help="fit the rule on training images",
+                           description="Fit COUNT_WEIGHTS and COUNT_BIAS on training images; "
+                           "paste them into capsnet_predict.py.")
+    cf.set_defaults(fn=count_fit, n=1500)
+    cs = co_how.add_parser("score", help="measure the rule on test images",
+                           description="Right count and digits named right, auto against "
+                           "forced, per group of test images; the MNIST convention's rows.")
+    cs.set_defaults(fn=count_score, n=500)
+    for q in (cf, cs):
+        q.add_argument("--n", type=int, default=q.get_default("n"),
+                       help="images of each kind (default: %(default)s)")
+        q.add_argument("--out", default=None, help="also write the report here (default: none)")
+    for q in (mn, w, s, cf, cs):
         q.add_argument("--seed", type=int, default=0, help="which digits (default: %(default)s)")
         q.add_argument("--data-dir", default=None,
                        help="MNIST cache (default: $HINTON_MNIST_DIR or ~/.cache/hinton-mnist)")

@@ -20,7 +20,8 @@ SCRIPTS = sorted(p for p in (ROOT / "bench").glob("*.py") if p.name != "common.p
 # Every script's subcommands, as the docs name them ("" is the script itself)
 COMMANDS = {
     "speed.py": ["", "step", "ab", "floor", "alternatives", "micro", "workers", "data", "torch"],
-    "samples.py": ["", "mnist", "examples", "examples write", "examples score"],
+    "samples.py": ["", "mnist", "examples", "examples write", "examples score", "count",
+                   "count fit", "count score"],
     "experiments.py": ["", "run", "long", "long-split", "summarize", "failures", "routing",
                        "task-stats"],
     "recipe.py": ["", "ab", "long", "score", "summarize", "throughput", "init-lengths", "ship"],

@@ -19,9 +19,10 @@ import multimnist_capsnet as mc
 
 ROOT = Path(__file__).resolve().parents[1]
 def digit(rng, side=28) -> np.ndarray:
-    """A uint8 blob on black with some ink near the centre."""
+    """A uint8 blob on black as MNIST draws a digit: its ink box 20 px tall (MNIST's), at the
+    centre."""
     img = np.zeros((side, side), np.uint8)
-    img[side // 2 - 6:side // 2 + 6, side // 2 - 3:side // 2 + 3] = rng.integers(100, 256, (12, 6))
+    img[side // 2 - 10:side // 2 + 10, side // 2 - 3:side // 2 + 3] = rng.integers(100, 256, (20, 6))
     return img
 
 
@@ -41,6 +42,61 @@ def test_a_28x28_digit_is_placed_at_the_canvas_centre(tmp_path):
     assert x.shape == (36, 36) and x.dtype == np.uint8
     np.testing.assert_array_equal(x[4:32, 4:32], img)
     assert x.sum() == img.sum()
+    np.testing.assert_array_equal(model_input(tmp_path / "d.png", canvas=28), img)  # as it is
+    assert cp.to_canvas(img / 255, 28, 1)[1] == ("ink box 20 px, MNIST's: taken as it is, its "
+                                                 "mass centred in 28x28")
+
+
+def test_a_digit_at_mnists_scale_is_moved_by_whole_pixels_never_resampled():
+    """MNIST's convention at any image size: an ink box 20 px long is only moved, by whole
+    pixels, to centre its mass (by up to a pixel off is centred, as MNIST's own are)."""
+    img = digit(np.random.default_rng(1))
+    big = np.zeros((90, 120))
+    big[7:35, 70:98] = img / 255                                        # off-centre, unscaled
+    x, how = cp.to_canvas(big, 28, 1)
+    np.testing.assert_array_equal(x, img)
+    assert how.startswith("ink box 20 px, MNIST's: taken as it is, moved by ")
+    off = np.zeros((28, 28), np.uint8)
+    off[:, 3:] = img[:, :-3]                                            # 3 px right of centre
+    x, how = cp.to_canvas(off / 255, 28, 1)
+    np.testing.assert_array_equal(x, img)
+    assert how.endswith("moved by +0, -3 px to centre its mass in 28x28"), how
+
+
+@pytest.mark.parametrize("case", ["frame-filling", "small", "grey paper", "cut off"])
+def test_an_image_off_mnists_convention_is_normalised_at_28x28_too(case):
+    """A 28x28 image is no longer taken as it is because of its size: a digit filling the
+    frame, a small one, one on grey paper, one whose centring would cut ink off are each
+    scaled to MNIST's 20 px box and centred by mass."""
+    x = np.zeros((28, 28))
+    if case == "frame-filling":
+        x[0:28, 10:18] = 1
+    elif case == "small":
+        x[10:22, 12:16] = 1
+    elif case == "grey paper":
+        x[:] = 0.3
+        x[4:24, 12:16] = 1
+    else:
+        x[0:20, 0:4], x[19, 0:20] = 1, 1                                # an L in the corner
+    img, how = cp.to_canvas(x, 28, 1)
+    h, w, com = box_and_centre(img)
+    assert max(h, w) == cp.DIGIT_BOX and "scaled" in how and cp.AS_MADE not in how, how
+    if case != "cut off":                  # fit_digits keeps the box inside: off-centre mass
+        np.testing.assert_allclose(com, 14, atol=0.5)
+
+
+def test_two_digits_are_taken_as_made_only_on_the_models_own_canvas():
+    pair = np.zeros((36, 36))
+    pair[5:30, 8:30] = 0.8                                              # a 36x36 composite
+    img, how = cp.to_canvas(pair, 36, 2)
+    np.testing.assert_array_equal(img, np.round(255 * pair))
+    assert how == "36x36, ink box 25 px: a composite as the model's were made, taken as it is"
+    for x in (pair[4:32, 4:32], np.pad(pair, 10), pair[:, :30] * 0 + (pair[:, :30] > 0) * 0.8):
+        img, how = cp.to_canvas(x, 36, 2)                            # 28x28, 56x56, 36x30
+        assert cp.AS_MADE not in how and max(box_and_centre(img)[:2]) == cp.PAIR_BOX, how
+    small = np.zeros((36, 36))
+    small[12:24, 16:20] = 1                                             # 12 px: not MNIST's
+    assert max(box_and_centre(cp.to_canvas(small, 36, 2)[0])[:2]) == cp.PAIR_BOX
 
 
 def test_a_36x36_composite_is_taken_as_it_is(tmp_path):
@@ -269,20 +325,17 @@ def test_a_weak_capsule_is_no_digit(tmp_path):
 def test_the_model_is_chosen_by_the_digits_an_image_holds(tmp_path, monkeypatch):
     monkeypatch.setattr(cp, "MNIST_MODEL_FILE", tmp_path / "capsnet-mnist.npz")
     choose = cp.choose_model
-    assert choose("auto", (28, 28), None) == (mc.MODEL_FILE, 1)  # no MNIST model: the pairs'
-    assert choose("auto", (36, 36), None) == (mc.MODEL_FILE, 2)
-    assert choose("auto", (100, 80), None) == (mc.MODEL_FILE, 2)
+    assert choose(1, None) == mc.MODEL_FILE                   # no MNIST model: the pairs'
+    assert choose(2, None) == mc.MODEL_FILE
+    assert cp.shipped_pair({}) is None                        # and auto cannot count
     (tmp_path / "capsnet-mnist.npz").touch()
-    assert choose("auto", (28, 28), None) == (cp.MNIST_MODEL_FILE, 1)
-    assert choose("1", (100, 80), None) == (cp.MNIST_MODEL_FILE, 1)
-    assert choose("2", (28, 28), None) == (mc.MODEL_FILE, 2)
-    assert choose("auto", (28, 28), "m.npz") == (Path("m.npz"), 1)
-    assert choose("2", (28, 28), "m.npz") == (Path("m.npz"), 2)
+    assert choose(1, None) == cp.MNIST_MODEL_FILE and choose(2, None) == mc.MODEL_FILE
+    assert choose(1, "m.npz") == choose(2, "m.npz") == Path("m.npz")
 
 
 def test_predict_reads_any_image_and_draws_what_it_did(tmp_path):
-    """The shipped model on a composite, a 28x28 digit, a large photo of a digit on paper, a blank
-    page; the figure: one row per image, four cells (as read, input, red, green)."""
+    """The shipped models, with no flag, on a composite, a 28x28 digit, a large photo of a digit
+    on paper, a blank page: each counted, read, and drawn in one titled row."""
     rng = np.random.default_rng(3)
     (a, b), (ya, xa, yb, xb) = SHIPPED_CASES[0]
     pair = np.minimum(font_digit(a, xa, ya).astype(int) + font_digit(b, xb, yb), 255)
@@ -291,28 +344,57 @@ def test_predict_reads_any_image_and_draws_what_it_did(tmp_path):
     iio.imwrite(tmp_path / "photo.jpg", photo(big_font_digit(3), rng), quality=70)
     iio.imwrite(tmp_path / "blank.jpg", photo(np.zeros((300, 400)), rng), quality=70)
     r = cli("--verbose", "--out", "p.png", "pair.png", "five.png", "photo.jpg", "blank.jpg",
-            "--digits", "auto", cwd=tmp_path)
+            cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     heads = [ln for ln in r.stdout.splitlines() if not ln.startswith(" ")]
     assert heads[0].startswith(("pair.png: 2 and 3  (", "pair.png: 3 and 2  ("))
     assert heads[1].startswith("five.png: 5  (capsule length ")
-    assert heads[2].startswith("photo.jpg: 3 and ")
+    assert heads[2].startswith("photo.jpg: 3  (capsule length ")
     assert heads[3] == "blank.jpg: no digit found  (no ink)" and heads[4] == "wrote p.png"
-    assert "  120x90, inverted; ink >= " in r.stdout and "centred by mass in 36x36" in r.stdout
-    assert "28x28: the model's size, taken as it is; model capsnet-mnist.npz, 1 digit" in r.stdout
+    assert "  120x90, inverted; ink >= " in r.stdout and "centred by mass in 28x28" in r.stdout
+    assert "  28x28; ink box 19 px, MNIST's: taken as it is, moved by +3, +0 px to centre its " \
+        "mass in 28x28; model capsnet-mnist.npz, 1 digit (auto: the count rule's score -" in r.stdout
+    assert "model capsnet-multimnist.npz, 2 digits (auto: the count rule's score +" in r.stdout
     assert r.stdout.count("  all ten: ") == 3
     pair_model = cli("--verbose", "--checkpoint", mc.MODEL_FILE, "five.png", cwd=tmp_path)
-    assert "28x28 digit placed at the centre of 36x36" in pair_model.stdout, pair_model.stdout
-    fig = iio.imread(tmp_path / "p.png").astype(int)
-    side = 4 * 36
-    assert fig.shape == (4 * side + 3 * 4, 4 * side + 3 * 4, 3)
-    cell = lambda row, col: fig[row * (side + 4):row * (side + 4) + side,
-                                col * (side + 4):col * (side + 4) + side]
-    for row in range(3):
-        red, green = cell(row, 2), cell(row, 3)
-        assert red[..., 0].max() > 200 and red[..., 1].max() < 0.2 * red[..., 0].max() + 1
-        assert row == 1 or green[..., 1].max() > 100
-    assert cell(1, 3).max() == 0 and cell(3, 1).max() == 0 and cell(3, 2).max() == 0
+    assert "five.png: 5  (capsule length " in pair_model.stdout, pair_model.stdout
+    assert "MNIST's: taken as it is, moved by +3, +0 px to centre its mass in 36x36; model " \
+        "capsnet-multimnist.npz, 1 digit (auto: " in pair_model.stdout
+    fig = iio.imread(tmp_path / "p.png")
+    assert fig.ndim == 3 and fig.shape[0] > 4 * 140 and fig.shape[1] > 4 * 140
+
+
+def rows_for_figure():
+    """Three rows for the --out figure: two digits found, one counted, a white page."""
+    two = cp.Row("pair.png", np.zeros((36, 36)), np.zeros((36, 36), np.uint8), [2, 3],
+                 [0.97, 0.61], [np.full(36 * 36, 0.5)] * 2, "capsnet-multimnist.npz", 2)
+    one = cp.Row("a/very/long/path/to/a/folder/five.png", np.zeros((90, 120)),
+                 np.zeros((28, 28), np.uint8), [5], [0.98], [np.zeros(28 * 28)],
+                 "capsnet-mnist.npz", 1)
+    white = cp.Row("white.png", np.ones((50, 50)), None, [], [], [], "capsnet-mnist.npz", 1)
+    return [two, one, white]
+
+
+def test_the_out_figure_explains_itself():
+    """Column titles; under each image its size, the model, each digit and capsule length, or
+    why there is none; the file name beside its row; a grey frame round every image."""
+    fig = cp.prediction_figure(rows_for_figure())
+    axes = np.array(fig.axes).reshape(3, 4)
+    assert [a.get_title() for a in axes[0]] == list(cp.COLUMNS)
+    assert [a.get_title() for a in axes[1:].ravel()] == [""] * 8
+    under = [[a.get_xlabel() for a in row] for row in axes]
+    assert under == [["36x36", "capsnet-multimnist, 36x36", "2, length 0.97", "3, length 0.61"],
+                     ["120x90", "capsnet-mnist, 28x28", "5, length 0.98", "one digit counted"],
+                     ["50x50", "no ink", "", ""]]
+    assert [row[0].get_ylabel() for row in axes] == ["pair.png", "…th/to/a/folder/five.png",
+                                                     "white.png"]
+    for a in axes.ravel():
+        assert all(sp.get_visible() and sp.get_linewidth() == 0.8 for sp in a.spines.values())
+    rgb = np.asarray(fig.canvas.buffer_rgba())[..., :3].astype(int)
+    box = axes[2, 0].get_window_extent()                          # the white page's cell
+    row = fig.canvas.get_width_height()[1] - int(box.y0 + box.height / 2)
+    line = rgb[row, int(box.x0) - 2:int(box.x1) + 3]
+    assert (line == 0x99).all(1).any() and (line == 255).all(1).sum() > box.width / 2
 
 
 def test_predict_photo_of_one_digit(tmp_path):
@@ -335,7 +417,7 @@ def test_one_bad_file_among_good_ones_is_one_line_and_the_rest_are_answered(tmp_
     iio.imwrite(tmp_path / "c.png", digit(np.random.default_rng(1), 36))
     (tmp_path / "t.png").write_text("not an image")
     r = cli("--checkpoint", ckpt, "a.png", "missing.png", "t.png", "c.png", "--out", "p.jpg",
-            cwd=tmp_path)
+            "--digits", "2", cwd=tmp_path)
     assert r.returncode == 1
     assert r.stdout.splitlines() == ["a.png: 3 and 5  (capsule lengths 0.97, 0.80)",
                                      "c.png: 3 and 5  (capsule lengths 0.97, 0.80)", "wrote p.jpg"]
@@ -343,7 +425,7 @@ def test_one_bad_file_among_good_ones_is_one_line_and_the_rest_are_answered(tmp_
         "capsnet_predict.py: error: missing.png does not exist",
         "capsnet_predict.py: error: t.png is not a readable image ("]
     assert (tmp_path / "p.jpg").read_bytes()[:2] == b"\xff\xd8"  # a JPEG, as its suffix says
-    assert iio.imread(tmp_path / "p.jpg").shape[0] == 2 * 4 * 36 + 4
+    assert iio.imread(tmp_path / "p.jpg").shape[0] == round(100 * (2 * (cp.FIGURE_CELL + 0.25) + 0.35))
 
 
 @pytest.mark.parametrize("out, expect", [("p.xyz", "no image format for the suffix '.xyz'"),
@@ -470,3 +552,109 @@ def test_predict_sends_a_28x28_digit_to_the_mnist_model_and_names_one_digit(tmp_
     assert all("(capsule length " in h and " and " not in h for h in heads), heads
     assert r.stdout.count("model capsnet-mnist.npz, 1 digit") == len(MNIST_CASES), r.stdout
     assert r.stdout.count("all ten: ") == len(MNIST_CASES)
+
+
+# ----------------------------------------------------------------------------------------------
+# --digits auto: how many digits, from both shipped models
+
+def frame_filling(img: np.ndarray, side: int = 28) -> np.ndarray:
+    """img's ink box scaled (keeping its aspect) to fill a side x side frame, float in [0, 1]."""
+    rows, cols = np.flatnonzero(img.any(1)), np.flatnonzero(img.any(0))
+    crop = img[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1] / 255
+    h, w = (max(1, round(n * side / max(crop.shape))) for n in crop.shape)
+    out = np.zeros((side, side))
+    out[(side - h) // 2:(side - h) // 2 + h, (side - w) // 2:(side - w) // 2 + w] = cp.resize(
+        crop, h, w)
+    return np.clip(out, 0, 1)
+
+
+# Font digits the count rule calls one with a margin of at least 2.5 at every size below; a
+# bold font is not MNIST's handwriting (its 1 has a foot, which reads as a second digit).
+ONE_DIGIT_CASES = (0, 2, 3, 5, 7)
+
+
+def lone_digits() -> dict:
+    """{name: float image} of font digits at every size, either polarity, frame-filling too."""
+    out = {}
+    for d in ONE_DIGIT_CASES:
+        mnist_like = font_digit(d)[4:32, 4:32]
+        out[f"{d} as MNIST frames it"] = mnist_like / 255
+        out[f"{d} filling 28x28"] = frame_filling(mnist_like)
+        out[f"{d} at 36x36, black on white"] = 1 - cp.resize(mnist_like / 255, 36, 36)
+        out[f"{d} at 200x200, black on white"] = 1 - cp.resize(big_font_digit(d), 200, 200)
+    return out
+
+
+def composites() -> dict:
+    out = {}
+    for (a, b), (ya, xa, yb, xb) in SHIPPED_CASES:
+        c = np.minimum(font_digit(a, xa, ya).astype(int) + font_digit(b, xb, yb), 255) / 255
+        out[f"{a}{b} at 36x36"] = c
+        out[f"{a}{b} at 200x200, black on white"] = 1 - np.clip(cp.resize(c, 200, 200), 0, 1)
+    return out
+
+
+def test_auto_counts_one_digit_at_any_size_and_two_in_a_composite():
+    pair = cp.shipped_pair({})
+    images = {**lone_digits(), **composites()}
+    r = cp.read_both([cp.ink_on_black(x)[0] for x in images.values()], *pair)
+    f = cp.count_features(r, *pair)
+    assert f.shape == (len(images), len(cp.COUNT_FEATURES)) and np.isfinite(f).all()
+    score = dict(zip(images, cp.count_score(f)))
+    ones = {k: round(s, 2) for k, s in score.items() if k[0] in "0123456789" and len(k.split()[0]) == 1}
+    twos = {k: round(s, 2) for k, s in score.items() if len(k.split()[0]) == 2}
+    assert len(ones) == 4 * len(ONE_DIGIT_CASES) and len(twos) == 2 * len(SHIPPED_CASES)
+    assert max(ones.values()) < -2 and min(twos.values()) > 5, (ones, twos)
+    made = {k: [cp.AS_MADE in h for h in hows] for k, hows in zip(images, r.hows)}
+    assert made["3 as MNIST frames it"] == [True, False] and made["23 at 36x36"] == [False, True]
+    assert made["3 filling 28x28"] == [False, False]
+
+
+def test_the_count_rule_is_the_one_its_fit_wrote():
+    """COUNT_WEIGHTS and COUNT_BIAS are runs/predict/count_fit.txt's, fitted on training images
+    (`python3 bench/samples.py count fit`)."""
+    text = (ROOT / "runs" / "predict" / "count_fit.txt").read_text()
+    weights = [float(ln.split(",")[0]) for ln in text.splitlines()
+               if ln.startswith("    ") and "#" in ln]
+    names = [ln.split("# ")[1] for ln in text.splitlines() if ln.startswith("    ") and "#" in ln]
+    bias = float(text.split("COUNT_BIAS = ")[1].split()[0])
+    assert names == list(cp.COUNT_FEATURES)
+    assert weights == list(cp.COUNT_WEIGHTS) and bias == cp.COUNT_BIAS
+    assert "count fit --n 1500 --seed 0" in text.splitlines()[0]
+
+
+def test_no_flag_reads_a_lone_digit_as_one_at_200x200_and_filling_28x28(tmp_path):
+    """The issue's cases: a thick 7 drawn at 200x200 was '7 and 1', a frame-filling 28x28 digit
+    was taken as it is. With no flag each is one digit now; a composite stays two."""
+    iio.imwrite(tmp_path / "seven.png", np.round(255 * (1 - cp.resize(big_font_digit(7), 200,
+                                                                       200))).astype(np.uint8))
+    iio.imwrite(tmp_path / "three.png", np.round(255 * frame_filling(
+        font_digit(3)[4:32, 4:32])).astype(np.uint8))
+    (a, b), (ya, xa, yb, xb) = SHIPPED_CASES[3]
+    iio.imwrite(tmp_path / "pair.png", np.minimum(font_digit(a, xa, ya).astype(int)
+                                                  + font_digit(b, xb, yb), 255).astype(np.uint8))
+    r = cli("--verbose", "seven.png", "three.png", "pair.png", cwd=tmp_path)
+    heads = [ln for ln in r.stdout.splitlines() if not ln.startswith(" ")]
+    assert r.returncode == 0 and [h.split("  (")[0] for h in heads] == [
+        "seven.png: 7", "three.png: 3", "pair.png: 0 and 5"], r.stdout
+    assert "  28x28; ink >= " in r.stdout and "scaled x0.741 to 15x20" in r.stdout  # 27 -> 20 px
+    assert r.stdout.count("1 digit (auto: the count rule's score -") == 2
+
+
+def test_the_count_benchs_fit_and_drawing():
+    """bench/samples.py count: the logistic fit finds a separating rule, the bias moves to the
+    best worst group, and an image drawn black on white reads as drawn white on black."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import samples
+    rng = np.random.default_rng(0)
+    x = rng.normal(0, 1, (400, 2))
+    y = (x @ [2.0, -1.0] + 0.5 > 0).astype(float)
+    w = samples.logistic_fit(x, y)
+    assert ((x @ w[:-1] + w[-1] > 0) == y).mean() > 0.98 and w[0] > 0 > w[1]
+    groups = {"a": (np.array([-1.0, -0.5, 0.345]), np.array([False, False, False])),
+              "b": (np.array([0.6, 1.0, 2.0]), np.array([True, True, True]))}
+    assert round(samples.maximin_bias(groups), 2) == -0.35       # the shift nearest 0 at 1.0
+    img = digit(rng)
+    np.testing.assert_allclose(cp.ink_on_black(samples.drawn(img, 64, "black on white"))[0],
+                               samples.drawn(img, 64, "white on black"), atol=1e-12)
+    assert samples.drawn(img, 28, "white on black").tolist() == (img / 255).tolist()

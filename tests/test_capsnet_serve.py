@@ -14,6 +14,7 @@ import re
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -33,7 +34,8 @@ from test_capsnet_predict import font_digit, stub_model
 
 ROOT = Path(__file__).resolve().parents[1]
 MODULES = ("multimnist_capsnet.py", "mnist_fetch.py", "cnn_baseline.py", "capsnet_predict.py",
-           "capsnet_serve.py", "visualize_multimnist_capsnet.py", "make_multimnist_capsnet_gif.py")
+           "capsnet_serve.py", "mpi_train.py", "visualize_multimnist_capsnet.py",
+           "make_multimnist_capsnet_gif.py")
 MODELS = ("models/capsnet-multimnist.npz", "models/capsnet-mnist.npz")
 SHIPPED = mc.load_checkpoint(mc.MODEL_FILE)
 
@@ -118,8 +120,9 @@ def test_predict_scales_a_drawing_and_finds_no_digit_on_a_blank(url):
     x = np.zeros((36, 36))
     x[2:34, 16:19] = 1                                             # a tall stroke: a 1
     status, r = call(url, "/api/predict", dict(image=x.ravel().tolist(), fit=True))
-    assert status == 200 and r["found"][0] == 1 and "scaled" in r["how"]
-    assert np.array(r["input"]).reshape(36, 36).any(1).sum() == cp.PAIR_BOX
+    assert status == 200 and r["found"] == [1] and "scaled" in r["how"]
+    assert r["count"] == 1 and r["count_score"] < 0                  # one stroke, one digit
+    assert np.array(r["input"]).reshape(36, 36).any(1).sum() == cp.DIGIT_BOX
     for fit in (True, False):
         assert call(url, "/api/predict", dict(image=np.zeros((36, 36)).tolist(), fit=fit)) == \
             (200, dict(model="capsnet-multimnist.npz", ink=False, how="no ink"))
@@ -170,10 +173,10 @@ def test_a_one_digit_model_and_no_mnist(tmp_path, digits):
 
 
 def raw_http(url, data: bytes) -> bytes:
-    """Send raw bytes to the server, -> its first reply."""
+    """Send raw bytes to the server (its own address put for 'Host: x'), -> its first reply."""
     host, port = url.split("//")[1].split(":")
     with socket.create_connection((host, int(port)), timeout=30) as s:
-        s.sendall(data)
+        s.sendall(data.replace(b"Host: x\r\n", f"Host: {host}:{port}\r\n".encode()))
         out = b""
         while (chunk := s.recv(65536)) and not _whole(out := out + chunk):
             pass
@@ -263,11 +266,83 @@ def test_keep_alive_survives_a_refused_body(url):
                         % len(body)) + body
     host, port = url.split("//")[1].split(":")
     with socket.create_connection((host, int(port)), timeout=30) as s:
-        s.sendall(req(big) + req(good) + b"GET /api/none HTTP/1.1\r\nHost: x\r\n\r\n")
+        s.sendall((req(big) + req(good) + b"GET /api/none HTTP/1.1\r\nHost: x\r\n\r\n").replace(
+            b"Host: x", f"Host: {host}:{port}".encode()))
         data = b""
         while chunk := s.recv(65536):
             data += chunk
     assert re.findall(rb"HTTP/1.1 (\d\d\d) ", data) == [b"413", b"200", b"404"]
+
+
+def reply_head(reply: bytes) -> tuple[int, dict]:
+    """A raw reply's status and its headers, names in lower case."""
+    head = reply.partition(b"\r\n\r\n")[0].decode().split("\r\n")
+    return int(head[0].split()[1]), {k.strip().lower(): v.strip() for k, v in
+                                      (ln.split(":", 1) for ln in head[1:])}
+
+
+def request(method, path, host, extra=b"", body=b""):
+    return (f"{method} {path} HTTP/1.1\r\nHost: {host}\r\n".encode() + extra
+            + (b"Content-Length: %d\r\n" % len(body) if body else b"") + b"\r\n" + body)
+
+
+@pytest.mark.parametrize("host", ["evil.example", "evil.example:{port}", "127.0.0.1:1",
+                                  "localhost", "", None])
+@pytest.mark.parametrize("method, path", [("GET", "/"), ("GET", "/api/models"),
+                                          ("POST", "/api/predict"), ("OPTIONS", "/api/predict")])
+def test_a_request_naming_another_host_is_refused(url, host, method, path):
+    """DNS rebinding: another site's page reaches the server under that site's name, which
+    its Host header carries. Only the server's own address is answered."""
+    port = url.rsplit(":", 1)[1]
+    body = json.dumps(dict(image=composite().tolist())).encode() if method == "POST" else b""
+    data = request(method, path, host.format(port=port) if host is not None else "", body=body)
+    if host is None:                                                   # no Host at all
+        data = data.replace(b"Host: \r\n", b"")
+    status, head = reply_head(reply := raw_http(url, data))
+    error = status_and_error(reply)[1]
+    assert status == 403 and head["connection"] == "close" and "\n" not in error
+    assert error.endswith(f"refused (open http://127.0.0.1:{port}/)") and len(error) < 200
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1:{port}", "localhost:{port}", "[::1]:{port}",
+                                  "LOCALHOST:{port}"])
+def test_the_servers_own_names_are_answered(url, host):
+    port = url.rsplit(":", 1)[1]
+    status, head = reply_head(raw_http(url, request("GET", "/api/models", host.format(port=port))))
+    assert status == 200
+    assert cs.own_hosts("0.0.0.0", 80) == {"localhost", "127.0.0.1", "[::1]", "0.0.0.0",
+                                            "localhost:80", "127.0.0.1:80", "[::1]:80",
+                                            "0.0.0.0:80"}
+    assert "[::1]:8000" in cs.own_hosts("::1", 8000) and "myhost:8000" in cs.own_hosts(
+        "MyHost", 8000)
+
+
+@pytest.mark.parametrize("origin, status", [("http://evil.example", 403),
+                                            ("http://127.0.0.1:{port}.evil.example", 403),
+                                            ("null", 403), ("http://127.0.0.1:{port}", 200),
+                                            ("http://localhost:{port}", 200), (None, 200)])
+def test_a_post_from_another_sites_page_is_refused(url, origin, status):
+    """A cross-origin POST sent as text/plain needs no preflight: its Origin refuses it. The
+    page's own (same origin) and a client that names none (curl, scripts) are served."""
+    port = url.rsplit(":", 1)[1]
+    extra = b"Content-Type: text/plain\r\n" + (
+        f"Origin: {origin.format(port=port)}\r\n".encode() if origin else b"")
+    body = json.dumps(dict(image=composite().tolist())).encode()
+    reply = raw_http(url, request("POST", "/api/predict", f"127.0.0.1:{port}", extra, body))
+    got, error = status_and_error(reply) if reply_head(reply)[0] != 200 else (200, "")
+    assert got == status and (status == 200 or "is another site: refused" in error), error
+
+
+def test_options_says_what_may_be_sent_and_grants_no_other_site(url):
+    port = url.rsplit(":", 1)[1]
+    own = f"127.0.0.1:{port}"
+    status, head = reply_head(raw_http(url, request("OPTIONS", "/api/predict", own)))
+    assert status == 204 and head["allow"] == "GET, POST, OPTIONS" and head["content-length"] == "0"
+    preflight = (b"Origin: http://evil.example\r\nAccess-Control-Request-Method: POST\r\n"
+                 b"Access-Control-Request-Headers: content-type\r\n")
+    status, head = reply_head(raw_http(url, request("OPTIONS", "/api/predict", own, preflight)))
+    assert status == 403 and not any(k.startswith("access-control-") for k in head)
+    assert call(url, "/api/models")[0] == 200
 
 
 def test_concurrent_requests_are_answered_alike(url):
@@ -327,11 +402,26 @@ def test_serve_starts_on_a_free_port_and_stops_on_ctrl_c(tmp_path):
             assert status == 200 and info["sample"] is False
             assert info["models"][0]["accuracy"].startswith(
                 "set accuracy 0.859 on 10,000 test pairs")
+            for size in (5 * cs.MAX_BODY, 12 * cs.MAX_BODY):  # drained, then past the drain
+                drop_mid_body(url, size)
+            assert call(url, "/api/models")[0] == 200
         finally:
             proc.send_signal(signal.SIGINT)
             out, err = proc.communicate(timeout=30)
     assert proc.returncode == 0 and out == "stopped\n" and err == ""
     assert list(tmp_path.iterdir()) == []
+
+
+def drop_mid_body(url, size: int):
+    """POST a body of size bytes, send a tenth of it, and hang up with a reset (SO_LINGER 0), as
+    a client that gives up on an oversized upload does."""
+    host, port = url.split("//")[1].split(":")
+    s = socket.create_connection((host, int(port)), timeout=30)
+    s.sendall(f"POST /api/predict HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Length: {size}"
+              f"\r\n\r\n".encode() + b" " * (size // 10))
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    s.close()
+    time.sleep(0.3)                       # the server meets the reset before the next request
 
 
 def test_a_failing_test_leaves_no_server_running(tmp_path):
@@ -521,8 +611,11 @@ def test_the_page_reads_digits_drawn_with_its_own_pointer_events(browser, url):
         "model: capsnet-multimnist.npz, set accuracy 0.859 on 10,000 test pairs, paper's task "
         "(free shifts, add-and-clip) (reads two digits)")
 
+    counted = lambda: page.js("return document.getElementById('digits').dataset.count")
     page.draw("#pad", [(190, 60), (188, 120), (186, 200), (184, 290)], 360)   # red: a 1
-    wait(lambda: found() == "1" or found().startswith("1,"), "the 1 to be read")
+    wait(lambda: found() == "1", "the 1 to be read as one digit")           # not '1 and 7'
+    assert counted() == "1" and page.js("return document.getElementById('count').textContent"
+                                         ).startswith("One digit, as capsnet_predict.py counts")
     ls = np.array(lengths())
     assert ls.shape == (10, 2) and (ls[:, 0] == np.arange(10)).all()
     assert ls[:, 1].argmax() == 1 and ls[1, 1] >= 0.5 and 0 <= ls[:, 1].min()
@@ -531,7 +624,7 @@ def test_the_page_reads_digits_drawn_with_its_own_pointer_events(browser, url):
     before = count("predictions")
     page.draw("#pad", circle(185, 175, 55, 95), 360)                          # green: a 0
     wait(lambda: count("predictions") > before and "0" in found().split(","), "the 0 to be read")
-    assert sorted(found().split(",")) == ["0", "1"], found()
+    assert sorted(found().split(",")) == ["0", "1"] and counted() == "2", found()
     pad = page.js("const g = document.getElementById('pad').getContext('2d');"
                   "const d = g.getImageData(0, 0, 360, 360).data; let r = 0, gr = 0;"
                   "for (let i = 0; i < d.length; i += 4) { r = Math.max(r, d[i] - d[i + 1]);"
