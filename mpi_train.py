@@ -3,12 +3,13 @@
     mpiexec -n N python3 mpi_train.py [the training flags]    # or: srun python3 mpi_train.py ...
 
 The global batch is --batch-size, cut into N x --workers shards exactly as one process cuts it
-into --workers thread shards; rank r computes shards r*W .. r*W+W-1, and one Allreduce per step
-sums the gradients, the loss terms and the stop signals of every rank. Every rank then takes the
-same Adam step, evaluates the same test set and holds the same run; only rank 0 prints and writes
-files. With --workers 1, N = 2 ranks give bit for bit the metrics of one process with --workers 2
-(two float32 numbers summed in float64 and rounded back are their float32 sum); with more ranks
-the gradients are summed as a tree rather than in a line, so the last bits may differ.
+into --workers thread shards; rank r computes shards r*W .. r*W+W-1. Each step sums the ranks'
+gradients with one Allreduce on one flat buffer in their own dtype, and a second one of a few
+float64 numbers sums the loss terms (in float64, as the threads' sum) and counts stop signals.
+Every rank then takes the same Adam step, evaluates the same test set and holds the same run;
+only rank 0 prints and writes files. With --workers 1, N = 2 ranks give bit for bit the metrics of
+one process with --workers 2 (a + b is b + a in float32); with more ranks the gradients are summed
+as a tree rather than in a line, so the last bits may differ.
 
 A rank that fails alone stops the others: an error on one rank, or a rank that waits more than
 --mpi-timeout seconds for the rest, aborts the job (MPI_Abort) after one line on stderr. Needs
@@ -66,6 +67,7 @@ class Team:
         self.launcher = ("mpiexec", "-n", str(comm.size))
         self.leaving = comm.Dup()       # the exit barrier's own communicator: no step matches it
         self.signum = 0                 # the stop signal agreed on in the last step (0: none)
+        self._flat = np.empty(0)        # the gradients' Allreduce buffer (flat())
         self.steps = 0
         self.watchdog = Watchdog(comm, say)
         self.watchdog.start()
@@ -85,20 +87,33 @@ class Team:
         loss, grads, aux = mc.sharded_loss_and_grads(
             params, {k: v[rows] for k, v in batch.items()}, cfg, workers, grad_scale=share)
         terms = mc.model_for(cfg).loss_terms
-        buf = np.concatenate([*(g.ravel() for g in grads.values()),   # float32 -> float64
-                              [share * loss], [share * aux[t] for t in terms],
-                              [float(signum == s) for s in STOP_SIGNALS]])  # (P + 1 + T + S,)
+        flat = self.flat(grads)
+        at = 0
+        for g in grads.values():
+            flat[at:at + g.size] = g.ravel()
+            at += g.size
+        scalars = np.array([share * loss, *(share * aux[t] for t in terms),
+                            *(float(signum == s) for s in STOP_SIGNALS)])  # (1 + T + S,) float64
         self.watchdog.waiting(f"in step {self.steps + 1} for {self.timeout:g} s", self.timeout)
-        self.comm.Allreduce(self.in_place, buf, op=self.sum)
+        self.comm.Allreduce(self.in_place, flat, op=self.sum)
+        self.comm.Allreduce(self.in_place, scalars, op=self.sum)
         self.watchdog.waiting(None)
         self.steps += 1
         at = 0
         for g in grads.values():
-            g[...] = buf[at:at + g.size].reshape(g.shape)  # rounded back to the gradient's dtype
+            g[...] = flat[at:at + g.size].reshape(g.shape)
             at += g.size
-        sums, counts = buf[at + 1:at + 1 + len(terms)], buf[at + 1 + len(terms):]
+        sums, counts = scalars[1:1 + len(terms)], scalars[1 + len(terms):]
         self.signum = next((s for s, c in zip(STOP_SIGNALS, counts) if c > 0), 0)
-        return float(buf[at]), grads, {**dict(zip(terms, map(float, sums))), "out": aux["out"]}
+        return float(scalars[0]), grads, {**dict(zip(terms, map(float, sums))), "out": aux["out"]}
+
+    def flat(self, grads) -> np.ndarray:
+        """One buffer for every gradient, in their dtype, made once: (P,)."""
+        size = sum(g.size for g in grads.values())
+        dtype = next(iter(grads.values())).dtype
+        if self._flat.shape != (size,) or self._flat.dtype != dtype:
+            self._flat = np.empty(size, dtype)
+        return self._flat
 
     def leave(self, rc: int) -> None:
         """Wait until every rank is leaving too. After a success they all are, once rank 0 has

@@ -65,7 +65,7 @@ def timed_run(cmd: list[str], out: Path) -> float:
     if r.returncode != 0:
         raise SystemExit(f"scaling.py: error: {' '.join(cmd)} failed: {r.stderr.strip()[-500:]}")
     doc = json.loads(out.read_text())
-    return doc["step"] / doc["history"]["epochs"][0]["seconds"]
+    return doc["step"] / doc["timing"]["epoch_seconds"][0]
 
 
 def throughput_main(args, extra) -> int:
@@ -106,21 +106,19 @@ def allreduce_rank(args) -> int:
     for name, flags in SIZES.items():
         cfg = size_config(flags)
         p = sum(math.prod(s) for s in mc.init_shapes(cfg).values())
-        n = p + 1 + len(mc.model_for(cfg).loss_terms) + len(mc.SIGNALS)  # as mpi_train.py sends
-        for dtype in (np.float64, np.float32):
-            buf = np.ones(n if dtype == np.float64 else p, dtype)
+        grads = np.ones(p, np.float32)  # as mpi_train.py sends a step: the gradients, then
+        scalars = np.ones(1 + len(mc.model_for(cfg).loss_terms) + len(mc.SIGNALS))  # float64
 
-            def once():
-                comm.Barrier()
-                comm.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM)
-            t = median_time(once, args.repeat)
-            rows.append((name, p, np.dtype(dtype).name, buf.nbytes, t))
+        def once():
+            comm.Barrier()
+            comm.Allreduce(MPI.IN_PLACE, grads, op=MPI.SUM)
+            comm.Allreduce(MPI.IN_PLACE, scalars, op=MPI.SUM)
+        rows.append((name, p, grads.nbytes, median_time(once, args.repeat)))
     if comm.rank == 0:
-        print("| size | parameters | buffer | MB | Allreduce, 2 ranks, loopback (median ms) |")
-        print("|---|---|---|---|---|")
-        for name, p, dt, nbytes, t in rows:
-            what = "as sent (float64)" if dt == "float64" else "float32 gradients alone"
-            print(f"| {name} | {p:,} | {what} | {nbytes / 1e6:.1f} | {1e3 * t:.1f} |")
+        print("| size | parameters | MB a step | one step's Allreduces, 2 ranks, loopback (median ms) |")
+        print("|---|---|---|---|")
+        for name, p, nbytes, t in rows:
+            print(f"| {name} | {p:,} | {nbytes / 1e6:.1f} | {1e3 * t:.1f} |")
     return 0
 
 
@@ -156,8 +154,10 @@ def compute_main(args, extra) -> int:
 # model: compute + a ring Allreduce, for many ranks
 
 def ring_seconds(nbytes: float, ranks: int, gbit: float, latency_us: float) -> float:
-    """A ring Allreduce: 2 (N - 1) messages of nbytes / N each, one after another."""
-    return 2 * (ranks - 1) * (latency_us * 1e-6 + nbytes / ranks / (gbit * 1e9 / 8))
+    """A ring Allreduce of the gradients (2 (N - 1) messages of nbytes / N each, one after
+    another), then the few scalars' (recursive doubling: log2 N messages)."""
+    ring = 2 * (ranks - 1) * (latency_us * 1e-6 + nbytes / ranks / (gbit * 1e9 / 8))
+    return ring + math.log2(ranks) * latency_us * 1e-6
 
 
 def model_rows(per_pair_ms, fixed_ms, nbytes, latency_us):
@@ -181,11 +181,11 @@ def model_rows(per_pair_ms, fixed_ms, nbytes, latency_us):
 def model_main(args, extra) -> int:
     cfg = size_config(SIZES["paper"])
     p = sum(math.prod(s) for s in mc.init_shapes(cfg).values())
-    nbytes = {"float64": 8, "float32": 4}[args.wire] * p
+    nbytes = 4 * p  # float32 gradients
     rows = model_rows(args.per_pair_ms, args.fixed_ms, nbytes, args.latency_us)
     print(f"# python3 bench/scaling.py model --per-pair-ms {args.per_pair_ms} --fixed-ms "
-          f"{args.fixed_ms} --wire {args.wire} --latency-us {args.latency_us}")
-    print(f"# the paper's size: {p:,} parameters, {nbytes / 1e6:.1f} MB a step ({args.wire}); a "
+          f"{args.fixed_ms} --latency-us {args.latency_us}")
+    print(f"# the paper's size: {p:,} parameters, {nbytes / 1e6:.1f} MB a step (float32); a "
           f"rank = one core of the CPU measured by `compute`; ring Allreduce, {args.latency_us:g} "
           "us a message; no overlap of compute and communication")
     print("\n| batch | ranks | pairs a rank | Gbit/s | compute (ms) | Allreduce (ms) | efficiency "
@@ -247,8 +247,6 @@ def build_parser() -> argparse.ArgumentParser:
     m = sub.add_parser("model", help="efficiency and time to 60M pairs for 8-256 ranks")
     m.add_argument("--per-pair-ms", type=float, required=True, help="from `compute`")
     m.add_argument("--fixed-ms", type=float, required=True, help="from `compute`")
-    m.add_argument("--wire", choices=("float64", "float32"), default="float64",
-                   help="what a step sends: float64 as mpi_train.py does (default: %(default)s)")
     m.add_argument("--latency-us", type=float, default=LATENCY_US,
                    help="microseconds a message (default: %(default)s)")
     m.add_argument("--out-figure", default=None, help="write the figure here (default: none)")
