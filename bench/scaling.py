@@ -195,10 +195,10 @@ def model_main(args, extra) -> int:
               f"{1e3 * comm:.0f} | {100 * eff:.0f}% | {days:.1f} |")
     for scenario in dict.fromkeys(r[0] for r in rows):
         for gbit in GBITS:
-            low = [r[1] for r in rows if r[0] == scenario and r[3] == gbit and r[6] < 0.8]
-            print(f"{scenario}, {gbit} Gbit/s: efficiency below 80% from "
-                  f"{low[0] if low else 'no rank count up to 256'}"
-                  + (" ranks" if low else ""))
+            mine = [r for r in rows if r[0] == scenario and r[3] == gbit]
+            low = [r[1] for r in mine if r[6] < 0.8]
+            print(f"{scenario}, {gbit} Gbit/s: " + (f"efficiency below 80% from {low[0]} ranks"
+                  if low else f"80% or more up to {mine[-1][1]} ranks, the most it can use"))
     if args.out_figure:
         figure(rows, Path(args.out_figure))
         print(f"wrote {args.out_figure}")
