@@ -308,7 +308,7 @@ def cnn_backward(dlogits, cache):
 def cnn_arch(cfg: mc.Config) -> CnnArch:
     """The CNN baseline of cfg.task: MultiMNIST's 9x9 and 5x5 convolutions with pooling and
     sigmoid outputs, or MNIST's three 5x5 convolutions and softmax."""
-    if cfg.task == "mnist":
+    if cfg.n_labels == 1:
         return CnnArch((5, 5, 5), (cfg.cnn_conv1, cfg.cnn_conv2, cfg.cnn_conv3),
                        (cfg.cnn_fc, cfg.cnn_fc2), False, cfg.canvas)
     return CnnArch(CNN_KERNELS, (cfg.cnn_conv1, cfg.cnn_conv2), (cfg.cnn_fc,), True, cfg.canvas)
@@ -319,7 +319,7 @@ def cnn_loss_and_grads(params, batch, cfg: mc.Config, grad_scale: float = 1.0):
     training the MNIST CNN, the dropout mask keep are used). aux holds the cross-entropy
     (sigmoid on MultiMNIST, softmax on MNIST) and the logits (N, 10)."""
     logits, cache = cnn_forward(params, batch["x"], cnn_arch(cfg).pool, batch.get("keep"))
-    xent = softmax_xent if cfg.task == "mnist" else sigmoid_xent
+    xent = softmax_xent if cfg.n_labels == 1 else sigmoid_xent
     loss, c_loss = xent[0](logits, batch["labels"])
     grads = cnn_backward(xent[1](c_loss) * grad_scale, cache)
     return float(loss), grads, dict(xent=float(loss), out=logits)
@@ -331,7 +331,7 @@ softmax_xent = (softmax_xent_forward, softmax_xent_backward)
 
 def uses_dropout(cfg: mc.Config) -> bool:
     """Only the MNIST CNN has dropout (before its softmax layer)."""
-    return cfg.task == "mnist" and cfg.cnn_dropout > 0
+    return cfg.n_labels == 1 and cfg.cnn_dropout > 0
 
 
 def dropout_batch(cfg: mc.Config, step: int, dtype) -> dict:
@@ -345,7 +345,7 @@ def dropout_batch(cfg: mc.Config, step: int, dtype) -> dict:
 
 def cnn_scores(logits, cfg: mc.Config):
     """Logits (N, J) -> the scores the loss reads: a softmax on MNIST, sigmoids on MultiMNIST."""
-    return mc.softmax(logits, axis=1) if cfg.task == "mnist" else mc.sigmoid(logits)
+    return mc.softmax(logits, axis=1) if cfg.n_labels == 1 else mc.sigmoid(logits)
 
 
 def add_cnn_flags(parser) -> None:
@@ -373,7 +373,7 @@ CNN = mc.register(mc.Model(
     shapes=lambda cfg: cnn_arch(cfg).shapes(), loss_and_grads=cnn_loss_and_grads,
     forward=lambda params, x, cfg: cnn_forward(params, x, cnn_arch(cfg).pool)[0],
     scores=cnn_scores,
-    score_name=lambda cfg: "softmax probability" if cfg.task == "mnist" else "sigmoid output",
+    score_name=lambda cfg: "softmax probability" if cfg.n_labels == 1 else "sigmoid output",
     batch_extras=dropout_batch, add_flags=add_cnn_flags))
 
 

@@ -177,7 +177,7 @@ def fig_training_curves(run: mc.Run, an: dict | None = None) -> Figure:
     ax2.set_title("Reconstruction loss (unweighted)")
     ep = run.history["epochs"]
     x = [m["epoch"] for m in ep]
-    if run.cfg.task == "mnist":
+    if run.cfg.n_labels == 1:
         plot_test_error(ax3, run, an)
         return fig
     for key, name, style in (("set_acc", "both digits (set)", "o-"),
@@ -612,7 +612,7 @@ def purity_str(ulen, c, owner) -> str:
 def write_figures(run: mc.Run, test: dict, outdir: Path) -> list[Path]:
     params = run.eval_params
     an = analyse(params, run.cfg, test)
-    if run.cfg.task == "mnist":  # one digit: no pairs to separate, no red/green routing
+    if run.cfg.n_labels == 1:  # one digit: no pairs to separate, no red/green routing
         figs = {
             "training_curves.png": fig_training_curves(run, an),
             "reconstructions.png": fig_digit_reconstructions(params, test, an, pick(an, 10, 3)),

@@ -204,8 +204,9 @@ def training_batch(cfg, n: int, rng: np.random.Generator, m=mc, cnn=cb) -> dict[
     glyphs cannot always reach IoU 0.8 (one failed at Conv1 8), and a step's time does not depend
     on the pixels."""
     mnist = m.synthetic_mnist(rng, n_train=max(n, 64), n_test=10)
-    if cfg.task == "mnist":  # single shifted digits, and the CNN's dropout mask as train() draws it
-        pairs = m.shift_digits(mnist["train_x"][:n], mnist["train_y"][:n], rng, cfg.max_shift)
+    if cfg.n_labels == 1:  # single shifted digits, and the CNN's dropout mask as train() draws it
+        pairs = m.shift_digits(mnist["train_x"][:n], mnist["train_y"][:n], rng, cfg.max_shift,
+                               cfg.canvas)
     else:
         pairs = m.make_pairs(mnist["train_x"], mnist["train_y"], n, rng, min_iou=0.0,
                              overlay=cfg.overlay)

@@ -69,7 +69,7 @@ def test_no_import_cycle_in_the_project():
 def test_every_sibling_builds_on_the_model_module():
     edges = graph(project_files())
     for name in ("mnist_fetch", "cnn_baseline", "capsnet_predict", "capsnet_serve", "mpi_train",
-                 "visualize_multimnist_capsnet", "make_multimnist_capsnet_gif"):
+                 "affnist_like", "visualize_multimnist_capsnet", "make_multimnist_capsnet_gif"):
         assert MODEL in edges[name], name
 
 

@@ -335,6 +335,54 @@ def test_mnist_task_defaults_and_limits():
         parse("--task", "mnist", "--n-train", "60001")
 
 
+def test_expanded_places_every_digit_whole_at_every_offset_0_to_12_on_40x40(rng):
+    n = 2000
+    x = mnist_digits(rng, n)
+    d = mc.shift_digits(x, rng.integers(0, 10, n), rng, 6, 40)
+    assert d["x"].shape == (n, 40, 40) and d["a"] is d["x"] and d["labels"].shape == (n, 1)
+    np.testing.assert_array_equal(d["x"].reshape(n, -1).sum(1, dtype=np.int64),
+                                  x.reshape(n, -1).sum(1, dtype=np.int64))  # no ink lost
+    off = mc.bounding_boxes(d["x"])[:, [0, 2]] - mc.bounding_boxes(x)[:, [0, 2]]  # (n, 2)
+    for src, out, (r, c) in zip(x, d["x"], off):
+        np.testing.assert_array_equal(out[r:r + 28, c:c + 28], src)
+    assert off.min() == 0 and off.max() == 12
+    assert len({(r, c) for r, c in off}) == 169  # each whole-pixel offset 0..12 per axis occurs
+    centred = mc.shift_digits(x[:2], np.zeros(2), None, 6, 40)["x"]
+    np.testing.assert_array_equal(centred[:, 6:34, 6:34], x[:2])
+
+
+def test_expanded_task_trains_on_fresh_positions_and_tests_on_positions_fixed_by_the_seed():
+    parse = lambda *a: mc.config_from_args(mc.build_parser().parse_args(list(a)))
+    cfg = parse("--task", "expanded", "--n-train", "200", "--n-test", "50")
+    assert (cfg.canvas, cfg.max_shift, cfg.n_labels, cfg.cnn_fc) == (40, 6, 1, 328)
+    assert parse("--task", "expanded").n_train == 60000
+    with pytest.raises(mc.CapsNetError, match="10000 test"):
+        parse("--task", "expanded", "--n-test", "10001")
+    mnist = mc.synthetic_mnist(np.random.default_rng(0))
+    pool, test = mc.make_data(cfg, mnist)
+    assert pool is None and test["x"].shape == (50, 40, 40)
+    np.testing.assert_array_equal(test["labels"][:, 0], mnist["test_y"][:50])
+    np.testing.assert_array_equal(test["x"], mc.make_data(cfg, mnist)[1]["x"])
+    other = mc.make_data(dataclasses.replace(cfg, seed=1), mnist)[1]["x"]
+    assert (test["x"] != other).any(axis=(1, 2)).mean() > 0.8
+    boxes = mc.bounding_boxes(test["x"])
+    assert len(np.unique(boxes[:, 0])) > 5 and len(np.unique(boxes[:, 2])) > 5
+
+
+@pytest.mark.parametrize("model", [None, "cnn"])
+def test_capsnet_and_cnn_train_and_score_on_the_expanded_task(tmp_path, capsys, model):
+    small = (("--conv1-channels", 4, "--primary-types", 2, "--decoder-h1", 8, "--decoder-h2", 8)
+             if model is None else ("--cnn-conv1", 2, "--cnn-conv2", 2, "--cnn-conv3", 2,
+                                    "--cnn-fc", 8, "--cnn-fc2", 8))
+    rc, _ = main_in(["--task", "expanded", "--data", "synthetic", "--n-train", 32, "--n-test",
+                     16, "--batch-size", 16, "--quiet", "--n-epochs", 1, "--workers", 1, *small,
+                     "--metrics-json", tmp_path / "m.json"], capsys, cb.CNN if model else None)
+    assert rc == 0
+    doc = json.loads((tmp_path / "m.json").read_text())
+    assert doc["config"]["task"] == "expanded" and doc["config"]["canvas"] == 40
+    assert 0 <= doc["final"]["test_error"] <= 1 and "set_acc" not in doc["final"]
+
+
 # ----------------------------------------------------------------------------------------------
 # Whole models on one-digit batches
 
