@@ -29,7 +29,7 @@ COMMANDS = {
     "mnist.py": ["", "summary", "plot", "ship", "steps", "table1"],
     "serve_load.py": [""],
     "scaling.py": ["", "throughput", "allreduce", "compute", "model"],
-    "affnist.py": ["", "steps"],
+    "affnist.py": ["", "steps", "score"],
 }
 # Asks a script for the --help of itself and of every subcommand its help lists, in one process:
 # main(argv) must exit at --help; prints {command: [exit code, stdout, stderr]} and whether torch
