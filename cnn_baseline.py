@@ -307,10 +307,10 @@ def cnn_backward(dlogits, cache):
 
 def cnn_arch(cfg: mc.Config) -> CnnArch:
     """The CNN baseline of cfg.task: MultiMNIST's 9x9 and 5x5 convolutions with pooling and
-    sigmoid outputs, or MNIST's three 5x5 convolutions and softmax."""
+    sigmoid outputs, or MNIST's three 5x5 convolutions and softmax (pooled on expanded MNIST)."""
     if cfg.n_labels == 1:
         return CnnArch((5, 5, 5), (cfg.cnn_conv1, cfg.cnn_conv2, cfg.cnn_conv3),
-                       (cfg.cnn_fc, cfg.cnn_fc2), False, cfg.canvas)
+                       (cfg.cnn_fc, cfg.cnn_fc2), cfg.task == "expanded", cfg.canvas)
     return CnnArch(CNN_KERNELS, (cfg.cnn_conv1, cfg.cnn_conv2), (cfg.cnn_fc,), True, cfg.canvas)
 
 
@@ -351,12 +351,12 @@ def cnn_scores(logits, cfg: mc.Config):
 def add_cnn_flags(parser) -> None:
     d = mc.Config()
     b = parser.add_argument_group("CNN baseline capacity (multimnist: kernels 9x9 and 5x5, each "
-                                  "with 2x2 max pooling; mnist: three 5x5)")
+                                  "with 2x2 max pooling; mnist: three 5x5; expanded: three 5x5, each pooled)")
     cnn = dict(cnn_conv1=("first conv layer's channels", "the small CNN 32"),
                cnn_conv2=("second conv layer's channels", "the small CNN 64"),
                cnn_fc=("fully connected units", "the small CNN 512"),
-               cnn_conv3=("third conv layer's channels (mnist only)", None),
-               cnn_fc2=("second fully connected layer's units (mnist only)", None))
+               cnn_conv3=("third conv layer's channels (mnist, expanded)", None),
+               cnn_fc2=("second fully connected layer's units (mnist, expanded)", None))
     for name, (text, small) in cnn.items():
         mm = mc.TASKS["mnist"][name]
         dflt = (f"multimnist {getattr(d, name)}, " if small else "") + f"mnist {mm}"

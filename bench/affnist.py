@@ -13,6 +13,7 @@ on the expanded-MNIST test digits (as its own evaluation places them) and on the
 """
 import argparse
 import dataclasses
+import json
 import sys
 import time
 from pathlib import Path
@@ -83,12 +84,85 @@ def score(args) -> int:
     return 0
 
 
+# The experiment (docs/affnist.md): each model trains on the first N_TRAIN training digits and is
+# judged, every quarter epoch, on the last N_VAL placed once on 40x40: the test sets choose nothing.
+MODELS = {"capsnet3": ["--routing-iters", "3"], "capsnet1": ["--routing-iters", "1"],
+          "cnn": ["cnn"]}
+N_TRAIN, N_VAL, VAL_SEED = 55000, 5000, 2017
+
+
+def validation_set(mnist: dict) -> dict:
+    """The last N_VAL training digits, each at a random place on 40x40 drawn once (VAL_SEED)."""
+    x, y = mnist["train_x"][N_TRAIN:N_TRAIN + N_VAL], mnist["train_y"][N_TRAIN:N_TRAIN + N_VAL]
+    return mc.shift_digits(x, y, np.random.default_rng(VAL_SEED), 6, 40)
+
+
+def train(args) -> int:
+    """Train one model of MODELS for --epochs on expanded MNIST with the training loop of
+    multimnist_capsnet.py, scoring the validation digits every quarter epoch and keeping the
+    weights of each of those points (OUT/ckpt/NAME_stepS.npz) and the points' validation error,
+    step and time (OUT/NAME.json)."""
+    flags = MODELS[args.model]
+    cfg = config([*flags, "--seed", str(args.seed), "--n-epochs", str(args.epochs),
+                  "--n-train", str(N_TRAIN)])
+    name = f"{args.model}_s{args.seed}"
+    out = Path(args.out)
+    (out / "ckpt").mkdir(parents=True, exist_ok=True)
+    mnist = mnist_fetch.load_mnist(args.data_dir)
+    val = validation_set(mnist)
+    run = mc.new_run(cfg)
+    every = run.steps_per_epoch() // 4
+    points, clock = [], dict(wall=0.0, cpu=0.0, t=time.perf_counter(), c=time.process_time())
+
+    def tick():  # training time since the last point, evaluation excluded
+        clock["wall"] += time.perf_counter() - clock["t"]
+        clock["cpu"] += time.process_time() - clock["c"]
+
+    def point(metrics):
+        path = out / "ckpt" / f"{name}_step{run.step}.npz"
+        mc.save_model(path, run)
+        points.append(dict(step=run.step, epoch=round(run.step / run.steps_per_epoch(), 4),
+                           val_error=metrics["test_error"], train_seconds=round(clock["wall"], 2),
+                           train_cpu_seconds=round(clock["cpu"], 2)))
+        print(f"{name} step {run.step} val error {100 * metrics['test_error']:.2f}% "
+              f"train {clock['wall']:.0f} s", flush=True)
+        clock["t"], clock["c"] = time.perf_counter(), time.process_time()
+
+    def on_step(run, aux):
+        if run.step % every == 0 and run.step % run.steps_per_epoch() != 0:
+            tick()
+            point(mc.evaluate(run.eval_params, cfg, val))
+
+    def on_epoch(run):  # the loop has just scored val, the "test" it was given
+        tick()
+        point(run.history["epochs"][-1])
+
+    mc.train(run, mnist, None, val, on_step=on_step, on_epoch=on_epoch, progress=False)
+    n_params = sum(p.size for p in run.params.values())
+    doc = dict(model=args.model, seed=args.seed, params=n_params, config=dataclasses.asdict(cfg),
+               command=f"OPENBLAS_NUM_THREADS=1 python3 bench/affnist.py train {args.model} "
+                       f"--seed {args.seed} --epochs {args.epochs} --out {args.out}",
+               cpu=cpu_model(), code=commit(), points=points,
+               **{t: [float(f"{x:.5g}") for x in run.history[t]] for t in mc.model_for(cfg).loss_terms})
+    mc.atomic_write(out / f"{name}.json", (json.dumps(doc, separators=(",", ":")) + "\n").encode())
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="affnist.py", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser("steps", help="one-core step time and parameters of each model at 40x40")
     s.add_argument("--repeat", type=int, default=10, help="steps timed (default: %(default)s)")
     s.set_defaults(fn=steps)
+    t = sub.add_parser("train", help="one run of the experiment: validation every quarter epoch")
+    t.add_argument("model", choices=sorted(MODELS), help="capsnet3, capsnet1 (routing iterations) "
+                   "or cnn")
+    t.add_argument("--seed", type=int, default=0, help="the run's --seed (default: %(default)s)")
+    t.add_argument("--epochs", type=int, default=4, help="passes over the %(N)s training digits "
+                   "(default: %(default)s)".replace("%(N)s", f"{N_TRAIN:,}"))
+    t.add_argument("--out", default="runs/affnist/runs", help="folder (default: %(default)s)")
+    t.add_argument("--data-dir", default=None, help="MNIST cache (default: the usual one)")
+    t.set_defaults(fn=train)
     c = sub.add_parser("score", help="error on expanded MNIST and on the affNIST-like set")
     c.add_argument("checkpoints", nargs="+", metavar="CKPT", help="trained on --task expanded")
     c.add_argument("--n", type=int, default=10000, help="test digits (default: %(default)s)")
