@@ -129,12 +129,12 @@ def train(args) -> int:
         clock["t"], clock["c"] = time.perf_counter(), time.process_time()
 
     def on_step(run, aux):
-        if run.step % every == 0 and run.step % run.steps_per_epoch() != 0:
-            tick()
-            point(mc.evaluate(run.eval_params, cfg, val))
+        if run.step % every == 0 or run.step % run.steps_per_epoch() == 0:
+            tick()  # the clock stops here and restarts at the end of point()
+            if run.step % run.steps_per_epoch() != 0:
+                point(mc.evaluate(run.eval_params, cfg, val))
 
     def on_epoch(run):  # the loop has just scored val, the "test" it was given
-        tick()
         point(run.history["epochs"][-1])
 
     mc.train(run, mnist, None, val, on_step=on_step, on_epoch=on_epoch, progress=False)
