@@ -351,7 +351,8 @@ def cnn_scores(logits, cfg: mc.Config):
 def add_cnn_flags(parser) -> None:
     d = mc.Config()
     b = parser.add_argument_group("CNN baseline capacity (multimnist: kernels 9x9 and 5x5, each "
-                                  "with 2x2 max pooling; mnist: three 5x5; expanded: three 5x5, each pooled)")
+                                  "with 2x2 max pooling; mnist: three 5x5; expanded: three 5x5, "
+                                  "each pooled)")
     cnn = dict(cnn_conv1=("first conv layer's channels", "the small CNN 32"),
                cnn_conv2=("second conv layer's channels", "the small CNN 64"),
                cnn_fc=("fully connected units", "the small CNN 512"),
@@ -359,7 +360,8 @@ def add_cnn_flags(parser) -> None:
                cnn_fc2=("second fully connected layer's units (mnist, expanded)", None))
     for name, (text, small) in cnn.items():
         mm = mc.TASKS["mnist"][name]
-        dflt = (f"multimnist {getattr(d, name)}, " if small else "") + f"mnist {mm}"
+        dflt = ((f"multimnist {getattr(d, name)}, " if small else "") + f"mnist {mm}, "
+                f"expanded {mc.TASKS['expanded'][name]}")
         b.add_argument("--" + name.replace("_", "-"), type=int, default=None,
                        help=f"{text}{'; ' + small if small else ''} (default: {dflt})")
     b.add_argument("--cnn-dropout", type=float, default=d.cnn_dropout,

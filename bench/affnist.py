@@ -13,6 +13,8 @@ on the expanded-MNIST test digits (as its own evaluation places them) and on the
 """
 import argparse
 import dataclasses
+import gzip
+import io
 import json
 import sys
 import time
@@ -111,7 +113,7 @@ def train(args) -> int:
     mnist = mnist_fetch.load_mnist(args.data_dir)
     val = validation_set(mnist)
     run = mc.new_run(cfg)
-    every = run.steps_per_epoch() // 4
+    every = max(1, run.steps_per_epoch() // 4)
     points, clock = [], dict(wall=0.0, cpu=0.0, t=time.perf_counter(), c=time.process_time())
 
     def tick():  # training time since the last point, evaluation excluded
@@ -148,6 +150,208 @@ def train(args) -> int:
     return 0
 
 
+NAMES = {"capsnet3": "CapsNet, 3 routing iterations", "capsnet1": "CapsNet, 1 routing iteration",
+         "cnn": "CNN"}
+PAPER = {"capsnet3": "79% (paper, section 5.2)", "capsnet1": "93.21% without routing, for Gu & "
+         "Tresp's affine CapsNet (CVPR 2020)", "cnn": "66% (paper)"}
+
+
+def read_runs(folder) -> list[dict]:
+    """Every run train wrote in folder, in MODELS order, then by seed."""
+    docs = [json.loads(p.read_text()) for p in Path(folder).glob("*_s*.json")]
+    if not docs:
+        raise mc.CapsNetError(f"no runs in {folder}: bench/affnist.py train writes them")
+    return sorted(docs, key=lambda d: (list(MODELS).index(d["model"]), d["seed"]))
+
+
+def choose(docs: list[dict]) -> tuple[float, float, list[dict], list[dict]]:
+    """The protocol, from validation alone: the shared target is the best validation accuracy
+    that every run reached; each run stops at its first point at or above it. The equal-CPU-time
+    budget is the longest training time any run needed to get there; within it, each run keeps
+    its point of best validation accuracy (the earliest of ties)."""
+    acc = lambda p: 1 - p["val_error"]
+    target = min(max(acc(p) for p in d["points"]) for d in docs)
+    stops = [next(p for p in d["points"] if acc(p) >= target) for d in docs]
+    budget = max(p["train_cpu_seconds"] for p in stops)
+    equal = [min((p for p in d["points"] if p["train_cpu_seconds"] <= budget),
+                 key=lambda p: (p["val_error"], p["step"])) for d in docs]
+    return target, budget, stops, equal
+
+
+def labels_of(path, x, workers) -> np.ndarray:
+    """The digit a checkpoint names for each image x (N, 40, 40) uint8."""
+    run = mc.load_checkpoint(path)
+    return mc.class_scores(mc.predict(run.eval_params, run.cfg, x, workers), run.cfg).argmax(1)
+
+
+def mean_se(x) -> str:
+    x = 100 * np.asarray(x, float)
+    se = x.std(ddof=1) / np.sqrt(len(x)) if len(x) > 1 else float("nan")
+    return f"{x.mean():.2f} ± {se:.2f}"
+
+
+def report(args) -> int:
+    """Choose each run's points (choose), score them on both test sets, and write the tables
+    (OUT/results.md), the predictions (OUT/predictions.json.gz) and the two figures."""
+    folder, out = Path(args.runs), Path(args.out)
+    docs = read_runs(folder)
+    target, budget, stops, equal = choose(docs)
+    mnist = mnist_fetch.load_mnist(args.data_dir)
+    mnist = dict(mnist, test_x=mnist["test_x"][:args.n], test_y=mnist["test_y"][:args.n])
+    aff = affnist_like.make_set(mnist["test_x"], mnist["test_y"], 0)
+    preds, seen = {}, {}
+    with mc.worker_pool(args.workers) as workers:
+        for d, stop, eq in zip(docs, stops, equal):
+            name = f"{d['model']}_s{d['seed']}"
+            cfg = dataclasses.replace(mc.Config(**d["config"]), n_test=args.n)
+            test = mc.make_data(cfg, mnist)[1]
+            for kind, p in (("stop", stop), ("equal", eq)):
+                ckpt = folder / "ckpt" / f"{name}_step{p['step']}.npz"
+                if ckpt not in seen:
+                    seen[ckpt] = dict(step=p["step"], expanded=labels_of(ckpt, test["x"], workers),
+                                      affnist=labels_of(ckpt, aff["x"], workers))
+                    print(f"scored {ckpt}", file=sys.stderr, flush=True)
+                preds[f"{name}.{kind}"] = seen[ckpt]
+    truth = dict(expanded=mnist["test_y"], affnist=aff["labels"])
+    acc = {k: {s: float((v[s] == truth[s]).mean()) for s in truth} for k, v in preds.items()}
+    doc = {k: dict(step=v["step"], **{s: "".join(map(str, v[s])) for s in truth})
+           for k, v in preds.items()}
+    mc.atomic_write(out / "predictions.json.gz", gzip.compress(
+        json.dumps(doc, separators=(",", ":")).encode(), compresslevel=9, mtime=0))
+    text = results_text(docs, target, budget, stops, equal, acc, args.n)
+    mc.atomic_write(out / "results.md", text.encode())
+    print(text)
+    write_figures(docs, stops, preds, aff, folder, Path(args.viz))
+    return 0
+
+
+def results_text(docs, target, budget, stops, equal, acc, n) -> str:
+    lines = [f"# bench/affnist.py report: {len(docs)} runs of bench/affnist.py train (runs/affnist/"
+             f"run.sh), scored on the {n:,} expanded-MNIST test digits and their "
+             f"affNIST-like versions (seed 0)\n# {cpu_model()}, code of {commit()}; runs: code of "
+             f"{', '.join(sorted({d['code'] for d in docs}))}, {docs[0]['cpu']}\n",
+             f"Shared target: validation accuracy {100 * target:.2f}% (the best that every run "
+             f"reached; {N_VAL:,} held-out training digits). Equal-CPU-time budget: {budget:.0f} "
+             f"CPU-seconds of training (the slowest run's time to the target).\n",
+             "| model | seed | parameters | stop: epoch | CPU s | val | expanded test | "
+             "affNIST-like | equal time: epoch | val | expanded test | affNIST-like |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for d, s, e in zip(docs, stops, equal):
+        k = f"{d['model']}_s{d['seed']}"
+        a, b = acc[k + ".stop"], acc[k + ".equal"]
+        lines.append(f"| {NAMES[d['model']]} | {d['seed']} | {d['params'] / 1e6:.2f}M | "
+                     f"{s['epoch']:.2f} | {s['train_cpu_seconds']:.0f} | "
+                     f"{100 - 100 * s['val_error']:.2f}% | {100 * a['expanded']:.2f}% | "
+                     f"{100 * a['affnist']:.2f}% | {e['epoch']:.2f} | "
+                     f"{100 - 100 * e['val_error']:.2f}% | {100 * b['expanded']:.2f}% | "
+                     f"{100 * b['affnist']:.2f}% |")
+    by = {m: [d for d in docs if d["model"] == m] for m in MODELS}
+    get = lambda m, kind, s: [acc[f"{m}_s{d['seed']}.{kind}"][s] for d in by[m]]
+    for kind, title in (("stop", "At the shared target"), ("equal", "At equal CPU time")):
+        lines += [f"\n**{title}** (mean ± standard error over seeds, %):\n",
+                  "| model | seeds | expanded test | affNIST-like | published affNIST |",
+                  "|---|---:|---:|---:|---|"]
+        lines += [f"| {NAMES[m]} | {len(by[m])} | {mean_se(get(m, kind, 'expanded'))} | "
+                  f"{mean_se(get(m, kind, 'affnist'))} | {PAPER[m]} |" for m in MODELS if by[m]]
+        lines += ["", "| paired difference (same seed) | pairs | expanded test | affNIST-like |",
+                  "|---|---:|---:|---:|"]
+        for a, b in (("capsnet3", "cnn"), ("capsnet3", "capsnet1")):
+            seeds = sorted({d["seed"] for d in by[a]} & {d["seed"] for d in by[b]})
+            if seeds:
+                diff = {s: [acc[f"{a}_s{k}.{kind}"][s] - acc[f"{b}_s{k}.{kind}"][s]
+                            for k in seeds] for s in ("expanded", "affnist")}
+                lines.append(f"| {NAMES[a]} − {NAMES[b]} | {len(seeds)} | "
+                             f"{mean_se(diff['expanded'])} | {mean_se(diff['affnist'])} |")
+    return "\n".join(lines) + "\n"
+
+
+BINS = 8
+
+
+def bin_accuracy(right: np.ndarray, value: np.ndarray, lo: float, hi: float):
+    """Bin centres (BINS,) and the accuracy of right (N,) bool in each bin of value over [lo, hi]."""
+    edges = np.linspace(lo, hi, BINS + 1)
+    idx = np.clip(np.digitize(value, edges) - 1, 0, BINS - 1)
+    hits = [right[idx == b] for b in range(BINS)]
+    return (edges[1:] + edges[:-1]) / 2, np.array([h.mean() if len(h) else np.nan for h in hits])
+
+
+def write_figures(docs, stops, preds, aff, folder: Path, viz: Path) -> None:
+    """viz/affnist_robustness.png: affNIST-like accuracy against rotation, shear and scale
+    (sqrt(scale_x scale_y)), each model's mean over seeds with its standard error, at the shared
+    target; viz/affnist_reconstructions.png: a few affNIST-like digits and what the true digit's
+    capsule of each seed-0 CapsNet draws."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    params = dict(angle=(aff["angle"], -20, 20, "rotation, degrees"),
+                  shear=(aff["shear"], -0.2, 0.2, "shear"),
+                  scale=(np.sqrt(aff["scale_x"] * aff["scale_y"]), 0.8, 1.2,
+                         "scale, sqrt(scale_x · scale_y)"))
+    fig = Figure(figsize=(11, 3.4), dpi=110, layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, 3, sharey=True)
+    for ax, (value, lo, hi, label) in zip(axes, params.values()):
+        for m in MODELS:
+            runs = [d for d in docs if d["model"] == m]
+            if not runs:
+                continue
+            curves = np.array([bin_accuracy(
+                preds[f"{m}_s{d['seed']}.stop"]["affnist"] == aff["labels"], value, lo, hi)[1]
+                for d in runs])
+            centres = bin_accuracy(np.ones(len(value), bool), value, lo, hi)[0]
+            se = curves.std(0, ddof=1) / np.sqrt(len(runs)) if len(runs) > 1 else 0 * centres
+            ax.errorbar(centres, 100 * curves.mean(0), yerr=100 * se, marker="o", ms=3,
+                        capsize=2, label=f"{NAMES[m]} ({len(runs)} seeds)")
+        ax.set_xlabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("affNIST-like accuracy, %")
+    axes[0].legend(fontsize=8)
+    fig.suptitle("Trained on expanded MNIST, stopped at the same validation accuracy; tested on "
+                 "affNIST-like digits (bench/affnist.py report)", fontsize=9)
+    viz.mkdir(parents=True, exist_ok=True)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    mc.atomic_write(viz / "affnist_robustness.png", buf.getvalue())
+    recon = [(d, s) for d, s in zip(docs, stops) if d["model"] != "cnn" and d["seed"] == 0]
+    if recon:
+        mc.atomic_write(viz / "affnist_reconstructions.png",
+                        reconstructions(recon, aff, folder))
+
+
+def reconstructions(runs, aff, folder: Path, n: int = 10) -> bytes:
+    """The first n affNIST-like digits above what each run's capsule of the true digit draws,
+    with the digit the run names and that capsule's length."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=(1.2 * n, 1.35 * (1 + len(runs))), dpi=100, layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1 + len(runs), n, squeeze=False)
+    x, labels = aff["x"][:n], aff["labels"][:n]
+    rows = [("affNIST-like", x, [f"{a:+.0f}° sh {s:+.2f}" for a, s in
+                                 zip(aff["angle"][:n], aff["shear"][:n])])]
+    for d, stop in runs:
+        run = mc.load_checkpoint(folder / "ckpt" / f"{d['model']}_s{d['seed']}_step{stop['step']}.npz")
+        v = mc.predict(run.eval_params, run.cfg, x)                              # (n, J, E)
+        lengths = np.linalg.norm(v, axis=2)                                      # (n, J)
+        img = mc.reconstruct(run.eval_params, v.astype(run.cfg.np_dtype), labels)  # (n, H*W)
+        rows.append((f"{NAMES[d['model']].replace('CapsNet, ', '')}", 255 * img.reshape(x.shape),
+                     [f"says {lengths[i].argmax()}, |v_{labels[i]}| {lengths[i, labels[i]]:.2f}"
+                      for i in range(n)]))
+    for r, (name, imgs, titles) in enumerate(rows):
+        for i in range(n):
+            ax = axes[r, i]
+            ax.imshow(imgs[i], cmap="gray_r", vmin=0, vmax=255)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            ax.set_title(titles[i], fontsize=6)
+        axes[r, 0].set_ylabel(name, fontsize=7)
+    fig.suptitle("Does the true digit's capsule keep the transformed pose? (seed 0, at the shared "
+                 "target)", fontsize=9)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="affnist.py", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -163,6 +367,17 @@ def main(argv=None) -> int:
     t.add_argument("--out", default="runs/affnist/runs", help="folder (default: %(default)s)")
     t.add_argument("--data-dir", default=None, help="MNIST cache (default: the usual one)")
     t.set_defaults(fn=train)
+    r = sub.add_parser("report", help="the protocol's points of every run, scored: tables, "
+                       "predictions and figures")
+    r.add_argument("--runs", default="runs/affnist/runs", help="train's folder (default: "
+                   "%(default)s)")
+    r.add_argument("--out", default="runs/affnist", help="for results.md and predictions.json.gz "
+                   "(default: %(default)s)")
+    r.add_argument("--viz", default="viz", help="for the figures (default: %(default)s)")
+    r.add_argument("--n", type=int, default=10000, help="test digits (default: %(default)s)")
+    r.add_argument("--workers", type=int, default=2, help="threads (default: %(default)s)")
+    r.add_argument("--data-dir", default=None, help="MNIST cache (default: the usual one)")
+    r.set_defaults(fn=report)
     c = sub.add_parser("score", help="error on expanded MNIST and on the affNIST-like set")
     c.add_argument("checkpoints", nargs="+", metavar="CKPT", help="trained on --task expanded")
     c.add_argument("--n", type=int, default=10000, help="test digits (default: %(default)s)")

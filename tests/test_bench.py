@@ -29,7 +29,7 @@ COMMANDS = {
     "mnist.py": ["", "summary", "plot", "ship", "steps", "table1"],
     "serve_load.py": [""],
     "scaling.py": ["", "throughput", "allreduce", "compute", "model"],
-    "affnist.py": ["", "steps", "score"],
+    "affnist.py": ["", "steps", "train", "report", "score"],
 }
 # Asks a script for the --help of itself and of every subcommand its help lists, in one process:
 # main(argv) must exit at --help; prints {command: [exit code, stdout, stderr]} and whether torch
@@ -286,3 +286,53 @@ def test_samples_write_labelled_digits_composites_and_examples(synthetic_mnist, 
     assert samples.main(["examples", "score", "--n", "3"]) == 0
     out = capsys.readouterr().out
     assert out.count("top-1") == 3 and out.count("set acc") == 2
+
+
+# ----------------------------------------------------------------------------------------------
+# affnist.py: the protocol chooses from validation alone; the runner on synthetic digits
+
+def val_point(step, error, cpu):
+    return dict(step=step, epoch=step / 4, val_error=error, train_seconds=cpu,
+                train_cpu_seconds=cpu)
+
+
+def test_affnist_protocol_stops_at_the_shared_target_and_spends_equal_time():
+    import affnist
+    caps = [val_point(1, .10, 10), val_point(2, .025, 20), val_point(3, .02, 25),
+            val_point(4, .01, 50)]
+    cnn = [val_point(1, .20, 5), val_point(2, .05, 10), val_point(3, .03, 30),
+           val_point(4, .04, 40)]
+    docs = [dict(model="capsnet3", seed=0, points=caps), dict(model="cnn", seed=0, points=cnn)]
+    target, budget, stops, equal = affnist.choose(docs)
+    assert target == pytest.approx(0.97)  # the CNN's best: the best both reached
+    assert [p["step"] for p in stops] == [2, 3]  # each run's first point at 97% or above
+    assert budget == 30  # the CNN needed 30 s to get there, the CapsNet 20 s
+    assert [p["step"] for p in equal] == [3, 3]  # the best within 30 s; 50 s is over budget
+
+
+def test_affnist_train_and_report_on_synthetic_digits(monkeypatch, tmp_path, capsys):
+    import affnist
+    digits = mc.synthetic_mnist(np.random.default_rng(0), n_train=96, n_test=24)
+    monkeypatch.setattr(affnist.mnist_fetch, "load_mnist", lambda data_dir=None: digits)
+    monkeypatch.setattr(affnist, "N_TRAIN", 64)  # 2 steps an epoch: a point after each
+    monkeypatch.setattr(affnist, "N_VAL", 32)
+    runs = tmp_path / "runs"
+    for model in ("capsnet3", "capsnet1", "cnn"):
+        assert affnist.main(["train", model, "--epochs", "1", "--out", str(runs)]) == 0
+        doc = json.loads((runs / f"{model}_s0.json").read_text())
+        assert [p["step"] for p in doc["points"]] == [1, 2]
+        assert all((runs / "ckpt" / f"{model}_s0_step{s}.npz").exists() for s in (1, 2))
+    args = ["report", "--runs", str(runs), "--out", str(tmp_path), "--viz", str(tmp_path / "v"),
+            "--n", "24", "--workers", "1"]
+    assert affnist.main(args) == 0
+    text = (tmp_path / "results.md").read_text()
+    assert text.count("| CapsNet, 3 routing iterations | 0 |") == 1 and "| CNN | 0 |" in text
+    assert "CapsNet, 3 routing iterations − CNN" in text and "Shared target" in text
+    assert {p.name for p in (tmp_path / "v").iterdir()} == {"affnist_robustness.png",
+                                                            "affnist_reconstructions.png"}
+    preds = json.loads(__import__("gzip").decompress((tmp_path / "predictions.json.gz")
+                                                     .read_bytes()))
+    assert len(preds) == 6 and all(len(v["affnist"]) == 24 for v in preds.values())
+    capsys.readouterr()
+    assert affnist.main(["report", "--runs", str(tmp_path / "none")]) == 1
+    assert capsys.readouterr().err.startswith("affnist.py: error: no runs in")

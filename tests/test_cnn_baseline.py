@@ -75,6 +75,30 @@ def test_mnist_cnn_gradient_for_every_parameter_with_dropout(rng):
     assert max(errors.values()) < 1e-7, errors
 
 
+def test_expanded_mnist_cnn_pools_and_its_gradient_holds_for_every_parameter(rng):
+    """Section 5.2's CNN (--task expanded): each 5x5 conv pooled 2x2, dropout before the softmax."""
+    cfg = mc.Config(**dict(MNIST_CNN, task="expanded", canvas=16))
+    arch = cb.cnn_arch(cfg)
+    assert arch.pool and arch.kernels == (5, 5, 5) and arch.flat() == 2 * 2 * cfg.cnn_conv3
+    params = mc.init_params(cfg, rng)
+    for k in params:
+        if k.endswith("_b"):
+            params[k] += 0.1 * rng.standard_normal(params[k].shape)
+    batch = one_label_batch(cfg, rng)
+    batch["keep"] = cb.dropout_mask(rng, (3, cfg.cnn_fc2), 0.5, np.float64)
+    loss, grads, aux = mc.loss_and_grads(params, batch, cfg)
+    errors = parameter_errors(lambda: mc.loss_and_grads(params, batch, cfg)[0], params, grads, rng)
+    assert max(errors.values()) < 1e-7, errors
+
+
+def test_the_expanded_mnist_cnn_matches_the_small_capsnets_parameters():
+    parse = lambda m: mc.config_from_args(mc.build_parser().parse_args(
+        ["--task", "expanded", "--model", m]))
+    cnn = cb.cnn_param_count(cb.cnn_arch(parse("cnn")))
+    caps = sum(np.prod(s) for s in mc.init_shapes(parse("capsnet")).values())
+    assert cnn == 2_647_818 and abs(cnn / caps - 1) < 0.01
+
+
 def test_the_papers_mnist_cnn_has_35_4m_parameters():
     cfg = mc.config_from_args(mc.build_parser().parse_args(["--task", "mnist", "--model", "cnn"]))
     assert cb.cnn_arch(cfg).flat() == 28 * 28 * 128  # 'same' padding, no pooling
