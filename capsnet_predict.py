@@ -29,6 +29,7 @@ DIGIT_BOX = 20       # DIGIT_BOX keeping its aspect, then centred by its centre 
 PAIR_BOX = 23        # median long side of the ink box of a paper's-task composite (docs/model.md)
 INK_CONTRAST = 0.2   # ink: a pixel and its 3x3 mean this far above the background
 WORK_SIDE = 256      # fit_digits shrinks a larger image to this long side first
+FINE_SIDE = 128      # and enlarges a smaller one to this long side before taking its ink's box
 MIN_LENGTH = 0.5     # a capsule at least this long names a digit; a shorter one is a guess
 MNIST_MODEL_FILE = mc.installed("models/capsnet-mnist.npz")  # the shipped one-digit model
 A_RGB, B_RGB = np.array([1.0, 0.1, 0.1]), np.array([0.1, 1.0, 0.1])  # digit a red, b green
@@ -84,11 +85,21 @@ def read_image(path) -> np.ndarray:
     return x
 
 
+BORDER_GAP = 0.5     # a frame this much darker or lighter than the median pixel is the paper
+
+
 def ink_on_black(x: np.ndarray, background: str = "auto") -> tuple[np.ndarray, bool]:
-    """x as white ink on black, as MNIST is, and whether it was inverted. 'auto': ink is the
-    minority of the pixels, so it drags the mean away from the median, below it for dark ink on
-    light paper (then inverted); 'white' always inverts, 'black' never."""
-    invert = background == "white" or (background == "auto" and x.mean() < np.median(x))
+    """x as white ink on black, as MNIST is, and whether it was inverted. 'auto': the paper is
+    what the image's frame (its outer rows and columns) mostly shows, when that is BORDER_GAP
+    away from the median pixel (a bold digit filling the frame, its ink the majority); else ink
+    is the minority of the pixels, so it drags the mean away from the median, below it for dark
+    ink on light paper (then inverted). 'white' always inverts, 'black' never."""
+    if background == "auto":
+        frame = np.median(np.concatenate([x[0], x[-1], x[:, 0], x[:, -1]]))
+        med = np.median(x)
+        invert = frame > med if abs(frame - med) >= BORDER_GAP else x.mean() < med
+    else:
+        invert = background == "white"
     return (1 - x if invert else x), bool(invert)
 
 
@@ -150,10 +161,13 @@ def fit_digits(x: np.ndarray, canvas: int, n_digits: int) -> tuple[np.ndarray | 
     MNIST's digits were binary scans, scaled so that their ink's box fits 20x20 keeping its
     aspect, anti-aliased by the scaling, and placed with their centre of mass at the centre of
     28x28. So here: an image larger than WORK_SIDE is first shrunk to it (fine noise averages
-    out); the ink (_ink) at least half as bright as its 90th percentile becomes 1 and all else 0;
-    that ink's box is area-averaged to fit DIGIT_BOX (one digit) or PAIR_BOX (two, spread as in
-    MultiMNIST); its centre of mass goes to the canvas centre (moved back inside when the box
-    would cross an edge)."""
+    out); the ink (_ink) at least half as bright as its 90th percentile becomes 1 and all else 0,
+    found at FINE_SIDE at least: a smaller image's ink and the pixels next to it (no noise
+    elsewhere) are enlarged to it by linear interpolation first, so that a 28x28 digit takes the
+    path of the same digit drawn at 64x64 or 200x200, not a 28-px staircase; that ink's box is
+    area-averaged to fit DIGIT_BOX (one digit) or PAIR_BOX (two, spread as in MultiMNIST); its
+    centre of mass goes to the canvas centre (moved back inside when the box would cross an
+    edge)."""
     how = ""
     if max(x.shape) > WORK_SIDE:
         h, w = (max(1, round(n * WORK_SIDE / max(x.shape))) for n in x.shape)
@@ -162,11 +176,18 @@ def fit_digits(x: np.ndarray, canvas: int, n_digits: int) -> tuple[np.ndarray | 
     if not ink.any():
         return None, "no ink"
     level = np.percentile(d[ink], 90) / 2
+    fy = fx = 1.0                            # how much larger the ink's box was taken
+    if max(x.shape) < FINE_SIDE:
+        h, w = (max(1, round(n * FINE_SIDE / max(x.shape))) for n in x.shape)
+        fy, fx = h / x.shape[0], w / x.shape[1]
+        d = resize(np.where(_mean3(ink.astype(np.float64)) > 0, np.maximum(d, 0), 0), h, w)
+        ink, how = d >= INK_CONTRAST, f"enlarged to {w}x{h}; "
     ink &= d >= level
     rows, cols = np.flatnonzero(ink.any(1)), np.flatnonzero(ink.any(0))
     (r0, r1), (c0, c1) = rows[[0, -1]], cols[[0, -1]]
     crop = ink[r0:r1 + 1, c0:c1 + 1].astype(np.float64)
     scale = (DIGIT_BOX if n_digits == 1 else PAIR_BOX) / max(crop.shape)
+    box_w, box_h = (c1 - c0 + 1) / fx, (r1 - r0 + 1) / fy     # in the image's own pixels
     h, w = (max(1, round(n * scale)) for n in crop.shape)
     small = resize(crop, h, w)
     com = [(small.sum(1 - ax) * (np.arange(small.shape[ax]) + 0.5)).sum() / small.sum()
@@ -174,9 +195,10 @@ def fit_digits(x: np.ndarray, canvas: int, n_digits: int) -> tuple[np.ndarray | 
     top, left = (int(np.clip(round(canvas / 2 - c), 0, canvas - n)) for c, n in zip(com, (h, w)))
     out = np.zeros((canvas, canvas), np.uint8)
     out[top:top + h, left:left + w] = np.round(255 * small)
-    return out, (f"{how}ink >= {level:.2f} above the background, its box {c1 - c0 + 1}x"
-                 f"{r1 - r0 + 1} at row {r0}, col {c0} scaled x{scale:.3g} to {w}x{h}, centred "
-                 f"by mass in {canvas}x{canvas}")
+    return out, (f"{how}ink >= {level:.2f} above the background, its box {box_w:.0f}x"
+                 f"{box_h:.0f} at row {r0 / fy:.0f}, col {c0 / fx:.0f} scaled "
+                 f"x{scale * max(r1 - r0 + 1, c1 - c0 + 1) / max(box_w, box_h):.3g} to {w}x{h}, "
+                 f"centred by mass in {canvas}x{canvas}")
 
 
 INK_LEVEL = 0.1       # a pixel this bright is ink when the convention is checked (MNIST: 25/255)
@@ -262,6 +284,9 @@ COUNT_FEATURES = (
     "two_third",      # its third longest
     "one_as_made",    # 1 when the image already was an MNIST digit (as_made), else 0
     "two_as_made",    # 1 when it already was a 36x36 composite, else 0
+    "one_unexplained",    # the share of the ink the MNIST model's digit leaves unexplained
+    "first_unexplained",  # the same for the MultiMNIST model's first capsule alone
+    "two_unexplained",    # and for its first two capsules together
 )
 # Weights on COUNT_FEATURES and the bias: two digits when the sum is above 0. From
 # runs/predict/count_fit.txt (python3 bench/samples.py count fit).
@@ -275,8 +300,13 @@ COUNT_WEIGHTS = (
     -1.0513,  # two_third
     -0.5762,  # one_as_made
     -0.5236,  # two_as_made
+    0.0,  # one_unexplained
+    0.0,  # first_unexplained
+    0.0,  # two_unexplained
 )
 COUNT_BIAS = 10.0232
+EXPLAINED = (0.5, 0.3, 1)  # unexplained ink: input pixels >= 0.5 more than 1 px from any
+                           # reconstruction pixel >= 0.3
 
 
 @dataclass
@@ -314,6 +344,23 @@ def _misfit(params, v: np.ndarray, digits: list, x_uint8: np.ndarray) -> np.ndar
     return np.log(((x - np.minimum(recon, 1)) ** 2).mean(1) + 1e-4)
 
 
+def _unexplained(params, v: np.ndarray, digits: list, x_uint8: np.ndarray) -> np.ndarray:
+    """(N,) the share of the ink of the images x (N, H, W) that the reconstructions from
+    capsules digits (each (N,) ints) of v (N, J, E) leave unexplained: ink pixels (EXPLAINED[0]
+    and up) farther than EXPLAINED[2] px from every reconstruction pixel of EXPLAINED[1] and up.
+    One capsule explains a lone digit's ink, up to the pen's width; two digits need two."""
+    ink_at, recon_at, reach = EXPLAINED
+    n, h, w = x_uint8.shape
+    near = np.zeros((n, h + 2 * reach, w + 2 * reach), bool)
+    for d in digits:
+        near[:, reach:reach + h, reach:reach + w] |= (
+            mc.reconstruct(params, v, d).reshape(n, h, w) >= recon_at)
+    near = np.any([near[:, i:i + h, j:j + w] for i in range(2 * reach + 1)
+                   for j in range(2 * reach + 1)], axis=0)
+    ink = x_uint8 >= 255 * ink_at
+    return (ink & ~near).sum((1, 2)) / np.maximum(ink.sum((1, 2)), 1)
+
+
 def count_features(r: Reading, one: Run, two: Run) -> np.ndarray:
     """(N, len(COUNT_FEATURES)) the count rule's inputs for the reading r."""
     l1, l2 = np.linalg.norm(r.v1, axis=2), np.linalg.norm(r.v2, axis=2)       # (N, 10)
@@ -323,7 +370,10 @@ def count_features(r: Reading, one: Run, two: Run) -> np.ndarray:
     return np.stack([_misfit(one.eval_params, r.v1, [o1[:, 0]], r.ones),
                      _misfit(two.eval_params, r.v2, [o2[:, 0], o2[:, 1]], r.twos),
                      _misfit(two.eval_params, r.v2, [o2[:, 0]], r.twos),
-                     s1[:, 0], s1[:, 1], s2[:, 1], s2[:, 2], made[:, 0], made[:, 1]], 1)
+                     s1[:, 0], s1[:, 1], s2[:, 1], s2[:, 2], made[:, 0], made[:, 1],
+                     _unexplained(one.eval_params, r.v1, [o1[:, 0]], r.ones),
+                     _unexplained(two.eval_params, r.v2, [o2[:, 0]], r.twos),
+                     _unexplained(two.eval_params, r.v2, [o2[:, 0], o2[:, 1]], r.twos)], 1)
 
 
 def count_score(features: np.ndarray) -> np.ndarray:

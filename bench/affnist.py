@@ -33,8 +33,8 @@ import mnist_fetch  # noqa: E402
 CAPSNETS = [(f"CapsNet {size}, {r} routing iteration{'s' if r > 1 else ''}",
              ["--preset", size, "--routing-iters", str(r)])
             for size in ("small", "paper") for r in (3, 1)]
-CNN_WIDTHS = [(32, 32, 16, 96, 64), (64, 64, 32, 64, 64), (128, 128, 64, 128, 128),
-              (256, 256, 128, 328, 192)]  # the last: the paper's MNIST CNN
+CNN_WIDTHS = [(32, 64, 128, 704, 192),   # --task expanded's default: the small CapsNet's 2.6M
+              (64, 128, 256, 1900, 192)]  # the paper-size CapsNet's 13.5M
 CNNS = [(f"CNN {'/'.join(map(str, w[:3]))} fc {w[3]}/{w[4]}",
          ["cnn", *(x for k, v in zip(("--cnn-conv1", "--cnn-conv2", "--cnn-conv3",
                                                  "--cnn-fc", "--cnn-fc2"), w) for x in (k, str(v)))])
@@ -156,11 +156,18 @@ PAPER = {"capsnet3": "79% (paper, section 5.2)", "capsnet1": "93.21% without rou
          "Tresp's affine CapsNet (CVPR 2020)", "cnn": "66% (paper)"}
 
 
-def read_runs(folder) -> list[dict]:
-    """Every run train wrote in folder, in MODELS order, then by seed."""
+def read_runs(folder, epochs: int) -> list[dict]:
+    """Every run train wrote in folder, in MODELS order, then by seed, with its points of the
+    first `epochs` epochs: a longer run's first epochs are those of a run that stops there (the
+    learning rate is constant and each epoch's data comes from its own generator state)."""
     docs = [json.loads(p.read_text()) for p in Path(folder).glob("*_s*.json")]
     if not docs:
         raise mc.CapsNetError(f"no runs in {folder}: bench/affnist.py train writes them")
+    for d in docs:
+        if d["config"]["n_epochs"] < epochs or d["config"]["lr_decay"] != 1.0:
+            raise mc.CapsNetError(f"{d['model']}_s{d['seed']} trained {d['config']['n_epochs']} "
+                                  f"epochs at a decaying rate or fewer than --epochs {epochs}")
+        d["points"] = [p for p in d["points"] if p["epoch"] <= epochs]
     return sorted(docs, key=lambda d: (list(MODELS).index(d["model"]), d["seed"]))
 
 
@@ -194,7 +201,7 @@ def report(args) -> int:
     """Choose each run's points (choose), score them on both test sets, and write the tables
     (OUT/results.md), the predictions (OUT/predictions.json.gz) and the two figures."""
     folder, out = Path(args.runs), Path(args.out)
-    docs = read_runs(folder)
+    docs = read_runs(folder, args.epochs)
     target, budget, stops, equal = choose(docs)
     mnist = mnist_fetch.load_mnist(args.data_dir)
     mnist = dict(mnist, test_x=mnist["test_x"][:args.n], test_y=mnist["test_y"][:args.n])
@@ -218,15 +225,15 @@ def report(args) -> int:
            for k, v in preds.items()}
     mc.atomic_write(out / "predictions.json.gz", gzip.compress(
         json.dumps(doc, separators=(",", ":")).encode(), compresslevel=9, mtime=0))
-    text = results_text(docs, target, budget, stops, equal, acc, args.n)
+    text = results_text(docs, target, budget, stops, equal, acc, args.n, args.epochs)
     mc.atomic_write(out / "results.md", text.encode())
     print(text)
     write_figures(docs, stops, preds, aff, folder, Path(args.viz))
     return 0
 
 
-def results_text(docs, target, budget, stops, equal, acc, n) -> str:
-    lines = [f"# bench/affnist.py report: {len(docs)} runs of bench/affnist.py train (runs/affnist/"
+def results_text(docs, target, budget, stops, equal, acc, n, epochs) -> str:
+    lines = [f"# bench/affnist.py report --epochs {epochs}: {len(docs)} runs of bench/affnist.py train (runs/affnist/"
              f"run.sh), scored on the {n:,} expanded-MNIST test digits and their "
              f"affNIST-like versions (seed 0)\n# {cpu_model()}, code of {commit()}; runs: code of "
              f"{', '.join(sorted({d['code'] for d in docs}))}, {docs[0]['cpu']}\n",
@@ -374,6 +381,8 @@ def main(argv=None) -> int:
     r.add_argument("--out", default="runs/affnist", help="for results.md and predictions.json.gz "
                    "(default: %(default)s)")
     r.add_argument("--viz", default="viz", help="for the figures (default: %(default)s)")
+    r.add_argument("--epochs", type=int, default=4, help="the budget: each run's points up to "
+                   "this epoch (default: %(default)s)")
     r.add_argument("--n", type=int, default=10000, help="test digits (default: %(default)s)")
     r.add_argument("--workers", type=int, default=2, help="threads (default: %(default)s)")
     r.add_argument("--data-dir", default=None, help="MNIST cache (default: the usual one)")

@@ -4,7 +4,7 @@ reads many such images.
     python3 bench/samples.py mnist OUTDIR [--n 4] [--seed 0]       # digits and composites, as made
     python3 bench/samples.py examples write OUTDIR [--seed 0]      # the images a new user tries
     python3 bench/samples.py examples score [--n 1000] [--seed 0]  # the shipped model on many
-    python3 bench/samples.py count fit [--n 1500] [--out FILE]     # --digits auto's rule, fitted
+    python3 bench/samples.py count fit [--n 2000] [--out FILE]     # --digits auto's rule, fitted
     python3 bench/samples.py count score [--n 500] [--out FILE]    # and measured
 
 mnist: for each k < n, OUTDIR/digit_k_L.png, one 28x28 test digit of label L, as MNIST stores it,
@@ -24,15 +24,16 @@ set accuracy of the two longest capsules, and how often both are named, i.e. are
 0.5).
 
 count fit: n training digits and n training composites of the paper's task, each drawn at 28,
-36, 64 and 200 px (resampled), white on black or black on white at random, read as
+36, 64 and 200 px (resampled) and filling a 28x28 frame, white on black or black on white at random, read as
 capsnet_predict.py reads them; a logistic regression of "two digits" on cp.COUNT_FEATURES, its
 bias then moved to make the worst group's right-count share largest; prints COUNT_WEIGHTS and
 COUNT_BIAS for capsnet_predict.py, and each group's right count (also fitted on half the images,
 measured on the other half).
 
 count score: n test digits and n test composites, drawn at each size in both polarities: per
-group, the right count of --digits auto and the digits named right with auto and with the true
-count forced (--digits 1|2); then the MNIST convention: all raw test digits and n raw composites
+group, the right count of --digits auto (with its binomial standard error) and the digits named
+right with auto and with the true count forced (--digits 1|2), and their paired difference with
+its standard error; then the MNIST convention: all raw test digits and n raw composites
 read as they are and after to_canvas, and n test digits scaled to fill 28x28 against the same at
 64x64, with no flag.
 
@@ -153,15 +154,19 @@ def examples_score(args, mnist) -> None:
 # count: how many digits --digits auto finds, fitted on training images, measured on test images
 
 SIDES = (28, 36, 64, 200)                     # each image drawn at these sizes (square, px)
+FILLED = "28 filled"                          # and at 28x28 with its ink box filling the frame
 POLARITIES = ("white on black", "black on white")
 KINDS = ("digits", "composites")              # MNIST digits; composites of the paper's task
 
 
-def drawn(img: np.ndarray, side: int, polarity: str) -> np.ndarray:
+def drawn(img: np.ndarray, side, polarity: str) -> np.ndarray:
     """uint8 image (28x28 digit or 36x36 composite) drawn at side x side (resampled when it is
-    another size, as cp.resize does), stored as 8 bits in the polarity -> float (side, side) in
-    [0, 1], as read_image returns a PNG of it."""
-    x = img / 255 if img.shape[0] == side else np.clip(cp.resize(img / 255, side, side), 0, 1)
+    another size, as cp.resize does; side FILLED: frame_filling), stored as 8 bits in the
+    polarity -> float (side, side) in [0, 1], as read_image returns a PNG of it."""
+    if side == FILLED:
+        x = frame_filling(img) / 255
+    else:
+        x = img / 255 if img.shape[0] == side else np.clip(cp.resize(img / 255, side, side), 0, 1)
     u8 = np.round(255 * x)
     return (255 - u8 if polarity == "black on white" else u8) / 255
 
@@ -200,14 +205,14 @@ def count_groups(mnist, split, n, seed, polarities, models, log) -> dict:
     The polarity 'mixed' draws each image in one of POLARITIES at random."""
     out = {}
     for kind, (images, labels) in source_images(mnist, split, n, seed).items():
-        for side in SIDES:
+        for side in SIDES + (FILLED,):
             for pol in polarities:
-                rng = np.random.default_rng([seed, side])
+                rng = np.random.default_rng([seed, 28 if side == FILLED else side, side == FILLED])
                 pols = rng.choice(POLARITIES, n) if pol == "mixed" else [pol] * n
                 t0 = time.perf_counter()
                 g = read_auto([drawn(im, side, q) for im, q in zip(images, pols)], models)
                 out[kind, side, pol] = g, labels
-                log(f"  {kind} at {side} px, {pol}: {time.perf_counter() - t0:.0f} s")
+                log(f"  {kind} at {side} px, {pol}: {time.perf_counter() - t0:.0f} s", flush=True)
     return out
 
 
@@ -251,18 +256,20 @@ def count_fit(args, mnist) -> None:
     per = lambda w: {k: (g["features"] @ w[:-1] + w[-1], np.full(args.n, k[0] == "composites"))
                      for k, (g, _) in groups.items()}
     bias = w[-1] + maximin_bias(per(w))
+    w_half[-1] += maximin_bias({k: (s[::2], t[::2]) for k, (s, t) in per(w_half).items()})
     lines = header(args, "the count rule, fitted on training images (each drawn white on black "
                          "or black on white at random)")
     lines += ["# logistic regression on cp.COUNT_FEATURES, L2 1e-3 on standardised features; "
               "bias moved to the best worst group", "COUNT_WEIGHTS = ("]
     lines += [f"    {v:.4f},  # {name}" for v, name in zip(w[:-1], cp.COUNT_FEATURES)]
     lines += [")", f"COUNT_BIAS = {bias:.4f}", "",
-              "right count on the training images (n each)    the rule    fitted on the other half"]
+              "right count on the training images (n each)    the rule    fitted on the other half "
+              "(its bias moved on its own half)"]
     for k, (g, _) in groups.items():
         s, truth = g["features"], k[0] == "composites"
         own = ((s @ w[:-1] + bias > 0) == truth)
         other = ((s @ w_half[:-1] + w_half[-1] > 0) == truth)[np.arange(args.n) % 2 == 1]
-        lines.append(f"  {k[0]:10s} at {k[1]:3d} px  n {args.n:5d}    {own.mean():.3f}       "
+        lines.append(f"  {k[0]:10s} at {k[1]:>9} px  n {args.n:5d}    {own.mean():.3f}       "
                      f"{other.mean():.3f}")
     report("\n".join(lines) + "\n", args.out)
 
@@ -273,21 +280,28 @@ def count_score(args, mnist) -> None:
     print(f"reading {args.n} test digits and composites at {SIDES} px, both polarities", flush=True)
     groups = count_groups(mnist, "test", args.n, args.seed, POLARITIES, models, print)
     lines = header(args, "--digits auto against the true count forced, on test images")
-    lines += ["| images | px | polarity | n | right count | named right, auto | named right, "
-              "forced --digits 1/2 |", "|---|---|---|---|---|---|---|"]
+    lines += ["| images | px | polarity | n | right count (s.e.) | named right, auto | named right, "
+              "forced --digits 1/2 | auto - forced (s.e.) |", "|---|---|---|---|---|---|---|---|"]
     for (kind, side, pol), (g, labels) in groups.items():
         k = labels.shape[1]
         auto = np.where(g["count"] == 1, named_right(g["found1"], labels) * (k == 1),
                         named_right(g["found2"], labels) * (k == 2))
         forced = named_right(g[f"found{k}"], labels)
-        lines.append(f"| {kind} | {side} | {pol} | {len(labels)} | {(g['count'] == k).mean():.3f} "
-                     f"| {auto.mean():.3f} | {forced.mean():.3f} |")
+        right, n, diff = (g["count"] == k).mean(), len(labels), auto.astype(float) - forced
+        lines.append(f"| {kind} | {side} | {pol} | {n} | {right:.3f} ({se(right, n):.3f}) "
+                     f"| {auto.mean():.3f} | {forced.mean():.3f} | {diff.mean():+.3f} "
+                     f"({diff.std() / np.sqrt(n):.3f}) |")
     lines += ["", *convention_rows(mnist, args, models)]
     report("\n".join(lines) + "\n", args.out)
 
 
+def se(p: float, n: int) -> float:
+    """The binomial standard error of a share p of n."""
+    return float(np.sqrt(p * (1 - p) / n))
+
+
 def frame_filling(img: np.ndarray) -> np.ndarray:
-    """A 28x28 digit whose ink box is scaled (keeping its aspect) to fill the 28x28 frame."""
+    """A digit or composite whose ink box is scaled (keeping its aspect) to fill a 28x28 frame."""
     rows, cols = np.flatnonzero(img.any(1)), np.flatnonzero(img.any(0))
     crop = img[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1] / 255
     h, w = (max(1, round(n * 28 / max(crop.shape))) for n in crop.shape)
@@ -390,7 +404,7 @@ def build_parser() -> argparse.ArgumentParser:
     cf = co_how.add_parser("fit", help="fit the rule on training images",
                            description="Fit COUNT_WEIGHTS and COUNT_BIAS on training images; "
                            "paste them into capsnet_predict.py.")
-    cf.set_defaults(fn=count_fit, n=1500)
+    cf.set_defaults(fn=count_fit, n=2000)
     cs = co_how.add_parser("score", help="measure the rule on test images",
                            description="Right count and digits named right, auto against "
                            "forced, per group of test images; the MNIST convention's rows.")

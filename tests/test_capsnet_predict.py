@@ -175,8 +175,9 @@ def test_any_size_is_scaled_to_mnists_box_keeping_its_aspect_and_centred_by_mass
     h, w, com = box_and_centre(img)
     assert img.shape == (canvas, canvas) and (h, w) == (long_side, round(long_side / 4))
     np.testing.assert_allclose(com, canvas / 2, atol=0.5)
-    assert img.max() == 255 and f"ink >= 0.50 above the background, its box 15x60 at row 20, " \
-        f"col 80 scaled x{long_side / 60:.3g} to {w}x{h}, centred by mass in {canvas}x{canvas}" == how
+    assert img.max() == 255 and f"enlarged to 128x96; ink >= 0.50 above the background, its box " \
+        f"15x60 at row 20, col 80 scaled x{long_side / 60:.3g} to {w}x{h}, centred by mass in " \
+        f"{canvas}x{canvas}" == how  # the box in the image's own pixels, found at 128 px
 
 
 def test_a_digit_scaled_up_and_back_down_comes_back():
@@ -351,7 +352,7 @@ def test_predict_reads_any_image_and_draws_what_it_did(tmp_path):
     assert heads[1].startswith("five.png: 5  (capsule length ")
     assert heads[2].startswith("photo.jpg: 3  (capsule length ")
     assert heads[3] == "blank.jpg: no digit found  (no ink)" and heads[4] == "wrote p.png"
-    assert "  120x90, inverted; ink >= " in r.stdout and "centred by mass in 28x28" in r.stdout
+    assert "  120x90, inverted; enlarged to 128x96; ink >= " in r.stdout and "centred by mass in 28x28" in r.stdout
     assert "  28x28; ink box 19 px, MNIST's: taken as it is, moved by +3, +0 px to centre its " \
         "mass in 28x28; model capsnet-mnist.npz, 1 digit (auto: the count rule's score -" in r.stdout
     assert "model capsnet-multimnist.npz, 2 digits (auto: the count rule's score +" in r.stdout
@@ -620,7 +621,7 @@ def test_the_count_rule_is_the_one_its_fit_wrote():
     bias = float(text.split("COUNT_BIAS = ")[1].split()[0])
     assert names == list(cp.COUNT_FEATURES)
     assert weights == list(cp.COUNT_WEIGHTS) and bias == cp.COUNT_BIAS
-    assert "count fit --n 1500 --seed 0" in text.splitlines()[0]
+    assert "count fit --n 2000 --seed 0" in text.splitlines()[0]
 
 
 def test_no_flag_reads_a_lone_digit_as_one_at_200x200_and_filling_28x28(tmp_path):
@@ -637,7 +638,7 @@ def test_no_flag_reads_a_lone_digit_as_one_at_200x200_and_filling_28x28(tmp_path
     heads = [ln for ln in r.stdout.splitlines() if not ln.startswith(" ")]
     assert r.returncode == 0 and [h.split("  (")[0] for h in heads] == [
         "seven.png: 7", "three.png: 3", "pair.png: 0 and 5"], r.stdout
-    assert "  28x28; ink >= " in r.stdout and "scaled x0.741 to 15x20" in r.stdout  # 27 -> 20 px
+    assert "  28x28; enlarged to 128x128; ink >= " in r.stdout and "to 15x20" in r.stdout
     assert r.stdout.count("1 digit (auto: the count rule's score -") == 2
 
 
