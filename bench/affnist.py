@@ -164,7 +164,8 @@ def read_runs(folder, epochs: int) -> list[dict]:
     if not docs:
         raise mc.CapsNetError(f"no runs in {folder}: bench/affnist.py train writes them")
     for d in docs:
-        if d["config"]["n_epochs"] < epochs or d["config"]["lr_decay"] != 1.0:
+        c = d["config"]
+        if c["n_epochs"] < epochs or c["lr_decay"] != 1.0 or c["lr_schedule"] != "exp":
             raise mc.CapsNetError(f"{d['model']}_s{d['seed']} trained {d['config']['n_epochs']} "
                                   f"epochs at a decaying rate or fewer than --epochs {epochs}")
         d["points"] = [p for p in d["points"] if p["epoch"] <= epochs]

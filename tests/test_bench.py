@@ -323,7 +323,7 @@ def test_affnist_train_and_report_on_synthetic_digits(monkeypatch, tmp_path, cap
         assert [p["step"] for p in doc["points"]] == [1, 2]
         assert all((runs / "ckpt" / f"{model}_s0_step{s}.npz").exists() for s in (1, 2))
     args = ["report", "--runs", str(runs), "--out", str(tmp_path), "--viz", str(tmp_path / "v"),
-            "--n", "24", "--workers", "1"]
+            "--n", "24", "--workers", "1", "--epochs", "1"]
     assert affnist.main(args) == 0
     text = (tmp_path / "results.md").read_text()
     assert text.count("| CapsNet, 3 routing iterations | 0 |") == 1 and "| CNN | 0 |" in text
@@ -336,3 +336,5 @@ def test_affnist_train_and_report_on_synthetic_digits(monkeypatch, tmp_path, cap
     capsys.readouterr()
     assert affnist.main(["report", "--runs", str(tmp_path / "none")]) == 1
     assert capsys.readouterr().err.startswith("affnist.py: error: no runs in")
+    assert affnist.main(args[:-1] + ["2"]) == 1  # a 1-epoch run has no second epoch to read
+    assert "fewer than --epochs 2" in capsys.readouterr().err
