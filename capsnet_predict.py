@@ -291,20 +291,20 @@ COUNT_FEATURES = (
 # Weights on COUNT_FEATURES and the bias: two digits when the sum is above 0. From
 # runs/predict/count_fit.txt (python3 bench/samples.py count fit).
 COUNT_WEIGHTS = (
-    4.4568,  # one_misfit
-    -3.6928,  # two_misfit
-    0.9165,  # first_misfit
-    -4.4861,  # one_first
-    8.1131,  # one_second
-    0.8698,  # two_second
-    -1.0513,  # two_third
-    -0.5762,  # one_as_made
-    -0.5236,  # two_as_made
-    0.0,  # one_unexplained
-    0.0,  # first_unexplained
-    0.0,  # two_unexplained
+    4.0148,  # one_misfit
+    -3.8438,  # two_misfit
+    2.0321,  # first_misfit
+    -4.0749,  # one_first
+    8.5275,  # one_second
+    2.0266,  # two_second
+    -0.3525,  # two_third
+    -0.8515,  # one_as_made
+    0.3852,  # two_as_made
+    1.0623,  # one_unexplained
+    -5.3888,  # first_unexplained
+    -0.8421,  # two_unexplained
 )
-COUNT_BIAS = 10.0232
+COUNT_BIAS = 10.7659
 EXPLAINED = (0.5, 0.3, 1)  # unexplained ink: input pixels >= 0.5 more than 1 px from any
                            # reconstruction pixel >= 0.3
 
