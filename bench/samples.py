@@ -122,6 +122,35 @@ def examples_write(args, mnist) -> None:
     print(*(out / n for n in names))
 
 
+def stroke(p, q, width: float, side: int = 200) -> np.ndarray:
+    """A (side, side) bool pen stroke from p to q, (row, col), width pixels wide."""
+    r, c = np.mgrid[:side, :side]
+    p, q = np.asarray(p, float), np.asarray(q, float)
+    d = q - p
+    t = np.clip(((r - p[0]) * d[0] + (c - p[1]) * d[1]) / (d @ d), 0, 1)
+    return np.hypot(r - p[0] - t * d[0], c - p[1] - t * d[1]) <= width / 2
+
+
+def examples_hand(args, mnist) -> None:
+    """Lone digits as a user brings them, black on white: test digit 0 at 200x200, a thick 7
+    drawn with two strokes at 200x200, test digits 1-10 at 112x112, and 11-15 filling a 28x28
+    frame (those white on black, as MNIST)."""
+    out = Path(args.outdir)
+    out.mkdir(parents=True, exist_ok=True)
+    x, y = mnist["test_x"] / 255, mnist["test_y"]
+    u8 = lambda a: np.round(255 * np.clip(a, 0, 1)).astype(np.uint8)
+    images = {f"test0_200x200_{y[0]}.png": u8(1 - cp.resize(x[0], 200, 200)),
+              "thick7_200x200.png": u8(1 - (stroke((40, 45), (40, 155), 22)
+                                            | stroke((40, 155), (170, 85), 22)))}
+    images.update({f"test{i}_112x112_{y[i]}.png": u8(1 - cp.resize(x[i], 112, 112))
+                   for i in range(1, 11)})
+    images.update({f"test{i}_filling28_{y[i]}.png": frame_filling(mnist["test_x"][i])
+                   for i in range(11, 16)})
+    for name, img in images.items():
+        mc.atomic_write(out / name, iio.imwrite("<bytes>", img, extension=".png"))
+    print(*(out / n for n in images))
+
+
 def examples_score(args, mnist) -> None:
     run = mc.load_checkpoint(args.model)
     rng = np.random.default_rng(args.seed)
@@ -376,13 +405,18 @@ def build_parser() -> argparse.ArgumentParser:
                         description="examples write OUTDIR: a 100x100 digit, a noisy photo JPEG, "
                         "a blank page; examples score: how the shipped model reads many such "
                         "images.")
-    how = ex.add_subparsers(dest="how", required=True, metavar="{write,score}",
+    how = ex.add_subparsers(dest="how", required=True, metavar="{write,hand,score}",
                             parser_class=mc.ArgumentParser)
     w = how.add_parser("write", help="write the three example images",
                        description="Write OUTDIR/digit100_L.png, OUTDIR/photo_L.jpg and "
                        "OUTDIR/blank.png.")
     w.add_argument("outdir", help="created if missing")
     w.set_defaults(fn=examples_write)
+    h = how.add_parser("hand", help="write lone digits at 200, 112 and 28 px, and a drawn 7",
+                       description="Write test digit 0 at 200x200, a thick 7 drawn at 200x200, "
+                       "test digits 1-10 at 112x112 and 11-15 filling 28x28 into OUTDIR.")
+    h.add_argument("outdir", help="created if missing")
+    h.set_defaults(fn=examples_hand)
     s = how.add_parser("score", help="how the shipped model reads many such images",
                        description="Top-1 and the 0.5 threshold on --n test digits as stored, "
                        "drawn larger and photographed; set accuracy on --n composites as made "
@@ -413,6 +447,9 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--n", type=int, default=q.get_default("n"),
                        help="images of each kind (default: %(default)s)")
         q.add_argument("--out", default=None, help="also write the report here (default: none)")
+    h.add_argument("--data-dir", default=None,
+                   help="MNIST cache (default: $HINTON_MNIST_DIR or ~/.cache/hinton-mnist)")
+    h.set_defaults(prog=h.prog)
     for q in (mn, w, s, cf, cs):
         q.add_argument("--seed", type=int, default=0, help="which digits (default: %(default)s)")
         q.add_argument("--data-dir", default=None,

@@ -20,7 +20,8 @@ SCRIPTS = sorted(p for p in (ROOT / "bench").glob("*.py") if p.name != "common.p
 # Every script's subcommands, as the docs name them ("" is the script itself)
 COMMANDS = {
     "speed.py": ["", "step", "ab", "floor", "alternatives", "micro", "workers", "data", "torch"],
-    "samples.py": ["", "mnist", "examples", "examples write", "examples score", "count",
+    "samples.py": ["", "mnist", "examples", "examples write", "examples hand", "examples score",
+                   "count",
                    "count fit", "count score"],
     "experiments.py": ["", "run", "long", "long-split", "summarize", "failures", "routing",
                        "task-stats"],
@@ -283,6 +284,8 @@ def test_samples_write_labelled_digits_composites_and_examples(synthetic_mnist, 
     assert samples.main(["examples", "write", str(tmp_path / "e")]) == 0
     names = sorted(p.suffix for p in (tmp_path / "e").iterdir())
     assert names == [".jpg", ".png", ".png"]
+    assert samples.main(["examples", "hand", str(tmp_path / "h")]) == 0
+    assert len(list((tmp_path / "h").iterdir())) == 17
     assert samples.main(["examples", "score", "--n", "3"]) == 0
     out = capsys.readouterr().out
     assert out.count("top-1") == 3 and out.count("set acc") == 2
