@@ -5,8 +5,8 @@ each digit's reconstruction from its own capsule.
 
 Any size, grey or colour, either polarity: an image that already follows MNIST's convention is
 taken as it is (as_made), any other is cropped, scaled and centred as MNIST was (fit_digits).
---digits auto counts the digits with both shipped models (count_score); one digit goes to the
-MNIST model, two to the MultiMNIST model.
+--digits auto counts the digits with both shipped models and a pixel counter (count_score); one
+digit goes to the MNIST model, two to the MultiMNIST model.
 """
 from __future__ import annotations
 
@@ -271,8 +271,9 @@ def to_canvas(x: np.ndarray, canvas: int, n_digits: int) -> tuple[np.ndarray | N
 
 # ----------------------------------------------------------------------------------------------
 # How many digits: both shipped models read the image, each in its own convention, and a linear
-# rule on how well each explains it decides. Fitted on training digits and composites only
-# (`python3 bench/samples.py count fit`, runs/predict/count_fit.txt); the test set only measures.
+# rule on how well each explains it, and on the pixel counter's logit, decides. Fitted on training
+# digits and composites only (`python3 bench/samples.py count fit`, runs/predict/count_fit.txt);
+# the test set only measures.
 
 COUNT_FEATURES = (
     "one_misfit",     # log mean squared error of the MNIST model's reconstruction of its digit
@@ -287,24 +288,26 @@ COUNT_FEATURES = (
     "one_unexplained",    # the share of the ink the MNIST model's digit leaves unexplained
     "first_unexplained",  # the same for the MultiMNIST model's first capsule alone
     "two_unexplained",    # and for its first two capsules together
+    "counter",        # the pixel counter's logit (counter_forward): two digits above its threshold
 )
 # Weights on COUNT_FEATURES and the bias: two digits when the sum is above 0. From
 # runs/predict/count_fit.txt (python3 bench/samples.py count fit).
 COUNT_WEIGHTS = (
-    4.0148,  # one_misfit
-    -3.8438,  # two_misfit
-    2.0321,  # first_misfit
-    -4.0749,  # one_first
-    8.5275,  # one_second
-    2.0266,  # two_second
-    -0.3525,  # two_third
-    -0.8515,  # one_as_made
-    0.3852,  # two_as_made
-    1.0623,  # one_unexplained
-    -5.3888,  # first_unexplained
-    -0.8421,  # two_unexplained
+    2.8774,  # one_misfit
+    -1.9200,  # two_misfit
+    0.7329,  # first_misfit
+    -3.8594,  # one_first
+    4.5500,  # one_second
+    2.4829,  # two_second
+    -0.1175,  # two_third
+    -0.8708,  # one_as_made
+    0.0217,  # two_as_made
+    7.7704,  # one_unexplained
+    -1.9688,  # first_unexplained
+    -6.3291,  # two_unexplained
+    0.3732,  # counter
 )
-COUNT_BIAS = 10.7659
+COUNT_BIAS = 8.4213
 EXPLAINED = (0.5, 0.3, 1)  # unexplained ink: input pixels >= 0.5 more than 1 px from any
                            # reconstruction pixel >= 0.3
 
@@ -373,7 +376,8 @@ def count_features(r: Reading, one: Run, two: Run) -> np.ndarray:
                      s1[:, 0], s1[:, 1], s2[:, 1], s2[:, 2], made[:, 0], made[:, 1],
                      _unexplained(one.eval_params, r.v1, [o1[:, 0]], r.ones),
                      _unexplained(two.eval_params, r.v2, [o2[:, 0]], r.twos),
-                     _unexplained(two.eval_params, r.v2, [o2[:, 0], o2[:, 1]], r.twos)], 1)
+                     _unexplained(two.eval_params, r.v2, [o2[:, 0], o2[:, 1]], r.twos),
+                     counter_forward(counter_input(r.ones, r.twos), load_counter())[0]], 1)
 
 
 def count_score(features: np.ndarray) -> np.ndarray:
@@ -381,10 +385,75 @@ def count_score(features: np.ndarray) -> np.ndarray:
     return features @ np.array(COUNT_WEIGHTS) + COUNT_BIAS
 
 
+# The pixel counter: a network with one hidden layer (64 ReLUs) reads both models'
+# inputs (the image normalised as one digit, 28x28, and as two, 36x36) and says how likely two
+# digits are: the count rule's last input. Trained on 50,000 training digits and composites of
+# them, drawn at many sizes in both polarities (`python3 bench/samples.py count train`,
+# runs/predict/count_train.txt); the rule is fitted on the other 10,000. It reads pixels, not
+# the capsules of models that learnt every training digit, so test images are as new to it as
+# those 10,000.
+
+COUNT_MLP_FILE = mc.installed("models/count_mlp.npz")  # the shipped counter
+COUNT_PARAMS = ("w1", "b1", "w2", "b2")  # (I, H), (H,), (H, 1), (1,)
+
+
+def counter_input(ones: np.ndarray, twos: np.ndarray) -> np.ndarray:
+    """The counter's input (N, 28*28 + 36*36) in [0, 1]: both uint8 views side by side."""
+    return np.concatenate([ones.reshape(len(ones), -1), twos.reshape(len(twos), -1)], 1) / 255
+
+
+def counter_forward(x: np.ndarray, p: dict) -> tuple[np.ndarray, tuple]:
+    """x (N, I) -> (the logit of two digits (N,), cache)."""
+    h, c1 = mc.affine_forward(x, p["w1"], p["b1"])
+    a, c2 = mc.relu_forward(h)
+    s, c3 = mc.affine_forward(a, p["w2"], p["b2"])
+    return s[:, 0], (c1, c2, c3)
+
+
+def counter_backward(ds: np.ndarray, cache: tuple) -> dict:
+    """ds (N,) the upstream gradient of the logits -> {name: its gradient}."""
+    c1, c2, c3 = cache
+    da, dw2, db2 = mc.affine_backward(ds[:, None], c3)
+    _, dw1, db1 = mc.affine_backward(mc.relu_backward(da, c2), c1)
+    return dict(w1=dw1, b1=db1, w2=dw2, b2=db2)
+
+
+def counter_loss(p: dict, x: np.ndarray, y: np.ndarray, l2: float = 0.0) -> tuple[float, dict]:
+    """The mean cross-entropy of the counter on x (N, I) with targets y (N,) in {0, 1} (1: two
+    digits), plus l2 / 2 times the weights' squares -> (loss, {name: gradient})."""
+    s, cache = counter_forward(x, p)
+    loss = np.mean(np.logaddexp(0, s) - y * s) + l2 / 2 * sum((p[k] ** 2).sum() for k in ("w1", "w2"))
+    grads = counter_backward((mc.sigmoid(s) - y) / len(x), cache)
+    for k in ("w1", "w2"):
+        grads[k] = grads[k] + l2 * p[k]
+    return float(loss), grads
+
+
+_COUNTERS: dict = {}
+
+
+def load_counter(path: Path = None) -> dict | None:
+    """The counter at path (default COUNT_MLP_FILE) as float64 {COUNT_PARAMS..., threshold},
+    loaded once; None when the file is missing."""
+    path = Path(path or COUNT_MLP_FILE)
+    if path not in _COUNTERS:
+        if not path.exists():
+            return None
+        with np.load(path) as f:
+            _COUNTERS[path] = {k: f[k].astype(np.float64) for k in (*COUNT_PARAMS, "threshold")}
+    return _COUNTERS[path]
+
+
+def count_scores(r: Reading, counter: dict = None) -> np.ndarray:
+    """(N,) the counter's score for the reading r: its logit less its threshold, two above 0."""
+    counter = counter or load_counter()
+    return counter_forward(counter_input(r.ones, r.twos), counter)[0] - counter["threshold"]
+
+
 def shipped_pair(runs: dict) -> tuple[Run, Run] | None:
     """The two shipped models (MNIST's, MultiMNIST's), loaded once into runs, or None when
     either is missing: then --digits auto cannot count."""
-    if not (MNIST_MODEL_FILE.exists() and MODEL_FILE.exists()):
+    if not (MNIST_MODEL_FILE.exists() and MODEL_FILE.exists() and COUNT_MLP_FILE.exists()):
         return None
     for path in (MNIST_MODEL_FILE, MODEL_FILE):
         if path not in runs:

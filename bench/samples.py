@@ -258,10 +258,10 @@ def logistic_fit(x: np.ndarray, y: np.ndarray, l2: float = 1e-3) -> np.ndarray:
     return np.append(w[:-1] / sd, w[-1] - (w[:-1] * mu / sd).sum())  # on the raw features
 
 
-def maximin_bias(scores: dict, step: float = 0.01) -> float:
+def maximin_bias(scores: dict, step: float = 0.01, span: float = 3) -> float:
     """The shift of the bias that makes the worst group's right-count share largest: scores
     {group: (scores (N,), two (N,) bool)}; ties go to the shift nearest 0."""
-    shifts = np.arange(-3, 3 + step / 2, step)
+    shifts = np.arange(-span, span + step / 2, step)
     worst = [min(((s + b > 0) == two).mean() for s, two in scores.values()) for b in shifts]
     best = np.flatnonzero(np.isclose(worst, max(worst)))
     return float(shifts[best[np.argmin(np.abs(shifts[best]))]])
@@ -276,7 +276,8 @@ def count_fit(args, mnist) -> None:
     """Fit the count rule on training digits and composites (one polarity each, at random)."""
     models = load_shipped()
     print(f"reading {args.n} training digits and composites at {SIDES} px", flush=True)
-    groups = count_groups(mnist, "train", args.n, args.seed, ("mixed",), models, print)
+    held = training_pools(mnist, args.seed)["held"]  # digits the pixel counter never learnt
+    groups = count_groups(held, "train", args.n, args.seed, ("mixed",), models, print)
     x = np.concatenate([g["features"] for g, _ in groups.values()])
     two = np.concatenate([np.full(args.n, k[0] == "composites") for k in groups])
     w = logistic_fit(x, two.astype(float))
@@ -301,6 +302,105 @@ def count_fit(args, mnist) -> None:
         lines.append(f"  {k[0]:10s} at {k[1]:>9} px  n {args.n:5d}    {own.mean():.3f}       "
                      f"{other.mean():.3f}")
     report("\n".join(lines) + "\n", args.out)
+
+
+def counter_views(images: list) -> tuple[np.ndarray, np.ndarray]:
+    """Float images (either polarity) as capsnet_predict.py normalises them for its two models:
+    -> (N, 28, 28) and (N, 36, 36) uint8, as cp.read_both makes them (zeros without ink)."""
+    ones, twos = [], []
+    for x in images:
+        ink = cp.ink_on_black(x)[0]
+        a, b = cp.to_canvas(ink, 28, 1)[0], cp.to_canvas(ink, 36, 2)[0]
+        ones.append(np.zeros((28, 28), np.uint8) if a is None else a)
+        twos.append(np.zeros((36, 36), np.uint8) if b is None else b)
+    return np.stack(ones), np.stack(twos)
+
+
+def training_pools(mnist, seed: int) -> dict:
+    """The training split in two, by seed: {'fit': 50,000 digits the pixel counter learns from,
+    'held': the other 10,000, from which count train chooses its threshold and count fit the
+    count rule}, each as a split named 'train'."""
+    order = np.random.default_rng(seed).permutation(len(mnist["train_x"]))
+    return {name: {"train_x": mnist["train_x"][idx], "train_y": mnist["train_y"][idx]}
+            for name, idx in (("fit", order[:50000]), ("held", order[50000:]))}
+
+
+def random_side(rng: np.random.Generator):
+    """One of SIDES, FILLED or any side 28..200, each of the six as likely."""
+    k = rng.integers(len(SIDES) + 2)
+    return SIDES[k] if k < len(SIDES) else FILLED if k == len(SIDES) else int(rng.integers(28, 201))
+
+
+def adam_fit(x, y, params: dict, epochs: int, rng, lr=1e-3, l2=1e-4, batch=128, log=print):
+    """Fit the counter's params (in place) to x (N, I), y (N,) by Adam on minibatches."""
+    m = {k: np.zeros_like(v) for k, v in params.items()}
+    v2 = {k: np.zeros_like(v) for k, v in params.items()}
+    t = 0
+    for epoch in range(epochs):
+        order, total = rng.permutation(len(x)), 0.0
+        for i in range(0, len(x), batch):
+            j = order[i:i + batch]
+            loss, grads = cp.counter_loss(params, x[j], y[j], l2)
+            total += loss * len(j)
+            t += 1
+            for k, g in grads.items():
+                m[k] = 0.9 * m[k] + 0.1 * g
+                v2[k] = 0.999 * v2[k] + 0.001 * g * g
+                params[k] -= lr * (m[k] / (1 - 0.9 ** t)) / (np.sqrt(v2[k] / (1 - 0.999 ** t)) + 1e-8)
+        right = ((cp.counter_forward(x, params)[0] > 0) == y).mean()
+        log(f"  epoch {epoch + 1:2d}: loss {total / len(x):.4f}, right count on its own images "
+            f"{right:.4f}", flush=True)
+
+
+def count_train(args, mnist) -> None:
+    """Train the pixel counter on training images (not the test set), choose its threshold on
+    other training images, write it to --model."""
+    rng = np.random.default_rng(args.seed)
+    pools = training_pools(mnist, args.seed)
+    lines = header(args, "the pixel counter of --digits auto, trained on training images")
+    lines += [f"# fitted on {args.renders} drawings of each of {args.n} digits and {args.n} "
+              "composites from 50,000 training digits, each at a random size (28, 36, 64, 200, "
+              "filling 28x28, or any side 28..200) and polarity; threshold on the other 10,000"]
+    log = lambda text, **kw: (print(text, **kw), lines.append(text))
+    t0 = time.perf_counter()
+    xs, ys = [], []
+    for kind, (images, _) in source_images(pools["fit"], "train", args.n, args.seed).items():
+        for _ in range(args.renders):
+            pics = [drawn(im, random_side(rng), rng.choice(POLARITIES)) for im in images]
+            xs.append(cp.counter_input(*counter_views(pics)))
+            ys.append(np.full(len(images), kind == "composites", float))
+    x, y = np.concatenate(xs), np.concatenate(ys)
+    print(f"drew and normalised {len(x)} training images: {time.perf_counter() - t0:.0f} s")
+    held = {}
+    for kind, (images, _) in source_images(pools["held"], "train", args.held, args.seed + 1).items():
+        for side in SIDES + (FILLED,):
+            pols = rng.choice(POLARITIES, len(images))
+            pics = [drawn(im, side, q) for im, q in zip(images, pols)]
+            held[kind, side] = cp.counter_input(*counter_views(pics)), kind == "composites"
+    print(f"and {args.held} of each kind at each size to choose the threshold: "
+          f"{time.perf_counter() - t0:.0f} s", flush=True)
+    h = args.hidden
+    params = dict(w1=rng.normal(0, np.sqrt(2 / x.shape[1]), (x.shape[1], h)), b1=np.zeros(h),
+                  w2=rng.normal(0, np.sqrt(2 / h), (h, 1)), b2=np.zeros(1))
+    log(f"# {x.shape[1]} inputs, {h} ReLUs, Adam lr 1e-3, L2 1e-4, minibatch 128, "
+        f"{args.epochs} epochs")
+    adam_fit(x, y, params, args.epochs, rng, log=log)
+    scores = {k: (cp.counter_forward(hx, params)[0], np.full(len(hx), two))
+              for k, (hx, two) in held.items()}
+    threshold = -maximin_bias(scores, step=0.01, span=8)
+    log(f"threshold on the logit: {threshold:+.2f} (the best worst held-out group)")
+    log("right count on held-out training images, mixed polarities (n each)    at 0    "
+        "at the threshold")
+    for (kind, side), (s, two) in scores.items():
+        log(f"  {kind:10s} at {side:>9} px  n {len(s):5d}    {((s > 0) == two).mean():.3f}  "
+            f"{((s > threshold) == two).mean():.3f}")
+    arrays = {k: v.astype(np.float32) for k, v in params.items()}
+    np.savez_compressed(args.model, **arrays, threshold=np.float32(threshold))
+    log(f"wrote {args.model} ({Path(args.model).stat().st_size} bytes) in "
+        f"{time.perf_counter() - t0:.0f} s")
+    if args.out:
+        mc.atomic_write(Path(args.out), ("\n".join(lines) + "\n").encode())
+        print(f"wrote {args.out}")
 
 
 def count_score(args, mnist) -> None:
@@ -433,8 +533,23 @@ def build_parser() -> argparse.ArgumentParser:
                         f"drawn at {', '.join(map(str, SIDES))} px; count score: measure it on "
                         "test images drawn so, in both polarities, against --digits 1|2, and "
                         "how the MNIST convention reads raw and frame-filling digits.")
-    co_how = co.add_subparsers(dest="how", required=True, metavar="{fit,score}",
+    co_how = co.add_subparsers(dest="how", required=True, metavar="{train,fit,score}",
                                parser_class=mc.ArgumentParser)
+    ct = co_how.add_parser("train", help="train the pixel counter on training images",
+                           description="Train the counter of --digits auto (a one-hidden-layer "
+                           "network on both normalised views) on --n training digits and --n "
+                           "training composites, each drawn --renders times at a random size "
+                           "and polarity; choose its threshold on --held others of each kind "
+                           "at each size; write it to --model.")
+    ct.set_defaults(fn=count_train, n=10000)
+    ct.add_argument("--renders", type=int, default=2, help="drawings of each (default: "
+                    "%(default)s)")
+    ct.add_argument("--held", type=int, default=500, help="held-out images of each kind at each "
+                    "size (default: %(default)s)")
+    ct.add_argument("--hidden", type=int, default=64, help="hidden units (default: %(default)s)")
+    ct.add_argument("--epochs", type=int, default=10, help="(default: %(default)s)")
+    ct.add_argument("--model", default="models/count_mlp.npz",
+                    help="where the counter goes (default: %(default)s)")
     cf = co_how.add_parser("fit", help="fit the rule on training images",
                            description="Fit COUNT_WEIGHTS and COUNT_BIAS on training images; "
                            "paste them into capsnet_predict.py.")
@@ -443,14 +558,14 @@ def build_parser() -> argparse.ArgumentParser:
                            description="Right count and digits named right, auto against "
                            "forced, per group of test images; the MNIST convention's rows.")
     cs.set_defaults(fn=count_score, n=500)
-    for q in (cf, cs):
+    for q in (ct, cf, cs):
         q.add_argument("--n", type=int, default=q.get_default("n"),
                        help="images of each kind (default: %(default)s)")
         q.add_argument("--out", default=None, help="also write the report here (default: none)")
     h.add_argument("--data-dir", default=None,
                    help="MNIST cache (default: $HINTON_MNIST_DIR or ~/.cache/hinton-mnist)")
     h.set_defaults(prog=h.prog)
-    for q in (mn, w, s, cf, cs):
+    for q in (mn, w, s, ct, cf, cs):
         q.add_argument("--seed", type=int, default=0, help="which digits (default: %(default)s)")
         q.add_argument("--data-dir", default=None,
                        help="MNIST cache (default: $HINTON_MNIST_DIR or ~/.cache/hinton-mnist)")
