@@ -4,6 +4,7 @@ reads many such images.
     python3 bench/samples.py mnist OUTDIR [--n 4] [--seed 0]       # digits and composites, as made
     python3 bench/samples.py examples write OUTDIR [--seed 0]      # the images a new user tries
     python3 bench/samples.py examples score [--n 1000] [--seed 0]  # the shipped model on many
+    python3 bench/samples.py count train [--out FILE]              # its pixel counter, trained
     python3 bench/samples.py count fit [--n 2000] [--out FILE]     # --digits auto's rule, fitted
     python3 bench/samples.py count score [--n 500] [--out FILE]    # and measured
 
@@ -23,7 +24,11 @@ task as they are and drawn 3x larger, black on white, in a 120x120 image (read w
 set accuracy of the two longest capsules, and how often both are named, i.e. are right and reach
 0.5).
 
-count fit: n training digits and n training composites of the paper's task, each drawn at 28,
+count train: the pixel counter (models/count_mlp.npz) on 2 drawings each of n training digits
+and n composites, each at a random size and polarity, from 50,000 of the 60,000 training digits
+(the split by --seed); its threshold on 500 of each kind at each size from the other 10,000.
+
+count fit: the rule on those 10,000: n digits and n composites of the paper's task, each drawn at 28,
 36, 64 and 200 px (resampled) and filling a 28x28 frame, white on black or black on white at random, read as
 capsnet_predict.py reads them; a logistic regression of "two digits" on cp.COUNT_FEATURES, its
 bias then moved to make the worst group's right-count share largest; prints COUNT_WEIGHTS and
