@@ -160,7 +160,8 @@ def read_runs(folder, epochs: int) -> list[dict]:
     """Every run train wrote in folder, in MODELS order, then by seed, with its points of the
     first `epochs` epochs: a longer run's first epochs are those of a run that stops there (the
     learning rate is constant and each epoch's data comes from its own generator state)."""
-    docs = [json.loads(p.read_text()) for p in Path(folder).glob("*_s*.json")]
+    docs = [json.loads(gzip.decompress(p.read_bytes()) if p.suffix == ".gz" else p.read_text())
+            for p in sorted(Path(folder).glob("*_s*.json*"))]
     if not docs:
         raise mc.CapsNetError(f"no runs in {folder}: bench/affnist.py train writes them")
     for d in docs:
@@ -203,6 +204,7 @@ def report(args) -> int:
     (OUT/results.md), the predictions (OUT/predictions.json.gz) and the two figures."""
     folder, out = Path(args.runs), Path(args.out)
     docs = read_runs(folder, args.epochs)
+    out.mkdir(parents=True, exist_ok=True)  # before the scoring, not after it
     target, budget, stops, equal = choose(docs)
     mnist = mnist_fetch.load_mnist(args.data_dir)
     mnist = dict(mnist, test_x=mnist["test_x"][:args.n], test_y=mnist["test_y"][:args.n])

@@ -325,15 +325,16 @@ def test_affnist_train_and_report_on_synthetic_digits(monkeypatch, tmp_path, cap
         doc = json.loads((runs / f"{model}_s0.json").read_text())
         assert [p["step"] for p in doc["points"]] == [1, 2]
         assert all((runs / "ckpt" / f"{model}_s0_step{s}.npz").exists() for s in (1, 2))
-    args = ["report", "--runs", str(runs), "--out", str(tmp_path), "--viz", str(tmp_path / "v"),
+    args = ["report", "--runs", str(runs), "--out", str(tmp_path / "o"), "--viz",
+            str(tmp_path / "v"),
             "--n", "24", "--workers", "1", "--epochs", "1"]
     assert affnist.main(args) == 0
-    text = (tmp_path / "results.md").read_text()
+    text = (tmp_path / "o" / "results.md").read_text()  # the folder is made
     assert text.count("| CapsNet, 3 routing iterations | 0 |") == 1 and "| CNN | 0 |" in text
     assert "CapsNet, 3 routing iterations − CNN" in text and "Shared target" in text
     assert {p.name for p in (tmp_path / "v").iterdir()} == {"affnist_robustness.png",
                                                             "affnist_reconstructions.png"}
-    preds = json.loads(__import__("gzip").decompress((tmp_path / "predictions.json.gz")
+    preds = json.loads(__import__("gzip").decompress((tmp_path / "o" / "predictions.json.gz")
                                                      .read_bytes()))
     assert len(preds) == 6 and all(len(v["affnist"]) == 24 for v in preds.values())
     capsys.readouterr()
