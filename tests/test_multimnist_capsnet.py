@@ -354,7 +354,7 @@ def test_expanded_places_every_digit_whole_at_every_offset_0_to_12_on_40x40(rng)
 def test_expanded_task_trains_on_fresh_positions_and_tests_on_positions_fixed_by_the_seed():
     parse = lambda *a: mc.config_from_args(mc.build_parser().parse_args(list(a)))
     cfg = parse("--task", "expanded", "--n-train", "200", "--n-test", "50")
-    assert (cfg.canvas, cfg.max_shift, cfg.n_labels, cfg.cnn_fc) == (40, 6, 1, 328)
+    assert (cfg.canvas, cfg.max_shift, cfg.n_labels, cfg.cnn_fc) == (40, 6, 1, 704)  # own CNN
     assert parse("--task", "expanded").n_train == 60000
     with pytest.raises(mc.CapsNetError, match="10000 test"):
         parse("--task", "expanded", "--n-test", "10001")
