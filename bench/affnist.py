@@ -23,8 +23,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (commit, cpu_model, make_step, mc, median_time,  # noqa: E402
-                    training_parser)
+from common import (commit, compress_run, cpu_model, make_step, mc, median_time,  # noqa: E402
+                    read_run, training_parser)
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import affnist_like  # noqa: E402
 import mnist_fetch  # noqa: E402
@@ -103,7 +103,7 @@ def train(args) -> int:
     """Train one model of MODELS for --epochs on expanded MNIST with the training loop of
     multimnist_capsnet.py, scoring the validation digits every quarter epoch and keeping the
     weights of each of those points (OUT/ckpt/NAME_stepS.npz) and the points' validation error,
-    step and time (OUT/NAME.json)."""
+    step and time (OUT/NAME.json.gz)."""
     flags = MODELS[args.model]
     cfg = config([*flags, "--seed", str(args.seed), "--n-epochs", str(args.epochs),
                   "--n-train", str(N_TRAIN)])
@@ -146,7 +146,8 @@ def train(args) -> int:
                        f"--seed {args.seed} --epochs {args.epochs} --out {args.out}",
                cpu=cpu_model(), code=commit(), points=points,
                **{t: [float(f"{x:.5g}") for x in run.history[t]] for t in mc.model_for(cfg).loss_terms})
-    mc.atomic_write(out / f"{name}.json", (json.dumps(doc, separators=(",", ":")) + "\n").encode())
+    mc.atomic_write(out / f"{name}.json", json.dumps(doc).encode())
+    compress_run(out / f"{name}.json")  # NAME.json.gz, as runs/ keeps every run
     return 0
 
 
@@ -160,8 +161,7 @@ def read_runs(folder, epochs: int) -> list[dict]:
     """Every run train wrote in folder, in MODELS order, then by seed, with its points of the
     first `epochs` epochs: a longer run's first epochs are those of a run that stops there (the
     learning rate is constant and each epoch's data comes from its own generator state)."""
-    docs = [json.loads(gzip.decompress(p.read_bytes()) if p.suffix == ".gz" else p.read_text())
-            for p in sorted(Path(folder).glob("*_s*.json*"))]
+    docs = [read_run(p) for p in sorted(Path(folder).glob("*_s*.json*"))]
     if not docs:
         raise mc.CapsNetError(f"no runs in {folder}: bench/affnist.py train writes them")
     for d in docs:
@@ -187,10 +187,12 @@ def choose(docs: list[dict]) -> tuple[float, float, list[dict], list[dict]]:
     return target, budget, stops, equal
 
 
-def labels_of(path, x, workers) -> np.ndarray:
-    """The digit a checkpoint names for each image x (N, 40, 40) uint8."""
+def labels_of(path, images: dict, workers) -> dict:
+    """The digit a checkpoint names for each image of each set in images (name: (N, 40, 40)
+    uint8), the checkpoint read once."""
     run = mc.load_checkpoint(path)
-    return mc.class_scores(mc.predict(run.eval_params, run.cfg, x, workers), run.cfg).argmax(1)
+    return {k: mc.class_scores(mc.predict(run.eval_params, run.cfg, x, workers), run.cfg).argmax(1)
+            for k, x in images.items()}
 
 
 def mean_se(x) -> str:
@@ -218,8 +220,8 @@ def report(args) -> int:
             for kind, p in (("stop", stop), ("equal", eq)):
                 ckpt = folder / "ckpt" / f"{name}_step{p['step']}.npz"
                 if ckpt not in seen:
-                    seen[ckpt] = dict(step=p["step"], expanded=labels_of(ckpt, test["x"], workers),
-                                      affnist=labels_of(ckpt, aff["x"], workers))
+                    seen[ckpt] = dict(step=p["step"], **labels_of(
+                        ckpt, dict(expanded=test["x"], affnist=aff["x"]), workers))
                     print(f"scored {ckpt}", file=sys.stderr, flush=True)
                 preds[f"{name}.{kind}"] = seen[ckpt]
     truth = dict(expanded=mnist["test_y"], affnist=aff["labels"])
@@ -278,12 +280,17 @@ def results_text(docs, target, budget, stops, equal, acc, n, epochs) -> str:
 BINS = 8
 
 
-def bin_accuracy(right: np.ndarray, value: np.ndarray, lo: float, hi: float):
-    """Bin centres (BINS,) and the accuracy of right (N,) bool in each bin of value over [lo, hi]."""
-    edges = np.linspace(lo, hi, BINS + 1)
+def bin_accuracy(right: np.ndarray, value: np.ndarray, edges: np.ndarray) -> np.ndarray:
+    """The accuracy of right (N,) bool in each of the BINS bins of value between edges."""
     idx = np.clip(np.digitize(value, edges) - 1, 0, BINS - 1)
     hits = [right[idx == b] for b in range(BINS)]
-    return (edges[1:] + edges[:-1]) / 2, np.array([h.mean() if len(h) else np.nan for h in hits])
+    return np.array([h.mean() if len(h) else np.nan for h in hits])
+
+
+def png(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()
 
 
 def write_figures(docs, stops, preds, aff, folder: Path, viz: Path) -> None:
@@ -301,14 +308,15 @@ def write_figures(docs, stops, preds, aff, folder: Path, viz: Path) -> None:
     FigureCanvasAgg(fig)
     axes = fig.subplots(1, 3, sharey=True)
     for ax, (value, lo, hi, label) in zip(axes, params.values()):
+        edges = np.linspace(lo, hi, BINS + 1)
+        centres = (edges[1:] + edges[:-1]) / 2
         for m in MODELS:
             runs = [d for d in docs if d["model"] == m]
             if not runs:
                 continue
             curves = np.array([bin_accuracy(
-                preds[f"{m}_s{d['seed']}.stop"]["affnist"] == aff["labels"], value, lo, hi)[1]
+                preds[f"{m}_s{d['seed']}.stop"]["affnist"] == aff["labels"], value, edges)
                 for d in runs])
-            centres = bin_accuracy(np.ones(len(value), bool), value, lo, hi)[0]
             se = curves.std(0, ddof=1) / np.sqrt(len(runs)) if len(runs) > 1 else 0 * centres
             ax.errorbar(centres, 100 * curves.mean(0), yerr=100 * se, marker="o", ms=3,
                         capsize=2, label=f"{NAMES[m]} ({len(runs)} seeds)")
@@ -319,16 +327,14 @@ def write_figures(docs, stops, preds, aff, folder: Path, viz: Path) -> None:
     fig.suptitle("Trained on expanded MNIST, stopped at the same validation accuracy; tested on "
                  "affNIST-like digits (bench/affnist.py report)", fontsize=9)
     viz.mkdir(parents=True, exist_ok=True)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    mc.atomic_write(viz / "affnist_robustness.png", buf.getvalue())
+    mc.atomic_write(viz / "affnist_robustness.png", png(fig))
     recon = [(d, s) for d, s in zip(docs, stops) if d["model"] != "cnn" and d["seed"] == 0]
     if recon:
         mc.atomic_write(viz / "affnist_reconstructions.png",
-                        reconstructions(recon, aff, folder))
+                        png(reconstructions(recon, aff, folder)))
 
 
-def reconstructions(runs, aff, folder: Path, n: int = 10) -> bytes:
+def reconstructions(runs, aff, folder: Path, n: int = 10):
     """The first n affNIST-like digits above what each run's capsule of the true digit draws,
     with the digit the run names and that capsule's length."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -357,9 +363,7 @@ def reconstructions(runs, aff, folder: Path, n: int = 10) -> bytes:
         axes[r, 0].set_ylabel(name, fontsize=7)
     fig.suptitle("Does the true digit's capsule keep the transformed pose? (seed 0, at the shared "
                  "target)", fontsize=9)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    return buf.getvalue()
+    return fig
 
 
 def main(argv=None) -> int:

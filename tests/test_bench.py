@@ -321,7 +321,7 @@ def test_affnist_train_and_report_on_synthetic_digits(monkeypatch, tmp_path, cap
     runs = tmp_path / "runs"
     for model in ("capsnet3", "capsnet1", "cnn"):
         assert affnist.main(["train", model, "--epochs", "1", "--out", str(runs)]) == 0
-        doc = json.loads((runs / f"{model}_s0.json").read_text())
+        doc = affnist.read_run(runs / f"{model}_s0.json")  # written as NAME.json.gz
         assert [p["step"] for p in doc["points"]] == [1, 2]
         assert all((runs / "ckpt" / f"{model}_s0_step{s}.npz").exists() for s in (1, 2))
     args = ["report", "--runs", str(runs), "--out", str(tmp_path / "o"), "--viz",
