@@ -567,11 +567,9 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--n", type=int, default=q.get_default("n"),
                        help="images of each kind (default: %(default)s)")
         q.add_argument("--out", default=None, help="also write the report here (default: none)")
-    h.add_argument("--data-dir", default=None,
-                   help="MNIST cache (default: $HINTON_MNIST_DIR or ~/.cache/hinton-mnist)")
-    h.set_defaults(prog=h.prog)
-    for q in (mn, w, s, ct, cf, cs):
+    for q in (mn, w, s, ct, cf, cs):  # hand draws fixed digits: no --seed
         q.add_argument("--seed", type=int, default=0, help="which digits (default: %(default)s)")
+    for q in (mn, w, h, s, ct, cf, cs):
         q.add_argument("--data-dir", default=None,
                        help="MNIST cache (default: $HINTON_MNIST_DIR or ~/.cache/hinton-mnist)")
         q.set_defaults(prog=q.prog)

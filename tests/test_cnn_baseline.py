@@ -59,8 +59,9 @@ def test_a_backward_that_ignores_the_dropout_mask_fails_the_check(rng):
         check(lambda: cb.dropout_forward(x, keep)[0], x, lambda d: d.copy(), rng)
 
 
-def test_mnist_cnn_gradient_for_every_parameter_with_dropout(rng):
-    cfg = mc.Config(**MNIST_CNN)
+def one_label_cnn_check(cfg, rng):
+    """A one-digit CNN's loss, aux and per-parameter gradient errors on a batch of 3 with a
+    dropout mask, its biases moved off zero."""
     params = mc.init_params(cfg, rng)
     assert set(params) == {f"cnn_{n}_{w}" for n in ("conv1", "conv2", "conv3", "fc", "fc2", "out")
                            for w in "wb"}
@@ -70,8 +71,13 @@ def test_mnist_cnn_gradient_for_every_parameter_with_dropout(rng):
     batch = one_label_batch(cfg, rng)
     batch["keep"] = cb.dropout_mask(rng, (3, cfg.cnn_fc2), 0.5, np.float64)
     loss, grads, aux = mc.loss_and_grads(params, batch, cfg)
-    assert aux["out"].shape == (3, 10) and loss == aux["xent"]
     errors = parameter_errors(lambda: mc.loss_and_grads(params, batch, cfg)[0], params, grads, rng)
+    return loss, aux, errors
+
+
+def test_mnist_cnn_gradient_for_every_parameter_with_dropout(rng):
+    loss, aux, errors = one_label_cnn_check(mc.Config(**MNIST_CNN), rng)
+    assert aux["out"].shape == (3, 10) and loss == aux["xent"]
     assert max(errors.values()) < 1e-7, errors
 
 
@@ -80,14 +86,7 @@ def test_expanded_mnist_cnn_pools_and_its_gradient_holds_for_every_parameter(rng
     cfg = mc.Config(**dict(MNIST_CNN, task="expanded", canvas=16))
     arch = cb.cnn_arch(cfg)
     assert arch.pool and arch.kernels == (5, 5, 5) and arch.flat() == 2 * 2 * cfg.cnn_conv3
-    params = mc.init_params(cfg, rng)
-    for k in params:
-        if k.endswith("_b"):
-            params[k] += 0.1 * rng.standard_normal(params[k].shape)
-    batch = one_label_batch(cfg, rng)
-    batch["keep"] = cb.dropout_mask(rng, (3, cfg.cnn_fc2), 0.5, np.float64)
-    loss, grads, aux = mc.loss_and_grads(params, batch, cfg)
-    errors = parameter_errors(lambda: mc.loss_and_grads(params, batch, cfg)[0], params, grads, rng)
+    errors = one_label_cnn_check(cfg, rng)[2]
     assert max(errors.values()) < 1e-7, errors
 
 
