@@ -20,7 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-import cnn_baseline  # noqa: F401  (registers the CNN, so that a CNN checkpoint predicts too)
+import cnn_baseline  # the counter's layers; importing it registers the CNN, so that a CNN
+                     # checkpoint predicts too
 import multimnist_capsnet as mc
 from multimnist_capsnet import CapsNetError, MODEL_FILE, Run
 
@@ -385,46 +386,46 @@ def count_score(features: np.ndarray) -> np.ndarray:
     return features @ np.array(COUNT_WEIGHTS) + COUNT_BIAS
 
 
-# The pixel counter: a network with one hidden layer (64 ReLUs) reads both models'
-# inputs (the image normalised as one digit, 28x28, and as two, 36x36) and says how likely two
-# digits are: the count rule's last input. Trained on 50,000 training digits and composites of
-# them, drawn at many sizes in both polarities (`python3 bench/samples.py count train`,
-# runs/predict/count_train.txt); the rule is fitted on the other 10,000. It reads pixels, not
-# the capsules of models that learnt every training digit, so test images are as new to it as
-# those 10,000.
+# The pixel counter: a small convolutional network (cnn_baseline's layers: two 5x5 convolutions,
+# each with a 2x2 max pool, and one hidden fully connected layer) reads both models' inputs (the
+# image normalised as two digits, 36x36, and as one, 28x28, centred in 36x36, as two channels) and
+# says how likely two digits are: the count rule's last input. Trained on 50,000 training digits
+# and composites of them, drawn at many sizes in both polarities (`python3 bench/samples.py count
+# train`, runs/predict/count_train.txt); the rule is fitted on the other 10,000. It reads pixels,
+# not the capsules of models that learnt every training digit, so test images are as new to it
+# as those 10,000.
 
-COUNT_MLP_FILE = mc.installed("models/count_mlp.npz")  # the shipped counter
-COUNT_PARAMS = ("w1", "b1", "w2", "b2")  # (I, H), (H,), (H, 1), (1,)
+COUNT_MODEL_FILE = mc.installed("models/count_cnn.npz")  # the shipped counter
 
 
 def counter_input(ones: np.ndarray, twos: np.ndarray) -> np.ndarray:
-    """The counter's input (N, 28*28 + 36*36) in [0, 1]: both uint8 views side by side."""
-    return np.concatenate([ones.reshape(len(ones), -1), twos.reshape(len(twos), -1)], 1) / 255
+    """The counter's input (N, 36, 36, 2) float32 in [0, 1]: the 36x36 views (N, 36, 36) and
+    the 28x28 ones (N, 28, 28) centred beside them, both uint8."""
+    x = np.zeros((len(twos), 36, 36, 2), np.float32)
+    x[..., 0] = twos / 255
+    x[:, 4:32, 4:32, 1] = ones / 255
+    return x
 
 
 def counter_forward(x: np.ndarray, p: dict) -> tuple[np.ndarray, tuple]:
-    """x (N, I) -> (the logit of two digits (N,), cache)."""
-    h, c1 = mc.affine_forward(x, p["w1"], p["b1"])
-    a, c2 = mc.relu_forward(h)
-    s, c3 = mc.affine_forward(a, p["w2"], p["b2"])
-    return s[:, 0], (c1, c2, c3)
+    """x (N, 36, 36, 2) -> (the logit of two digits (N,), cache)."""
+    logits, cache = cnn_baseline.cnn_forward(p, x)                          # (N, 1)
+    return logits[:, 0], cache
 
 
 def counter_backward(ds: np.ndarray, cache: tuple) -> dict:
     """ds (N,) the upstream gradient of the logits -> {name: its gradient}."""
-    c1, c2, c3 = cache
-    da, dw2, db2 = mc.affine_backward(ds[:, None], c3)
-    _, dw1, db1 = mc.affine_backward(mc.relu_backward(da, c2), c1)
-    return dict(w1=dw1, b1=db1, w2=dw2, b2=db2)
+    return cnn_baseline.cnn_backward(ds[:, None], cache)
 
 
 def counter_loss(p: dict, x: np.ndarray, y: np.ndarray, l2: float = 0.0) -> tuple[float, dict]:
-    """The mean cross-entropy of the counter on x (N, I) with targets y (N,) in {0, 1} (1: two
-    digits), plus l2 / 2 times the weights' squares -> (loss, {name: gradient})."""
+    """The mean cross-entropy of the counter on x (N, 36, 36, 2) with targets y (N,) in {0, 1}
+    (1: two digits), plus l2 / 2 times the weights' squares -> (loss, {name: gradient})."""
     s, cache = counter_forward(x, p)
-    loss = np.mean(np.logaddexp(0, s) - y * s) + l2 / 2 * sum((p[k] ** 2).sum() for k in ("w1", "w2"))
-    grads = counter_backward((mc.sigmoid(s) - y) / len(x), cache)
-    for k in ("w1", "w2"):
+    weights = [k for k in p if k.endswith("_w")]
+    loss = np.mean(np.logaddexp(0, s) - y * s) + l2 / 2 * sum((p[k] ** 2).sum() for k in weights)
+    grads = counter_backward(((mc.sigmoid(s) - y) / len(x)).astype(x.dtype), cache)
+    for k in weights:
         grads[k] = grads[k] + l2 * p[k]
     return float(loss), grads
 
@@ -433,14 +434,14 @@ _COUNTERS: dict = {}
 
 
 def load_counter(path: Path = None) -> dict | None:
-    """The counter at path (default COUNT_MLP_FILE) as float64 {COUNT_PARAMS..., threshold},
+    """The counter at path (default COUNT_MODEL_FILE) as float32 {its cnn_ arrays..., threshold},
     loaded once; None when the file is missing."""
-    path = Path(path or COUNT_MLP_FILE)
+    path = Path(path or COUNT_MODEL_FILE)
     if path not in _COUNTERS:
         if not path.exists():
             return None
         with np.load(path) as f:
-            _COUNTERS[path] = {k: f[k].astype(np.float64) for k in (*COUNT_PARAMS, "threshold")}
+            _COUNTERS[path] = {k: f[k].astype(np.float32) for k in f.files}
     return _COUNTERS[path]
 
 
@@ -453,7 +454,7 @@ def count_scores(r: Reading, counter: dict = None) -> np.ndarray:
 def shipped_pair(runs: dict) -> tuple[Run, Run] | None:
     """The two shipped models (MNIST's, MultiMNIST's), loaded once into runs, or None when
     either is missing: then --digits auto cannot count."""
-    if not (MNIST_MODEL_FILE.exists() and MODEL_FILE.exists() and COUNT_MLP_FILE.exists()):
+    if not (MNIST_MODEL_FILE.exists() and MODEL_FILE.exists() and COUNT_MODEL_FILE.exists()):
         return None
     for path in (MNIST_MODEL_FILE, MODEL_FILE):
         if path not in runs:

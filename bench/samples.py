@@ -24,7 +24,7 @@ task as they are and drawn 3x larger, black on white, in a 120x120 image (read w
 set accuracy of the two longest capsules, and how often both are named, i.e. are right and reach
 0.5).
 
-count train: the pixel counter (models/count_mlp.npz) on 2 drawings each of n training digits
+count train: the pixel counter (models/count_cnn.npz) on 3 drawings each of n training digits
 and n composites, each at a random size and polarity, from 50,000 of the 60,000 training digits
 (the split by --seed); its threshold on 500 of each kind at each size from the other 10,000.
 
@@ -45,6 +45,7 @@ read as they are and after to_canvas, and n test digits scaled to fill 28x28 aga
 MNIST is fetched into its cache first if it is not there.
 """
 import argparse
+import concurrent.futures
 import os
 import sys
 import time
@@ -336,25 +337,61 @@ def random_side(rng: np.random.Generator):
     return SIDES[k] if k < len(SIDES) else FILLED if k == len(SIDES) else int(rng.integers(28, 201))
 
 
+def drawn_views(images: np.ndarray, sides: list, pols: list) -> np.ndarray:
+    """Each uint8 image drawn at its side in its polarity, as the counter sees it: -> (N, 36, 36,
+    2) uint8 (cp.counter_input's channels, unscaled, to keep 8 bits an entry)."""
+    ones, twos = counter_views([drawn(im, s, q) for im, s, q in zip(images, sides, pols)])
+    return np.round(255 * cp.counter_input(ones, twos)).astype(np.uint8)
+
+
+def draw_all(images: np.ndarray, sides: list, pols: list) -> np.ndarray:
+    """drawn_views in one process a core (drawing is Python-bound: threads would not help)."""
+    cuts = np.array_split(np.arange(len(images)), 4 * (os.cpu_count() or 1))
+    with concurrent.futures.ProcessPoolExecutor(os.cpu_count()) as pool:
+        parts = pool.map(drawn_views, *zip(*[(images[c], [sides[i] for i in c],
+                                              [pols[i] for i in c]) for c in cuts]))
+        return np.concatenate(list(parts))
+
+
+def counter_init(rng: np.random.Generator, channels: tuple, fc: int) -> dict:
+    """The counter's parameters (float32): 5x5 convolutions of channels, each pooled 2x2, then
+    fc ReLUs and one logit; He initialisation, zero biases (as cnn_baseline's)."""
+    shapes, ins, side = {}, 2, 36
+    for i, c in enumerate(channels, 1):
+        shapes[f"cnn_conv{i}_w"], shapes[f"cnn_conv{i}_b"] = (5, 5, ins, c), (c,)
+        ins, side = c, side // 2
+    shapes.update(cnn_fc_w=(side * side * ins, fc), cnn_fc_b=(fc,), cnn_out_w=(fc, 1), cnn_out_b=(1,))
+    return {k: (np.zeros(s) if k.endswith("_b") else rng.standard_normal(s) * np.sqrt(
+        (1 if k == "cnn_out_w" else 2) / np.prod(s[:-1]))).astype(np.float32)
+            for k, s in shapes.items()}
+
+
+def counter_logits(x_u8: np.ndarray, params: dict, batch: int = 500) -> np.ndarray:
+    """(N,) the counter's logits for drawn_views' images (N, 36, 36, 2) uint8."""
+    return np.concatenate([cp.counter_forward(x_u8[i:i + batch] / np.float32(255), params)[0]
+                           for i in range(0, len(x_u8), batch)])
+
+
 def adam_fit(x, y, params: dict, epochs: int, rng, lr=1e-3, l2=1e-4, batch=128, log=print):
-    """Fit the counter's params (in place) to x (N, I), y (N,) by Adam on minibatches."""
+    """Fit the counter's params (in place) to x (N, 36, 36, 2) uint8, y (N,) by Adam on
+    minibatches, the learning rate halved every third epoch."""
     m = {k: np.zeros_like(v) for k, v in params.items()}
     v2 = {k: np.zeros_like(v) for k, v in params.items()}
-    t = 0
+    t, t0 = 0, time.perf_counter()
     for epoch in range(epochs):
-        order, total = rng.permutation(len(x)), 0.0
+        order, total, step = rng.permutation(len(x)), 0.0, lr * 0.5 ** (epoch // 3)
         for i in range(0, len(x), batch):
             j = order[i:i + batch]
-            loss, grads = cp.counter_loss(params, x[j], y[j], l2)
+            loss, grads = cp.counter_loss(params, x[j] / np.float32(255), y[j], l2)
             total += loss * len(j)
             t += 1
             for k, g in grads.items():
                 m[k] = 0.9 * m[k] + 0.1 * g
                 v2[k] = 0.999 * v2[k] + 0.001 * g * g
-                params[k] -= lr * (m[k] / (1 - 0.9 ** t)) / (np.sqrt(v2[k] / (1 - 0.999 ** t)) + 1e-8)
-        right = ((cp.counter_forward(x, params)[0] > 0) == y).mean()
-        log(f"  epoch {epoch + 1:2d}: loss {total / len(x):.4f}, right count on its own images "
-            f"{right:.4f}", flush=True)
+                params[k] -= (step * (m[k] / (1 - 0.9 ** t))
+                              / (np.sqrt(v2[k] / (1 - 0.999 ** t)) + 1e-8)).astype(np.float32)
+        log(f"  epoch {epoch + 1:2d}: loss {total / len(x):.4f}, lr {step:.2e}, "
+            f"{time.perf_counter() - t0:.0f} s", flush=True)
 
 
 def count_train(args, mnist) -> None:
@@ -362,6 +399,7 @@ def count_train(args, mnist) -> None:
     other training images, write it to --model."""
     rng = np.random.default_rng(args.seed)
     pools = training_pools(mnist, args.seed)
+    channels = tuple(int(c) for c in args.channels.split(","))
     lines = header(args, "the pixel counter of --digits auto, trained on training images")
     lines += [f"# fitted on {args.renders} drawings of each of {args.n} digits and {args.n} "
               "composites from 50,000 training digits, each at a random size (28, 36, 64, 200, "
@@ -371,26 +409,24 @@ def count_train(args, mnist) -> None:
     xs, ys = [], []
     for kind, (images, _) in source_images(pools["fit"], "train", args.n, args.seed).items():
         for _ in range(args.renders):
-            pics = [drawn(im, random_side(rng), rng.choice(POLARITIES)) for im in images]
-            xs.append(cp.counter_input(*counter_views(pics)))
-            ys.append(np.full(len(images), kind == "composites", float))
+            sides = [random_side(rng) for _ in images]
+            xs.append(draw_all(images, sides, list(rng.choice(POLARITIES, len(images)))))
+            ys.append(np.full(len(images), kind == "composites", np.float32))
     x, y = np.concatenate(xs), np.concatenate(ys)
     print(f"drew and normalised {len(x)} training images: {time.perf_counter() - t0:.0f} s")
     held = {}
     for kind, (images, _) in source_images(pools["held"], "train", args.held, args.seed + 1).items():
         for side in SIDES + (FILLED,):
-            pols = rng.choice(POLARITIES, len(images))
-            pics = [drawn(im, side, q) for im, q in zip(images, pols)]
-            held[kind, side] = cp.counter_input(*counter_views(pics)), kind == "composites"
+            pols = list(rng.choice(POLARITIES, len(images)))
+            held[kind, side] = draw_all(images, [side] * len(images), pols), kind == "composites"
     print(f"and {args.held} of each kind at each size to choose the threshold: "
           f"{time.perf_counter() - t0:.0f} s", flush=True)
-    h = args.hidden
-    params = dict(w1=rng.normal(0, np.sqrt(2 / x.shape[1]), (x.shape[1], h)), b1=np.zeros(h),
-                  w2=rng.normal(0, np.sqrt(2 / h), (h, 1)), b2=np.zeros(1))
-    log(f"# {x.shape[1]} inputs, {h} ReLUs, Adam lr 1e-3, L2 1e-4, minibatch 128, "
-        f"{args.epochs} epochs")
+    params = counter_init(rng, channels, args.fc)
+    log(f"# input 36x36x2, 5x5 convolutions of {args.channels} channels each pooled 2x2, "
+        f"{args.fc} ReLUs, {sum(v.size for v in params.values())} parameters; Adam lr 1e-3 "
+        f"halved every third epoch, L2 1e-4, minibatch 128, {args.epochs} epochs")
     adam_fit(x, y, params, args.epochs, rng, log=log)
-    scores = {k: (cp.counter_forward(hx, params)[0], np.full(len(hx), two))
+    scores = {k: (counter_logits(hx, params), np.full(len(hx), two))
               for k, (hx, two) in held.items()}
     threshold = -maximin_bias(scores, step=0.01, span=8)
     log(f"threshold on the logit: {threshold:+.2f} (the best worst held-out group)")
@@ -399,8 +435,7 @@ def count_train(args, mnist) -> None:
     for (kind, side), (s, two) in scores.items():
         log(f"  {kind:10s} at {side:>9} px  n {len(s):5d}    {((s > 0) == two).mean():.3f}  "
             f"{((s > threshold) == two).mean():.3f}")
-    arrays = {k: v.astype(np.float32) for k, v in params.items()}
-    np.savez_compressed(args.model, **arrays, threshold=np.float32(threshold))
+    np.savez_compressed(args.model, **params, threshold=np.float32(threshold))
     log(f"wrote {args.model} ({Path(args.model).stat().st_size} bytes) in "
         f"{time.perf_counter() - t0:.0f} s")
     if args.out:
@@ -541,19 +576,21 @@ def build_parser() -> argparse.ArgumentParser:
     co_how = co.add_subparsers(dest="how", required=True, metavar="{train,fit,score}",
                                parser_class=mc.ArgumentParser)
     ct = co_how.add_parser("train", help="train the pixel counter on training images",
-                           description="Train the counter of --digits auto (a one-hidden-layer "
+                           description="Train the counter of --digits auto (a small convolutional "
                            "network on both normalised views) on --n training digits and --n "
                            "training composites, each drawn --renders times at a random size "
                            "and polarity; choose its threshold on --held others of each kind "
                            "at each size; write it to --model.")
-    ct.set_defaults(fn=count_train, n=10000)
-    ct.add_argument("--renders", type=int, default=2, help="drawings of each (default: "
+    ct.set_defaults(fn=count_train, n=20000)
+    ct.add_argument("--renders", type=int, default=3, help="drawings of each (default: "
                     "%(default)s)")
     ct.add_argument("--held", type=int, default=500, help="held-out images of each kind at each "
                     "size (default: %(default)s)")
-    ct.add_argument("--hidden", type=int, default=64, help="hidden units (default: %(default)s)")
-    ct.add_argument("--epochs", type=int, default=10, help="(default: %(default)s)")
-    ct.add_argument("--model", default="models/count_mlp.npz",
+    ct.add_argument("--channels", default="16,32", help="each convolution's channels "
+                    "(default: %(default)s)")
+    ct.add_argument("--fc", type=int, default=64, help="hidden ReLUs (default: %(default)s)")
+    ct.add_argument("--epochs", type=int, default=9, help="(default: %(default)s)")
+    ct.add_argument("--model", default="models/count_cnn.npz",
                     help="where the counter goes (default: %(default)s)")
     cf = co_how.add_parser("fit", help="fit the rule on training images",
                            description="Fit COUNT_WEIGHTS and COUNT_BIAS on training images; "
