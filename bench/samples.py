@@ -4,9 +4,8 @@ reads many such images.
     python3 bench/samples.py mnist OUTDIR [--n 4] [--seed 0]       # digits and composites, as made
     python3 bench/samples.py examples write OUTDIR [--seed 0]      # the images a new user tries
     python3 bench/samples.py examples score [--n 1000] [--seed 0]  # the shipped model on many
-    python3 bench/samples.py count train [--out FILE]              # its pixel counter, trained
-    python3 bench/samples.py count fit [--n 2000] [--out FILE]     # --digits auto's rule, fitted
-    python3 bench/samples.py count score [--n 500] [--out FILE]    # and measured
+    python3 bench/samples.py count train [--out FILE]              # --digits auto's counter
+    python3 bench/samples.py count score [--n 500] [--out FILE]    # measured on test images
 
 mnist: for each k < n, OUTDIR/digit_k_L.png, one 28x28 test digit of label L, as MNIST stores it,
 and OUTDIR/composite_k_A_B.png, a 36x36 composite of the paper's task (two test digits of labels
@@ -25,15 +24,10 @@ set accuracy of the two longest capsules, and how often both are named, i.e. are
 0.5).
 
 count train: the pixel counter (models/count_cnn.npz) on 3 drawings each of n training digits
-and n composites, each at a random size and polarity, from 50,000 of the 60,000 training digits
-(the split by --seed); its threshold on 500 of each kind at each size from the other 10,000.
-
-count fit: the rule on those 10,000: n digits and n composites of the paper's task, each drawn at 28,
-36, 64 and 200 px (resampled) and filling a 28x28 frame, white on black or black on white at random, read as
-capsnet_predict.py reads them; a logistic regression of "two digits" on cp.COUNT_FEATURES, its
-bias then moved to make the worst group's right-count share largest; prints COUNT_WEIGHTS and
-COUNT_BIAS for capsnet_predict.py, and each group's right count (also fitted on half the images,
-measured on the other half).
+and n composites of the paper's task, each at a random size and polarity, from 50,000 of the
+60,000 training digits (the split by --seed); its threshold, the one that makes the worst group's
+right count largest, on --held of each kind drawn at 28, 36, 64 and 200 px (resampled) and
+filling a 28x28 frame, either polarity at random, from the other 10,000.
 
 count score: n test digits and n test composites, drawn at each size in both polarities: per
 group, the right count of --digits auto (with its binomial standard error) and the digits named
@@ -220,12 +214,12 @@ def source_images(mnist, split: str, n: int, seed: int) -> dict:
 def read_auto(images, models) -> dict:
     """What capsnet_predict.py answers for float images (white or black background), with
     --digits auto and with the true count forced: {count (N,) the rule's, found1 and found2 (N
-    lists) the digits named as one digit (--digits 1) and as two (--digits 2), features}."""
+    lists) the digits named as one digit (--digits 1) and as two (--digits 2)}."""
     one, two = models
-    r = cp.read_both([cp.ink_on_black(x)[0] for x in images], one, two)
-    f = cp.count_features(r, one, two)
-    s1, s2 = mc.class_scores(r.v1), mc.class_scores(r.v2)
-    return dict(count=np.where(cp.count_score(f) > 0, 2, 1), features=f,
+    v = cp.both_views([cp.ink_on_black(x)[0] for x in images])
+    s1 = mc.class_scores(mc.predict(one.eval_params, one.cfg, v.ones))
+    s2 = mc.class_scores(mc.predict(two.eval_params, two.cfg, v.twos))
+    return dict(count=np.where(cp.count_scores(v) > 0, 2, 1),
                 found1=[cp.digits_found(s, 1) for s in s1],
                 found2=[cp.digits_found(s, 2) for s in s2])
 
@@ -251,19 +245,6 @@ def count_groups(mnist, split, n, seed, polarities, models, log) -> dict:
     return out
 
 
-def logistic_fit(x: np.ndarray, y: np.ndarray, l2: float = 1e-3) -> np.ndarray:
-    """Weights (F + 1,) of a logistic regression of y (N,) in {0, 1} on x (N, F) plus a bias,
-    by Newton's method with an L2 penalty l2 (on the standardised features)."""
-    mu, sd = x.mean(0), x.std(0) + 1e-9
-    z = np.concatenate([(x - mu) / sd, np.ones((len(x), 1))], 1)
-    w = np.zeros(z.shape[1])
-    for _ in range(50):
-        p = 1 / (1 + np.exp(-np.clip(z @ w, -30, 30)))
-        hess = (z * (p * (1 - p))[:, None]).T @ z / len(z) + l2 * np.eye(len(w))
-        w -= np.linalg.solve(hess, z.T @ (p - y) / len(z) + l2 * w)
-    return np.append(w[:-1] / sd, w[-1] - (w[:-1] * mu / sd).sum())  # on the raw features
-
-
 def maximin_bias(scores: dict, step: float = 0.01, span: float = 3) -> float:
     """The shift of the bias that makes the worst group's right-count share largest: scores
     {group: (scores (N,), two (N,) bool)}; ties go to the shift nearest 0."""
@@ -276,38 +257,6 @@ def maximin_bias(scores: dict, step: float = 0.01, span: float = 3) -> float:
 def header(args, what: str) -> list[str]:
     return [f"# python3 bench/samples.py count {args.how} --n {args.n} --seed {args.seed}: {what}",
             f"# {cpu_model()}, {os.cpu_count()} cores; commit {commit()}"]
-
-
-def count_fit(args, mnist) -> None:
-    """Fit the count rule on training digits and composites (one polarity each, at random)."""
-    models = load_shipped()
-    print(f"reading {args.n} training digits and composites at {SIDES} px", flush=True)
-    held = training_pools(mnist, args.seed)["held"]  # digits the pixel counter never learnt
-    groups = count_groups(held, "train", args.n, args.seed, ("mixed",), models, print)
-    x = np.concatenate([g["features"] for g, _ in groups.values()])
-    two = np.concatenate([np.full(args.n, k[0] == "composites") for k in groups])
-    w = logistic_fit(x, two.astype(float))
-    half = np.tile(np.arange(args.n) % 2 == 0, len(groups))
-    w_half = logistic_fit(x[half], two[half].astype(float))
-    per = lambda w: {k: (g["features"] @ w[:-1] + w[-1], np.full(args.n, k[0] == "composites"))
-                     for k, (g, _) in groups.items()}
-    bias = w[-1] + maximin_bias(per(w))
-    w_half[-1] += maximin_bias({k: (s[::2], t[::2]) for k, (s, t) in per(w_half).items()})
-    lines = header(args, "the count rule, fitted on training images (each drawn white on black "
-                         "or black on white at random)")
-    lines += ["# logistic regression on cp.COUNT_FEATURES, L2 1e-3 on standardised features; "
-              "bias moved to the best worst group", "COUNT_WEIGHTS = ("]
-    lines += [f"    {v:.4f},  # {name}" for v, name in zip(w[:-1], cp.COUNT_FEATURES)]
-    lines += [")", f"COUNT_BIAS = {bias:.4f}", "",
-              "right count on the training images (n each)    the rule    fitted on the other half "
-              "(its bias moved on its own half)"]
-    for k, (g, _) in groups.items():
-        s, truth = g["features"], k[0] == "composites"
-        own = ((s @ w[:-1] + bias > 0) == truth)
-        other = ((s @ w_half[:-1] + w_half[-1] > 0) == truth)[np.arange(args.n) % 2 == 1]
-        lines.append(f"  {k[0]:10s} at {k[1]:>9} px  n {args.n:5d}    {own.mean():.3f}       "
-                     f"{other.mean():.3f}")
-    report("\n".join(lines) + "\n", args.out)
 
 
 def counter_views(images: list) -> tuple[np.ndarray, np.ndarray]:
@@ -337,20 +286,31 @@ def random_side(rng: np.random.Generator):
     return SIDES[k] if k < len(SIDES) else FILLED if k == len(SIDES) else int(rng.integers(28, 201))
 
 
-def drawn_views(images: np.ndarray, sides: list, pols: list) -> np.ndarray:
-    """Each uint8 image drawn at its side in its polarity, as the counter sees it: -> (N, 36, 36,
-    2) uint8 (cp.counter_input's channels, unscaled, to keep 8 bits an entry)."""
-    ones, twos = counter_views([drawn(im, s, q) for im, s, q in zip(images, sides, pols)])
+PENS = (1, 1, 2, 3)  # the counter's training images: as written (half), or a pen 2 or 3 px wider
+
+
+def widened(img: np.ndarray, pen: int) -> np.ndarray:
+    """The uint8 image with every stroke drawn by a pen pen - 1 px wider: the largest pixel of
+    each pen x pen window (pen 1: as it is). Users' pens are bolder than MNIST's."""
+    p = np.pad(img, (pen // 2, (pen - 1) // 2))
+    h, w = img.shape
+    return np.max([p[i:i + h, j:j + w] for i in range(pen) for j in range(pen)], axis=0)
+
+
+def drawn_views(images: np.ndarray, sides: list, pols: list, pens: list) -> np.ndarray:
+    """Each uint8 image widened by its pen and drawn at its side in its polarity, as the counter
+    sees it: -> (N, 36, 36, 2) uint8 (cp.counter_input's channels, unscaled: 8 bits an entry)."""
+    ones, twos = counter_views([drawn(widened(im, k), s, q)
+                                for im, s, q, k in zip(images, sides, pols, pens)])
     return np.round(255 * cp.counter_input(ones, twos)).astype(np.uint8)
 
 
-def draw_all(images: np.ndarray, sides: list, pols: list) -> np.ndarray:
+def draw_all(images: np.ndarray, sides: list, pols: list, pens: list) -> np.ndarray:
     """drawn_views in one process a core (drawing is Python-bound: threads would not help)."""
     cuts = np.array_split(np.arange(len(images)), 4 * (os.cpu_count() or 1))
     with concurrent.futures.ProcessPoolExecutor(os.cpu_count()) as pool:
-        parts = pool.map(drawn_views, *zip(*[(images[c], [sides[i] for i in c],
-                                              [pols[i] for i in c]) for c in cuts]))
-        return np.concatenate(list(parts))
+        jobs = [(images[c], *([a[i] for i in c] for a in (sides, pols, pens))) for c in cuts]
+        return np.concatenate(list(pool.map(drawn_views, *zip(*jobs))))
 
 
 def counter_init(rng: np.random.Generator, channels: tuple, fc: int) -> dict:
@@ -403,22 +363,25 @@ def count_train(args, mnist) -> None:
     lines = header(args, "the pixel counter of --digits auto, trained on training images")
     lines += [f"# fitted on {args.renders} drawings of each of {args.n} digits and {args.n} "
               "composites from 50,000 training digits, each at a random size (28, 36, 64, 200, "
-              "filling 28x28, or any side 28..200) and polarity; threshold on the other 10,000"]
+              "filling 28x28, or any side 28..200) and polarity, half of them with a pen 1 or 2 "
+              "px wider (PENS); threshold on the other 10,000"]
     log = lambda text, **kw: (print(text, **kw), lines.append(text))
     t0 = time.perf_counter()
     xs, ys = [], []
     for kind, (images, _) in source_images(pools["fit"], "train", args.n, args.seed).items():
         for _ in range(args.renders):
             sides = [random_side(rng) for _ in images]
-            xs.append(draw_all(images, sides, list(rng.choice(POLARITIES, len(images)))))
+            xs.append(draw_all(images, sides, list(rng.choice(POLARITIES, len(images))),
+                               list(rng.choice(PENS, len(images)))))
             ys.append(np.full(len(images), kind == "composites", np.float32))
     x, y = np.concatenate(xs), np.concatenate(ys)
     print(f"drew and normalised {len(x)} training images: {time.perf_counter() - t0:.0f} s")
     held = {}
     for kind, (images, _) in source_images(pools["held"], "train", args.held, args.seed + 1).items():
-        for side in SIDES + (FILLED,):
-            pols = list(rng.choice(POLARITIES, len(images)))
-            held[kind, side] = draw_all(images, [side] * len(images), pols), kind == "composites"
+        for side, pen in [(side, 1) for side in SIDES + (FILLED,)] + [(64, 3)]:
+            pols, n = list(rng.choice(POLARITIES, len(images))), len(images)
+            name = side if pen == 1 else f"{side}, pen +{pen - 1}"
+            held[kind, name] = draw_all(images, [side] * n, pols, [pen] * n), kind == "composites"
     print(f"and {args.held} of each kind at each size to choose the threshold: "
           f"{time.perf_counter() - t0:.0f} s", flush=True)
     params = counter_init(rng, channels, args.fc)
@@ -428,8 +391,10 @@ def count_train(args, mnist) -> None:
     adam_fit(x, y, params, args.epochs, rng, log=log)
     scores = {k: (counter_logits(hx, params), np.full(len(hx), two))
               for k, (hx, two) in held.items()}
-    threshold = -maximin_bias(scores, step=0.01, span=8)
-    log(f"threshold on the logit: {threshold:+.2f} (the best worst held-out group)")
+    threshold = -maximin_bias({k: v for k, v in scores.items() if k[1] in SIDES + (FILLED,)},
+                              step=0.01, span=8)
+    log(f"threshold on the logit: {threshold:+.2f} (the best worst held-out group, pens as "
+        "written)")
     log("right count on held-out training images, mixed polarities (n each)    at 0    "
         "at the threshold")
     for (kind, side), (s, two) in scores.items():
@@ -566,14 +531,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--model", default=str(mc.MODEL_FILE),
                    help="the model read (default: the shipped MultiMNIST model)")
     s.set_defaults(fn=examples_score)
-    co = sub.add_parser("count", help="--digits auto: fit its count rule on training images, "
+    co = sub.add_parser("count", help="--digits auto: train its counter on training images, "
                         "measure it on test images",
-                        description="count fit: fit the count rule of capsnet_predict.py on --n "
-                        "training digits and --n training composites of the paper's task, each "
-                        f"drawn at {', '.join(map(str, SIDES))} px; count score: measure it on "
-                        "test images drawn so, in both polarities, against --digits 1|2, and "
-                        "how the MNIST convention reads raw and frame-filling digits.")
-    co_how = co.add_subparsers(dest="how", required=True, metavar="{train,fit,score}",
+                        description="count train: train the pixel counter of capsnet_predict.py "
+                        "on training digits and composites of the paper's task; count score: "
+                        f"measure it on test images drawn at {', '.join(map(str, SIDES))} px "
+                        "and filling 28x28, in both polarities, against --digits 1|2, and how "
+                        "the MNIST convention reads raw and frame-filling digits.")
+    co_how = co.add_subparsers(dest="how", required=True, metavar="{train,score}",
                                parser_class=mc.ArgumentParser)
     ct = co_how.add_parser("train", help="train the pixel counter on training images",
                            description="Train the counter of --digits auto (a small convolutional "
@@ -592,21 +557,17 @@ def build_parser() -> argparse.ArgumentParser:
     ct.add_argument("--epochs", type=int, default=9, help="(default: %(default)s)")
     ct.add_argument("--model", default="models/count_cnn.npz",
                     help="where the counter goes (default: %(default)s)")
-    cf = co_how.add_parser("fit", help="fit the rule on training images",
-                           description="Fit COUNT_WEIGHTS and COUNT_BIAS on training images; "
-                           "paste them into capsnet_predict.py.")
-    cf.set_defaults(fn=count_fit, n=2000)
     cs = co_how.add_parser("score", help="measure the rule on test images",
                            description="Right count and digits named right, auto against "
                            "forced, per group of test images; the MNIST convention's rows.")
     cs.set_defaults(fn=count_score, n=500)
-    for q in (ct, cf, cs):
+    for q in (ct, cs):
         q.add_argument("--n", type=int, default=q.get_default("n"),
                        help="images of each kind (default: %(default)s)")
         q.add_argument("--out", default=None, help="also write the report here (default: none)")
-    for q in (mn, w, s, ct, cf, cs):  # hand draws fixed digits: no --seed
+    for q in (mn, w, s, ct, cs):  # hand draws fixed digits: no --seed
         q.add_argument("--seed", type=int, default=0, help="which digits (default: %(default)s)")
-    for q in (mn, w, h, s, ct, cf, cs):
+    for q in (mn, w, h, s, ct, cs):
         q.add_argument("--data-dir", default=None,
                        help="MNIST cache (default: $HINTON_MNIST_DIR or ~/.cache/hinton-mnist)")
         q.set_defaults(prog=q.prog)
