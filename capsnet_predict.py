@@ -5,8 +5,9 @@ each digit's reconstruction from its own capsule.
 
 Any size, grey or colour, either polarity: an image that already follows MNIST's convention is
 taken as it is (as_made), any other is cropped, scaled and centred as MNIST was (fit_digits).
---digits auto counts the digits with both shipped models and a pixel counter (count_score); one
-digit goes to the MNIST model, two to the MultiMNIST model.
+--digits auto counts the digits with a small convolutional network on the image normalised as
+one digit and as two (count_scores); one digit goes to the MNIST model, two to the MultiMNIST
+model.
 """
 from __future__ import annotations
 
@@ -271,129 +272,38 @@ def to_canvas(x: np.ndarray, canvas: int, n_digits: int) -> tuple[np.ndarray | N
 
 
 # ----------------------------------------------------------------------------------------------
-# How many digits: both shipped models read the image, each in its own convention, and a linear
-# rule on how well each explains it, and on the pixel counter's logit, decides. Fitted on training
-# digits and composites only (`python3 bench/samples.py count fit`, runs/predict/count_fit.txt);
-# the test set only measures.
-
-COUNT_FEATURES = (
-    "one_misfit",     # log mean squared error of the MNIST model's reconstruction of its digit
-    "two_misfit",     # the same for the MultiMNIST model's two digits (added, clipped at 1)
-    "first_misfit",   # the same for the MultiMNIST model's first digit alone
-    "one_first",      # the MNIST model's longest capsule
-    "one_second",     # its second longest
-    "two_second",     # the MultiMNIST model's second longest capsule
-    "two_third",      # its third longest
-    "one_as_made",    # 1 when the image already was an MNIST digit (as_made), else 0
-    "two_as_made",    # 1 when it already was a 36x36 composite, else 0
-    "one_unexplained",    # the share of the ink the MNIST model's digit leaves unexplained
-    "first_unexplained",  # the same for the MultiMNIST model's first capsule alone
-    "two_unexplained",    # and for its first two capsules together
-    "counter",        # the pixel counter's logit (counter_forward): two digits above its threshold
-)
-# Weights on COUNT_FEATURES and the bias: two digits when the sum is above 0. From
-# runs/predict/count_fit.txt (python3 bench/samples.py count fit).
-COUNT_WEIGHTS = (
-    2.8774,  # one_misfit
-    -1.9200,  # two_misfit
-    0.7329,  # first_misfit
-    -3.8594,  # one_first
-    4.5500,  # one_second
-    2.4829,  # two_second
-    -0.1175,  # two_third
-    -0.8708,  # one_as_made
-    0.0217,  # two_as_made
-    7.7704,  # one_unexplained
-    -1.9688,  # first_unexplained
-    -6.3291,  # two_unexplained
-    0.3732,  # counter
-)
-COUNT_BIAS = 8.4213
-EXPLAINED = (0.5, 0.3, 1)  # unexplained ink: input pixels >= 0.5 more than 1 px from any
-                           # reconstruction pixel >= 0.3
+# How many digits: the image is normalised as one digit (28x28) and as two (36x36), as each
+# shipped model would read it, and a small convolutional network on both views, the pixel counter,
+# says one or two. Trained on 50,000 training digits and composites of them, drawn at many sizes
+# in both polarities, its threshold chosen on the other 10,000 (`python3 bench/samples.py count
+# train`, runs/predict/count_train.txt); the test set only measures. It counts from pixels alone:
+# the shipped models learnt all 60,000 training digits, so no training image could show how their
+# capsules behave on a digit they never saw.
 
 
 @dataclass
-class Reading:
-    """What both shipped models make of N white-on-black images: each model's input in its own
-    convention (to_canvas) and its digit capsules."""
+class Views:
+    """N white-on-black images as each shipped model reads them (to_canvas)."""
     ink: np.ndarray      # (N,) bool: has the image any ink
     ones: np.ndarray     # (N, 28, 28) uint8: the MNIST model's input (zeros without ink)
     twos: np.ndarray     # (N, 36, 36) uint8: the MultiMNIST model's input
     hows: list           # N (one's how, two's how): what to_canvas did
-    v1: np.ndarray       # (N, 10, 16) the MNIST model's digit capsules
-    v2: np.ndarray       # (N, 10, 16) the MultiMNIST model's
 
 
-def read_both(images, one: Run, two: Run) -> Reading:
-    """Both models' reading of the white-on-black float images (each (H, W), any size)."""
+def both_views(images) -> Views:
+    """Both models' inputs for the white-on-black float images (each (H, W), any size)."""
     ones, twos, hows = [], [], []
     for x in images:
-        a, how_a = to_canvas(x, one.cfg.canvas, 1)
-        b, how_b = to_canvas(x, two.cfg.canvas, 2)
-        ones.append(np.zeros((one.cfg.canvas,) * 2, np.uint8) if a is None else a)
-        twos.append(np.zeros((two.cfg.canvas,) * 2, np.uint8) if b is None else b)
+        a, how_a = to_canvas(x, 28, 1)
+        b, how_b = to_canvas(x, 36, 2)
+        ones.append(np.zeros((28, 28), np.uint8) if a is None else a)
+        twos.append(np.zeros((36, 36), np.uint8) if b is None else b)
         hows.append((how_a, how_b))
-    ones, twos = np.stack(ones), np.stack(twos)
-    return Reading(np.array([h[0] != "no ink" for h in hows]), ones, twos, hows,
-                   mc.predict(one.eval_params, one.cfg, ones),
-                   mc.predict(two.eval_params, two.cfg, twos))
+    return Views(np.array([h[0] != "no ink" for h in hows]), np.stack(ones), np.stack(twos), hows)
 
 
-def _misfit(params, v: np.ndarray, digits: list, x_uint8: np.ndarray) -> np.ndarray:
-    """log of the mean squared error per pixel between the images x (N, H, W) and the sum of
-    the reconstructions from capsules digits (each (N,) ints) of v (N, J, E), clipped at 1."""
-    recon = sum(mc.reconstruct(params, v, d) for d in digits)
-    x = x_uint8.reshape(len(x_uint8), -1) / 255
-    return np.log(((x - np.minimum(recon, 1)) ** 2).mean(1) + 1e-4)
-
-
-def _unexplained(params, v: np.ndarray, digits: list, x_uint8: np.ndarray) -> np.ndarray:
-    """(N,) the share of the ink of the images x (N, H, W) that the reconstructions from
-    capsules digits (each (N,) ints) of v (N, J, E) leave unexplained: ink pixels (EXPLAINED[0]
-    and up) farther than EXPLAINED[2] px from every reconstruction pixel of EXPLAINED[1] and up.
-    One capsule explains a lone digit's ink, up to the pen's width; two digits need two."""
-    ink_at, recon_at, reach = EXPLAINED
-    n, h, w = x_uint8.shape
-    near = np.zeros((n, h + 2 * reach, w + 2 * reach), bool)
-    for d in digits:
-        near[:, reach:reach + h, reach:reach + w] |= (
-            mc.reconstruct(params, v, d).reshape(n, h, w) >= recon_at)
-    near = np.any([near[:, i:i + h, j:j + w] for i in range(2 * reach + 1)
-                   for j in range(2 * reach + 1)], axis=0)
-    ink = x_uint8 >= 255 * ink_at
-    return (ink & ~near).sum((1, 2)) / np.maximum(ink.sum((1, 2)), 1)
-
-
-def count_features(r: Reading, one: Run, two: Run) -> np.ndarray:
-    """(N, len(COUNT_FEATURES)) the count rule's inputs for the reading r."""
-    l1, l2 = np.linalg.norm(r.v1, axis=2), np.linalg.norm(r.v2, axis=2)       # (N, 10)
-    o1, o2 = np.argsort(-l1, 1, kind="stable"), np.argsort(-l2, 1, kind="stable")
-    s1, s2 = np.take_along_axis(l1, o1, 1), np.take_along_axis(l2, o2, 1)   # longest first
-    made = np.array([[AS_MADE in h for h in hows] for hows in r.hows], float)  # (N, 2)
-    return np.stack([_misfit(one.eval_params, r.v1, [o1[:, 0]], r.ones),
-                     _misfit(two.eval_params, r.v2, [o2[:, 0], o2[:, 1]], r.twos),
-                     _misfit(two.eval_params, r.v2, [o2[:, 0]], r.twos),
-                     s1[:, 0], s1[:, 1], s2[:, 1], s2[:, 2], made[:, 0], made[:, 1],
-                     _unexplained(one.eval_params, r.v1, [o1[:, 0]], r.ones),
-                     _unexplained(two.eval_params, r.v2, [o2[:, 0]], r.twos),
-                     _unexplained(two.eval_params, r.v2, [o2[:, 0], o2[:, 1]], r.twos),
-                     counter_forward(counter_input(r.ones, r.twos), load_counter())[0]], 1)
-
-
-def count_score(features: np.ndarray) -> np.ndarray:
-    """(N,) the count rule's score for features (N, F): two digits above 0, one below."""
-    return features @ np.array(COUNT_WEIGHTS) + COUNT_BIAS
-
-
-# The pixel counter: a small convolutional network (cnn_baseline's layers: two 5x5 convolutions,
-# each with a 2x2 max pool, and one hidden fully connected layer) reads both models' inputs (the
-# image normalised as two digits, 36x36, and as one, 28x28, centred in 36x36, as two channels) and
-# says how likely two digits are: the count rule's last input. Trained on 50,000 training digits
-# and composites of them, drawn at many sizes in both polarities (`python3 bench/samples.py count
-# train`, runs/predict/count_train.txt); the rule is fitted on the other 10,000. It reads pixels,
-# not the capsules of models that learnt every training digit, so test images are as new to it
-# as those 10,000.
+# The pixel counter: cnn_baseline's layers (two 5x5 convolutions, each with a 2x2 max pool, and
+# one hidden fully connected layer) on both views as two channels.
 
 COUNT_MODEL_FILE = mc.installed("models/count_cnn.npz")  # the shipped counter
 
@@ -445,10 +355,11 @@ def load_counter(path: Path = None) -> dict | None:
     return _COUNTERS[path]
 
 
-def count_scores(r: Reading, counter: dict = None) -> np.ndarray:
-    """(N,) the counter's score for the reading r: its logit less its threshold, two above 0."""
+def count_scores(v: Views, counter: dict = None) -> np.ndarray:
+    """(N,) the count rule's score for the views v: the counter's logit less its threshold, two
+    digits above 0."""
     counter = counter or load_counter()
-    return counter_forward(counter_input(r.ones, r.twos), counter)[0] - counter["threshold"]
+    return counter_forward(counter_input(v.ones, v.twos), counter)[0] - counter["threshold"]
 
 
 def shipped_pair(runs: dict) -> tuple[Run, Run] | None:
@@ -595,40 +506,37 @@ class Row:
     n: int = 2                 # how many digits were looked for
 
 
-def how_many(ink: np.ndarray, args, runs: dict) -> tuple[int, str, Reading | None]:
+def how_many(ink: np.ndarray, args, runs: dict) -> tuple[int, str, Views | None]:
     """How many digits to look for in the white-on-black image ink: --digits 1|2 as given; auto
-    counts with both shipped models (read_both, count_score), which a one-digit --checkpoint
-    needs not. -> (n, why in words for --verbose, the shipped models' reading or None)."""
+    asks the pixel counter (count_scores), which a one-digit --checkpoint needs not. -> (n, why
+    in words for --verbose, both models' views of the image or None)."""
     if args.digits != "auto":
         return int(args.digits), f"--digits {args.digits}", None
     if args.checkpoint and _model(runs, Path(args.checkpoint), args).cfg.n_labels == 1:
         return 1, "a one-digit model", None
-    pair = shipped_pair(runs)
-    if pair is None:
-        return 2, "auto, without the MNIST model to count with", None
-    r = read_both([ink], *pair)
-    if not r.ink[0]:
-        return 1, "no ink to count", r
-    score = count_score(count_features(r, *pair))[0]
-    return (2 if score > 0 else 1), f"auto: the count rule's score {score:+.2f}, two above 0", r
+    if load_counter() is None:
+        return 2, f"auto, without {COUNT_MODEL_FILE.name} to count with", None
+    v = both_views([ink])
+    if not v.ink[0]:
+        return 1, "no ink to count", v
+    score = count_scores(v)[0]
+    return (2 if score > 0 else 1), f"auto: the count rule's score {score:+.2f}, two above 0", v
 
 
 def _predict_one(path, x: np.ndarray, args, runs: dict) -> Row:
     """Print predict's answer for the image x read from path; -> its row of the --out figure."""
     ink, inverted = ink_on_black(x, args.background)
-    n, why, r = how_many(ink, args, runs)
+    n, why, v = how_many(ink, args, runs)
     ckpt = choose_model(n, args.checkpoint)
     run = _model(runs, ckpt, args)
     cfg, params = run.cfg, run.eval_params
     n = min(n, cfg.n_labels)
-    shipped = {MNIST_MODEL_FILE: 1, MODEL_FILE: 2}.get(ckpt) if r is not None else None
-    if shipped == n:  # the count's own reading by this model, for n digits: no second pass
-        img, how = (r.ones, r.twos)[shipped - 1][0], r.hows[0][shipped - 1]
-        img = img if r.ink[0] else None
-        out = (r.v1, r.v2)[shipped - 1]
+    if v is not None and (cfg.canvas, n) in ((28, 1), (36, 2)):  # the count's view: no second pass
+        img, how = (v.ones, v.twos)[n - 1][0], v.hows[0][n - 1]
+        img = img if v.ink[0] else None
     else:
         img, how = to_canvas(ink, cfg.canvas, n)
-        out = mc.predict(params, cfg, img[None]) if img is not None else None  # (1, J, E)|(1, J)
+    out = mc.predict(params, cfg, img[None]) if img is not None else None  # (1, J, E) or (1, J)
     found, scores = [], None
     if img is None:
         print(f"{path}: no digit found  (no ink)")

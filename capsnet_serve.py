@@ -134,14 +134,14 @@ def page_models(models: dict, digits) -> dict:
 
 def count(x: np.ndarray, counter, n_labels: int) -> tuple[int, float | None]:
     """How many digits the drawing x (white on black, in [0, 1]) holds, by predict's rule
-    (cp.count_score on both shipped models' reading; counter is that pair, or None without the
-    MNIST model): -> (1 or 2, the rule's score or None). A one-digit model reads one."""
+    (cp.count_scores; counter is cp.load_counter's, or None without the file): -> (1 or 2, the
+    rule's score or None). A one-digit model reads one."""
     if n_labels == 1 or counter is None:
         return n_labels, None
-    r = cp.read_both([x], *counter)
-    if not r.ink[0]:                        # a blank: nothing to count
+    v = cp.both_views([x])
+    if not v.ink[0]:                        # a blank: nothing to count
         return n_labels, None
-    score = float(cp.count_score(cp.count_features(r, *counter))[0])
+    score = float(cp.count_scores(v, counter)[0])
     return (2 if score > 0 else 1), score
 
 
@@ -399,14 +399,8 @@ def make_server(models: list[Served], digits=None, host: str = "127.0.0.1", port
     server.hosts = own_hosts(host, port)
     server.origins = {f"http://{h}" for h in server.hosts}
     server.url = f"http://{f'[{host}]' if ':' in host else host}:{port}/"
-    server.counter = counter(models)
+    server.counter = cp.load_counter()   # None without models/count_cnn.npz: no count
     return server
-
-
-def counter(models: list[Served]):
-    """The two shipped models predict counts digits with (cp.shipped_pair), reusing those
-    served, or None when either is missing."""
-    return cp.shipped_pair({m.path: m.run for m in models if m.path is not None})
 
 
 def _port(text: str) -> int:

@@ -21,7 +21,7 @@ SCRIPTS = sorted(p for p in (ROOT / "bench").glob("*.py") if p.name != "common.p
 COMMANDS = {
     "speed.py": ["", "step", "ab", "floor", "alternatives", "micro", "workers", "data", "torch"],
     "samples.py": ["", "mnist", "examples", "examples write", "examples hand", "examples score",
-                   "count", "count train", "count fit", "count score"],
+                   "count", "count train", "count score"],
     "experiments.py": ["", "run", "long", "long-split", "summarize", "failures", "routing",
                        "task-stats"],
     "recipe.py": ["", "ab", "long", "score", "summarize", "throughput", "init-lengths", "ship"],

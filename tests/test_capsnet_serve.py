@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 MODULES = ("multimnist_capsnet.py", "mnist_fetch.py", "cnn_baseline.py", "capsnet_predict.py",
            "capsnet_serve.py", "mpi_train.py", "affnist_like.py", "visualize_multimnist_capsnet.py",
            "make_multimnist_capsnet_gif.py")
-MODELS = ("models/capsnet-multimnist.npz", "models/capsnet-mnist.npz", "models/count_mlp.npz")
+MODELS = ("models/capsnet-multimnist.npz", "models/capsnet-mnist.npz", "models/count_cnn.npz")
 SHIPPED = mc.load_checkpoint(mc.MODEL_FILE)
 
 
