@@ -259,22 +259,10 @@ def header(args, what: str) -> list[str]:
             f"# {cpu_model()}, {os.cpu_count()} cores; commit {commit()}"]
 
 
-def counter_views(images: list) -> tuple[np.ndarray, np.ndarray]:
-    """Float images (either polarity) as capsnet_predict.py normalises them for its two models:
-    -> (N, 28, 28) and (N, 36, 36) uint8, as cp.read_both makes them (zeros without ink)."""
-    ones, twos = [], []
-    for x in images:
-        ink = cp.ink_on_black(x)[0]
-        a, b = cp.to_canvas(ink, 28, 1)[0], cp.to_canvas(ink, 36, 2)[0]
-        ones.append(np.zeros((28, 28), np.uint8) if a is None else a)
-        twos.append(np.zeros((36, 36), np.uint8) if b is None else b)
-    return np.stack(ones), np.stack(twos)
-
-
 def training_pools(mnist, seed: int) -> dict:
     """The training split in two, by seed: {'fit': 50,000 digits the pixel counter learns from,
-    'held': the other 10,000, from which count train chooses its threshold and count fit the
-    count rule}, each as a split named 'train'."""
+    'held': the other 10,000, from which count train chooses its threshold}, each as a split
+    named 'train'."""
     order = np.random.default_rng(seed).permutation(len(mnist["train_x"]))
     return {name: {"train_x": mnist["train_x"][idx], "train_y": mnist["train_y"][idx]}
             for name, idx in (("fit", order[:50000]), ("held", order[50000:]))}
@@ -300,9 +288,9 @@ def widened(img: np.ndarray, pen: int) -> np.ndarray:
 def drawn_views(images: np.ndarray, sides: list, pols: list, pens: list) -> np.ndarray:
     """Each uint8 image widened by its pen and drawn at its side in its polarity, as the counter
     sees it: -> (N, 36, 36, 2) uint8 (cp.counter_input's channels, unscaled: 8 bits an entry)."""
-    ones, twos = counter_views([drawn(widened(im, k), s, q)
-                                for im, s, q, k in zip(images, sides, pols, pens)])
-    return np.round(255 * cp.counter_input(ones, twos)).astype(np.uint8)
+    v = cp.both_views([cp.ink_on_black(drawn(widened(im, k), s, q))[0]
+                       for im, s, q, k in zip(images, sides, pols, pens)])
+    return np.round(255 * cp.counter_input(v.ones, v.twos)).astype(np.uint8)
 
 
 def draw_all(images: np.ndarray, sides: list, pols: list, pens: list) -> np.ndarray:
