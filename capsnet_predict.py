@@ -362,17 +362,6 @@ def count_scores(v: Views, counter: dict = None) -> np.ndarray:
     return counter_forward(counter_input(v.ones, v.twos), counter)[0] - counter["threshold"]
 
 
-def shipped_pair(runs: dict) -> tuple[Run, Run] | None:
-    """The two shipped models (MNIST's, MultiMNIST's), loaded once into runs, or None when
-    either is missing: then --digits auto cannot count."""
-    if not (MNIST_MODEL_FILE.exists() and MODEL_FILE.exists() and COUNT_MODEL_FILE.exists()):
-        return None
-    for path in (MNIST_MODEL_FILE, MODEL_FILE):
-        if path not in runs:
-            runs[path] = mc.load_checkpoint(path)
-    return runs[MNIST_MODEL_FILE], runs[MODEL_FILE]
-
-
 def choose_model(n: int, checkpoint: str | None) -> Path:
     """Which model reads an image that holds n digits: --checkpoint, when given, reads
     everything; else one digit goes to the MNIST model and two to the MultiMNIST model (one

@@ -465,11 +465,12 @@ def convention_rows(mnist, args, models) -> list[str]:
 
 
 def load_shipped() -> tuple:
-    pair = cp.shipped_pair({})
-    if pair is None:
-        raise mc.CapsNetError("count needs both shipped models, models/capsnet-mnist.npz and "
-                              "models/capsnet-multimnist.npz")
-    return pair
+    """The shipped MNIST and MultiMNIST models, which count score reads with (and the counter)."""
+    files = (cp.MNIST_MODEL_FILE, cp.MODEL_FILE, cp.COUNT_MODEL_FILE)
+    if not all(f.exists() for f in files):
+        raise mc.CapsNetError("count needs the shipped models, " + ", ".join(
+            f"models/{f.name}" for f in files))
+    return mc.load_checkpoint(cp.MNIST_MODEL_FILE), mc.load_checkpoint(cp.MODEL_FILE)
 
 
 def report(text: str, out) -> None:
