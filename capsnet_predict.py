@@ -356,8 +356,8 @@ def load_counter(path: Path = None) -> dict | None:
 
 
 def count_scores(v: Views, counter: dict = None) -> np.ndarray:
-    """(N,) the count rule's score for the views v: the counter's logit less its threshold, two
-    digits above 0."""
+    """(N,) the counter's score for the views v: its logit less its threshold, two digits
+    above 0."""
     counter = counter or load_counter()
     return counter_forward(counter_input(v.ones, v.twos), counter)[0] - counter["threshold"]
 
@@ -430,7 +430,7 @@ def build_predict_parser() -> argparse.ArgumentParser:
                    help="the image's background; auto: the side the median pixel is on (ink is "
                         "the minority) (default: %(default)s)")
     p.add_argument("--verbose", action="store_true",
-                   help="print how each image was cropped and scaled, the count rule's score "
+                   help="print how each image was cropped and scaled, the counter's score "
                         "(auto), and all ten capsule lengths")
     p.add_argument("--out", default=None,
                    help="an image (its suffix names the format): per input, the image as read, "
@@ -509,7 +509,7 @@ def how_many(ink: np.ndarray, args, runs: dict) -> tuple[int, str, Views | None]
     if not v.ink[0]:
         return 1, "no ink to count", v
     score = count_scores(v)[0]
-    return (2 if score > 0 else 1), f"auto: the count rule's score {score:+.2f}, two above 0", v
+    return (2 if score > 0 else 1), f"auto: the counter's score {score:+.2f}, two above 0", v
 
 
 def _predict_one(path, x: np.ndarray, args, runs: dict) -> Row:

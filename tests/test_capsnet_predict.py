@@ -387,8 +387,8 @@ def test_predict_reads_any_image_and_draws_what_it_did(tmp_path):
     assert heads[3] == "blank.jpg: no digit found  (no ink)" and heads[4] == "wrote p.png"
     assert "  120x90, inverted; enlarged to 128x96; ink >= " in r.stdout and "centred by mass in 28x28" in r.stdout
     assert "  28x28; ink box 19 px, MNIST's: taken as it is, moved by +3, +0 px to centre its " \
-        "mass in 28x28; model capsnet-mnist.npz, 1 digit (auto: the count rule's score -" in r.stdout
-    assert "model capsnet-multimnist.npz, 2 digits (auto: the count rule's score +" in r.stdout
+        "mass in 28x28; model capsnet-mnist.npz, 1 digit (auto: the counter's score -" in r.stdout
+    assert "model capsnet-multimnist.npz, 2 digits (auto: the counter's score +" in r.stdout
     assert r.stdout.count("  all ten: ") == 3
     pair_model = cli("--verbose", "--checkpoint", mc.MODEL_FILE, "five.png", cwd=tmp_path)
     assert "five.png: 5  (capsule length " in pair_model.stdout, pair_model.stdout
@@ -758,7 +758,7 @@ def test_no_flag_reads_a_lone_digit_as_one_at_200x200_and_filling_28x28(tmp_path
     assert r.returncode == 0 and [h.split("  (")[0] for h in heads] == [
         "seven.png: 7", "three.png: 3", "pair.png: 0 and 5"], r.stdout
     assert "  28x28; enlarged to 128x128; ink >= " in r.stdout and "to 15x20" in r.stdout
-    assert r.stdout.count("1 digit (auto: the count rule's score -") == 2
+    assert r.stdout.count("1 digit (auto: the counter's score -") == 2
 
 
 def test_the_count_benchs_counter_threshold_and_drawing():
