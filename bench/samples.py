@@ -5,6 +5,7 @@ reads many such images.
     python3 bench/samples.py examples write OUTDIR [--seed 0]      # the images a new user tries
     python3 bench/samples.py examples score [--n 1000] [--seed 0]  # the shipped model on many
     python3 bench/samples.py count train [--out FILE]              # --digits auto's counter
+    python3 bench/samples.py count held COUNTER... [--shifts]      # counters on held-out images
     python3 bench/samples.py count score [--n 500] [--out FILE]    # measured on test images
 
 mnist: for each k < n, OUTDIR/digit_k_L.png, one 28x28 test digit of label L, as MNIST stores it,
@@ -255,7 +256,13 @@ def maximin_bias(scores: dict, step: float = 0.01, span: float = 3) -> float:
 
 
 def header(args, what: str) -> list[str]:
-    return [f"# python3 bench/samples.py count {args.how} --n {args.n} --seed {args.seed}: {what}",
+    """The report's first lines: the command (every option that shapes it) and the machine."""
+    more = "".join(f" --{k} {getattr(args, k)}" for k in ("renders", "held", "channels", "fc",
+                                                          "epochs") if hasattr(args, k))
+    files = "".join(f" {f}" for f in getattr(args, "counters", ())) + " --shifts" * getattr(
+        args, "shifts", False)
+    return [f"# python3 bench/samples.py count {args.how}{files} --n {args.n}{more} --seed "
+            f"{args.seed}: {what}",
             f"# {cpu_model()}, {os.cpu_count()} cores; commit {commit()}"]
 
 
@@ -295,10 +302,36 @@ def drawn_views(images: np.ndarray, sides: list, pols: list, pens: list) -> np.n
 
 def draw_all(images: np.ndarray, sides: list, pols: list, pens: list) -> np.ndarray:
     """drawn_views in one process a core (drawing is Python-bound: threads would not help)."""
-    cuts = np.array_split(np.arange(len(images)), 4 * (os.cpu_count() or 1))
+    cuts = [c for c in np.array_split(np.arange(len(images)), 4 * (os.cpu_count() or 1))
+            if len(c)]  # no empty piece: both_views needs an image
     with concurrent.futures.ProcessPoolExecutor(os.cpu_count()) as pool:
         jobs = [(images[c], *([a[i] for i in c] for a in (sides, pols, pens))) for c in cuts]
         return np.concatenate(list(pool.map(drawn_views, *zip(*jobs))))
+
+
+def drawing_plan(rng: np.random.Generator, n: int) -> tuple[list, list, list]:
+    """How count train draws n images: (sides, polarities, pens), each at random."""
+    return ([random_side(rng) for _ in range(n)], list(rng.choice(POLARITIES, n)),
+            list(rng.choice(PENS, n)))
+
+
+def held_sets(pools: dict, args, rng: np.random.Generator) -> dict:
+    """{(kind, size): (views (N, 36, 36, 2) uint8, two digits?)}: args.held held-out training
+    digits and composites drawn at each size, and at 64 px with a pen 2 px wider."""
+    held, source = {}, source_images(pools["held"], "train", args.held, args.seed + 1)
+    for kind, (images, _) in source.items():
+        for side, pen in [(side, 1) for side in SIDES + (FILLED,)] + [(64, 3)]:
+            pols, n = list(rng.choice(POLARITIES, len(images))), len(images)
+            name = side if pen == 1 else f"{side}, pen +{pen - 1}"
+            held[kind, name] = draw_all(images, [side] * n, pols, [pen] * n), kind == "composites"
+    return held
+
+
+def held_threshold(scores: dict) -> float:
+    """The threshold on the logit that makes the worst held-out group's right count largest,
+    over the groups drawn with the pens as written: scores {(kind, size): (logits, two)}."""
+    return -maximin_bias({k: v for k, v in scores.items() if k[1] in SIDES + (FILLED,)},
+                         step=0.01, span=8)
 
 
 def counter_init(rng: np.random.Generator, channels: tuple, fc: int) -> dict:
@@ -358,18 +391,11 @@ def count_train(args, mnist) -> None:
     xs, ys = [], []
     for kind, (images, _) in source_images(pools["fit"], "train", args.n, args.seed).items():
         for _ in range(args.renders):
-            sides = [random_side(rng) for _ in images]
-            xs.append(draw_all(images, sides, list(rng.choice(POLARITIES, len(images))),
-                               list(rng.choice(PENS, len(images)))))
+            xs.append(draw_all(images, *drawing_plan(rng, len(images))))
             ys.append(np.full(len(images), kind == "composites", np.float32))
     x, y = np.concatenate(xs), np.concatenate(ys)
     print(f"drew and normalised {len(x)} training images: {time.perf_counter() - t0:.0f} s")
-    held = {}
-    for kind, (images, _) in source_images(pools["held"], "train", args.held, args.seed + 1).items():
-        for side, pen in [(side, 1) for side in SIDES + (FILLED,)] + [(64, 3)]:
-            pols, n = list(rng.choice(POLARITIES, len(images))), len(images)
-            name = side if pen == 1 else f"{side}, pen +{pen - 1}"
-            held[kind, name] = draw_all(images, [side] * n, pols, [pen] * n), kind == "composites"
+    held = held_sets(pools, args, rng)
     print(f"and {args.held} of each kind at each size to choose the threshold: "
           f"{time.perf_counter() - t0:.0f} s", flush=True)
     params = counter_init(rng, channels, args.fc)
@@ -379,8 +405,7 @@ def count_train(args, mnist) -> None:
     adam_fit(x, y, params, args.epochs, rng, log=log)
     scores = {k: (counter_logits(hx, params), np.full(len(hx), two))
               for k, (hx, two) in held.items()}
-    threshold = -maximin_bias({k: v for k, v in scores.items() if k[1] in SIDES + (FILLED,)},
-                              step=0.01, span=8)
+    threshold = held_threshold(scores)
     log(f"threshold on the logit: {threshold:+.2f} (the best worst held-out group, pens as "
         "written)")
     log("right count on held-out training images, mixed polarities (n each)    at 0    "
@@ -394,6 +419,47 @@ def count_train(args, mnist) -> None:
     if args.out:
         mc.atomic_write(Path(args.out), ("\n".join(lines) + "\n").encode())
         print(f"wrote {args.out}")
+
+
+SHIFTS = [(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1)]  # count held --shifts: 1 px each way
+
+
+def count_held(args, mnist) -> None:
+    """Score counter files on count train's own held-out images (the same --seed, --n, --renders
+    and --held redraw them), each at its maximin threshold; with two or more, their mean logit
+    too; with --shifts, each also on the mean logit over its input moved 1 px every way."""
+    rng = np.random.default_rng(args.seed)
+    pools = training_pools(mnist, args.seed)
+    for images, _ in source_images(pools["fit"], "train", args.n, args.seed).values():
+        for _ in range(args.renders):
+            drawing_plan(rng, len(images))  # count train's draws, to reach its held-out ones
+    held = held_sets(pools, args, rng)
+    counters = {f: cp.load_counter(Path(f)) for f in args.counters}
+    if None in counters.values():
+        raise mc.CapsNetError(f"no counter file at {', '.join(args.counters)}")
+    shifts = SHIFTS if args.shifts else [(0, 0)]
+    logits = {name: {k: np.mean([counter_logits(np.roll(hx, s, axis=(1, 2)), c) for s in shifts],
+                                0) for k, (hx, _) in held.items()} for name, c in counters.items()}
+    if len(counters) > 1:
+        logits["their mean logit"] = {k: np.mean([lg[k] for lg in logits.values()], 0)
+                                      for k in held}
+    lines = header(args, "counters on count train's held-out training images") + [
+        f"# {'the mean logit over the input and its 8 moves of 1 px, ' * args.shifts}each at "
+        "its own maximin threshold", "| group | " + " | ".join(logits) + " |",
+        "|---|" + "---|" * len(logits)]
+    scored = {name: {k: (lg[k], np.full(len(lg[k]), held[k][1])) for k in held}
+              for name, lg in logits.items()}
+    right = {name: {k: ((s > held_threshold(sc)) == two).mean() for k, (s, two) in sc.items()}
+             for name, sc in scored.items()}
+    for k in held:
+        lines.append(f"| {k[0]} at {k[1]} px | " + " | ".join(f"{r[k]:.3f}" for r in right.values())
+                     + " |")
+    worst = [min(v for (_, side), v in r.items() if side in SIDES + (FILLED,))
+             for r in right.values()]
+    lines += ["| threshold | " + " | ".join(f"{held_threshold(sc):+.2f}" for sc in scored.values())
+              + " |", "| worst group, pens as written | "
+              + " | ".join(f"**{w:.3f}**" for w in worst) + " |"]
+    report("\n".join(lines) + "\n", args.out)
 
 
 def count_score(args, mnist) -> None:
@@ -527,7 +593,7 @@ def build_parser() -> argparse.ArgumentParser:
                         f"measure it on test images drawn at {', '.join(map(str, SIDES))} px "
                         "and filling 28x28, in both polarities, against --digits 1|2, and how "
                         "the MNIST convention reads raw and frame-filling digits.")
-    co_how = co.add_subparsers(dest="how", required=True, metavar="{train,score}",
+    co_how = co.add_subparsers(dest="how", required=True, metavar="{train,held,score}",
                                parser_class=mc.ArgumentParser)
     ct = co_how.add_parser("train", help="train the pixel counter on training images",
                            description="Train the counter of --digits auto (a small convolutional "
@@ -536,27 +602,38 @@ def build_parser() -> argparse.ArgumentParser:
                            "and polarity; choose its threshold on --held others of each kind "
                            "at each size; write it to --model.")
     ct.set_defaults(fn=count_train, n=20000)
-    ct.add_argument("--renders", type=int, default=3, help="drawings of each (default: "
-                    "%(default)s)")
-    ct.add_argument("--held", type=int, default=500, help="held-out images of each kind at each "
-                    "size (default: %(default)s)")
     ct.add_argument("--channels", default="16,32", help="each convolution's channels "
                     "(default: %(default)s)")
     ct.add_argument("--fc", type=int, default=64, help="hidden ReLUs (default: %(default)s)")
     ct.add_argument("--epochs", type=int, default=9, help="(default: %(default)s)")
     ct.add_argument("--model", default="models/count_cnn.npz",
                     help="where the counter goes (default: %(default)s)")
+    ch = co_how.add_parser("held", help="score counter files on count train's held-out images",
+                           description="Redraw count train's held-out training images (the same "
+                           "--seed, --n, --renders and --held) and give each COUNTER's right "
+                           "count per group at its own maximin threshold, their mean logit's, "
+                           "and with --shifts the same over 1-px moves of the input.")
+    ch.set_defaults(fn=count_held, n=20000)
+    ch.add_argument("counters", nargs="+", metavar="COUNTER", help="counter .npz files")
+    ch.add_argument("--shifts", action="store_true",
+                    help="average each counter's logit over its input moved 1 px every way "
+                    "(default: off)")
+    for q in (ct, ch):
+        q.add_argument("--renders", type=int, default=3, help="drawings of each (default: "
+                       "%(default)s)")
+        q.add_argument("--held", type=int, default=500, help="held-out images of each kind at "
+                       "each size (default: %(default)s)")
     cs = co_how.add_parser("score", help="measure the rule on test images",
                            description="Right count and digits named right, auto against "
                            "forced, per group of test images; the MNIST convention's rows.")
     cs.set_defaults(fn=count_score, n=500)
-    for q in (ct, cs):
+    for q in (ct, ch, cs):
         q.add_argument("--n", type=int, default=q.get_default("n"),
                        help="images of each kind (default: %(default)s)")
         q.add_argument("--out", default=None, help="also write the report here (default: none)")
-    for q in (mn, w, s, ct, cs):  # hand draws fixed digits: no --seed
+    for q in (mn, w, s, ct, ch, cs):  # hand draws fixed digits: no --seed
         q.add_argument("--seed", type=int, default=0, help="which digits (default: %(default)s)")
-    for q in (mn, w, h, s, ct, cs):
+    for q in (mn, w, h, s, ct, ch, cs):
         q.add_argument("--data-dir", default=None,
                        help="MNIST cache (default: $HINTON_MNIST_DIR or ~/.cache/hinton-mnist)")
         q.set_defaults(prog=q.prog)

@@ -21,7 +21,7 @@ SCRIPTS = sorted(p for p in (ROOT / "bench").glob("*.py") if p.name != "common.p
 COMMANDS = {
     "speed.py": ["", "step", "ab", "floor", "alternatives", "micro", "workers", "data", "torch"],
     "samples.py": ["", "mnist", "examples", "examples write", "examples hand", "examples score",
-                   "count", "count train", "count score"],
+                   "count", "count train", "count held", "count score"],
     "experiments.py": ["", "run", "long", "long-split", "summarize", "failures", "routing",
                        "task-stats"],
     "recipe.py": ["", "ab", "long", "score", "summarize", "throughput", "init-lengths", "ship"],
@@ -288,6 +288,33 @@ def test_samples_write_labelled_digits_composites_and_examples(synthetic_mnist, 
     assert samples.main(["examples", "score", "--n", "3"]) == 0
     out = capsys.readouterr().out
     assert out.count("top-1") == 3 and out.count("set acc") == 2
+
+
+def test_count_held_scores_a_counter_as_count_train_did(monkeypatch, tmp_path, capsys):
+    """count held redraws count train's held-out images (the same options): a tiny counter gets
+    count train's threshold and right counts back, and a second file adds the mean's column."""
+    import samples
+    digits = mc.synthetic_mnist(np.random.default_rng(0), n_train=50040, n_test=8)
+    monkeypatch.setattr(samples.mnist_fetch, "load_mnist", lambda data_dir=None: digits)
+    plans, draw = [], samples.draw_all  # the polarities each drawing got (a view hides them)
+    monkeypatch.setattr(samples, "draw_all", lambda x, *plan: plans.append(plan) or draw(x, *plan))
+    opts = ["--n", "12", "--renders", "1", "--held", "6", "--seed", "3"]
+    model, log = tmp_path / "c.npz", tmp_path / "train.txt"
+    assert samples.main(["count", "train", *opts, "--channels", "2,2", "--fc", "4", "--epochs",
+                         "1", "--model", str(model), "--out", str(log)]) == 0
+    trained = log.read_text()
+    assert "--renders 1 --held 6 --channels 2,2 --fc 4 --epochs 1 --seed 3" in trained
+    threshold = trained.split("threshold on the logit: ")[1].split()[0]
+    at_threshold = [line.split()[-1] for line in trained.splitlines() if " n     6 " in line]
+    other = tmp_path / "d.npz"
+    other.write_bytes(model.read_bytes())
+    held_plans, plans[:] = plans[-12:], []
+    assert samples.main(["count", "held", str(model), str(other), *opts]) == 0
+    assert plans == held_plans and len({p[1][0] for p in plans}) == 2
+    rows = [line.split(" | ") for line in capsys.readouterr().out.splitlines()
+            if line.startswith("| ")]
+    assert [r[1] for r in rows[1:13]] == at_threshold and len(at_threshold) == 12
+    assert rows[13][1] == threshold and rows[0][3] == "their mean logit |"
 
 
 # ----------------------------------------------------------------------------------------------
