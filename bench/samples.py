@@ -44,6 +44,7 @@ import concurrent.futures
 import os
 import sys
 import time
+import zipfile
 from pathlib import Path
 
 import imageio.v3 as iio
@@ -421,22 +422,31 @@ def count_train(args, mnist) -> None:
         print(f"wrote {args.out}")
 
 
+def counter_file(path: str) -> dict:
+    """The counter saved at path (count train's --model), or a one-line error."""
+    try:
+        counter = cp.load_counter(Path(path))
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        raise mc.CapsNetError(f"{path} is not a readable counter ({type(e).__name__})") from None
+    if counter is None or not {"cnn_out_w", "threshold"} <= set(counter):
+        raise mc.CapsNetError(f"{path}: {'no such file' if counter is None else 'not a counter'}")
+    return counter
+
+
 SHIFTS = [(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1)]  # count held --shifts: 1 px each way
 
 
 def count_held(args, mnist) -> None:
     """Score counter files on count train's own held-out images (the same --seed, --n, --renders
     and --held redraw them), each at its maximin threshold; with two or more, their mean logit
-    too; with --shifts, each also on the mean logit over its input moved 1 px every way."""
+    too; with --shifts, every logit the mean over the input and its 8 moves of 1 px."""
+    counters = {f: counter_file(f) for f in args.counters}  # a bad file fails before the drawing
     rng = np.random.default_rng(args.seed)
     pools = training_pools(mnist, args.seed)
     for images, _ in source_images(pools["fit"], "train", args.n, args.seed).values():
         for _ in range(args.renders):
             drawing_plan(rng, len(images))  # count train's draws, to reach its held-out ones
     held = held_sets(pools, args, rng)
-    counters = {f: cp.load_counter(Path(f)) for f in args.counters}
-    if None in counters.values():
-        raise mc.CapsNetError(f"no counter file at {', '.join(args.counters)}")
     shifts = SHIFTS if args.shifts else [(0, 0)]
     logits = {name: {k: np.mean([counter_logits(np.roll(hx, s, axis=(1, 2)), c) for s in shifts],
                                 0) for k, (hx, _) in held.items()} for name, c in counters.items()}

@@ -315,6 +315,12 @@ def test_count_held_scores_a_counter_as_count_train_did(monkeypatch, tmp_path, c
             if line.startswith("| ")]
     assert [r[1] for r in rows[1:13]] == at_threshold and len(at_threshold) == 12
     assert rows[13][1] == threshold and rows[0][3] == "their mean logit |"
+    (tmp_path / "junk.npz").write_bytes(b"not a zip")
+    for bad in ("missing.npz", "junk.npz", "train.txt"):
+        plans[:] = []
+        assert samples.main(["count", "held", str(tmp_path / bad), *opts]) == 1 and not plans
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and bad in err and "Traceback" not in err, err
 
 
 # ----------------------------------------------------------------------------------------------
