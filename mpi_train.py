@@ -34,6 +34,17 @@ STOP_SIGNALS = tuple(int(s) for s in mc.SIGNALS)  # a counter each in the Allred
 LEAVE_S = 20.0  # how long a rank that failed waits for the others to fail with it
 
 
+ABORT_GRACE_S = 0.5  # how long a rank's last line has to reach mpiexec before the job is killed
+
+
+def abort(comm) -> None:
+    """MPI_Abort, ABORT_GRACE_S after this rank's last line: mpiexec passes a rank's stderr on
+    when it gets to it, and an abort that comes first kills the line with the job (seen under
+    load: the whole test suite, not one test alone)."""
+    time.sleep(ABORT_GRACE_S)
+    comm.Abort(1)
+
+
 class Watchdog(threading.Thread):
     """Aborts the job once this rank has waited for the others past its deadline: a rank stuck,
     or gone without MPI noticing, must not leave the rest waiting for ever."""
@@ -53,7 +64,7 @@ class Watchdog(threading.Thread):
             if deadline is not None and time.monotonic() > deadline:
                 self.say(f"rank {self.comm.rank}: no answer from the other ranks {self.what}; "
                          "aborting the job")
-                self.comm.Abort(1)
+                abort(self.comm)
 
 
 class Team:
@@ -179,7 +190,7 @@ def main(argv=None) -> int:
         rc = e.code if isinstance(e.code, int) else 1
     except BaseException as e:  # a bug or a second Ctrl-C on this rank only: stop the job
         say(f"rank {team.rank}: {type(e).__name__}: {e}; aborting the job")
-        team.comm.Abort(1)
+        abort(team.comm)
     if rc != 0 and team.rank != 0 and captured.getvalue().strip():
         team.watchdog.say = lambda line: say(f"{line} (rank {team.rank} said: "
                                              f"{captured.getvalue().strip().splitlines()[-1]})")
