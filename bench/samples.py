@@ -316,6 +316,13 @@ def drawing_plan(rng: np.random.Generator, n: int) -> tuple[list, list, list]:
             list(rng.choice(PENS, n)))
 
 
+def fit_plans(pools: dict, args, rng: np.random.Generator):
+    """count train's drawings of its fit images, in its order: (kind, images, drawing_plan)."""
+    for kind, (images, _) in source_images(pools["fit"], "train", args.n, args.seed).items():
+        for _ in range(args.renders):
+            yield kind, images, drawing_plan(rng, len(images))
+
+
 def held_sets(pools: dict, args, rng: np.random.Generator) -> dict:
     """{(kind, size): (views (N, 36, 36, 2) uint8, two digits?)}: args.held held-out training
     digits and composites drawn at each size, and at 64 px with a pen 2 px wider."""
@@ -390,10 +397,9 @@ def count_train(args, mnist) -> None:
     log = lambda text, **kw: (print(text, **kw), lines.append(text))
     t0 = time.perf_counter()
     xs, ys = [], []
-    for kind, (images, _) in source_images(pools["fit"], "train", args.n, args.seed).items():
-        for _ in range(args.renders):
-            xs.append(draw_all(images, *drawing_plan(rng, len(images))))
-            ys.append(np.full(len(images), kind == "composites", np.float32))
+    for kind, images, plan in fit_plans(pools, args, rng):
+        xs.append(draw_all(images, *plan))
+        ys.append(np.full(len(images), kind == "composites", np.float32))
     x, y = np.concatenate(xs), np.concatenate(ys)
     print(f"drew and normalised {len(x)} training images: {time.perf_counter() - t0:.0f} s")
     held = held_sets(pools, args, rng)
@@ -443,13 +449,15 @@ def count_held(args, mnist) -> None:
     counters = {f: counter_file(f) for f in args.counters}  # a bad file fails before the drawing
     rng = np.random.default_rng(args.seed)
     pools = training_pools(mnist, args.seed)
-    for images, _ in source_images(pools["fit"], "train", args.n, args.seed).values():
-        for _ in range(args.renders):
-            drawing_plan(rng, len(images))  # count train's draws, to reach its held-out ones
+    for _ in fit_plans(pools, args, rng):
+        pass  # count train's draws, undrawn, to reach its held-out ones
     held = held_sets(pools, args, rng)
     shifts = SHIFTS if args.shifts else [(0, 0)]
-    logits = {name: {k: np.mean([counter_logits(np.roll(hx, s, axis=(1, 2)), c) for s in shifts],
-                                0) for k, (hx, _) in held.items()} for name, c in counters.items()}
+
+    def logit(hx, c):  # (N,) the counter's logit, averaged over the shifts
+        return np.mean([counter_logits(np.roll(hx, s, axis=(1, 2)), c) for s in shifts], 0)
+    logits = {name: {k: logit(hx, c) for k, (hx, _) in held.items()}
+              for name, c in counters.items()}
     if len(counters) > 1:
         logits["their mean logit"] = {k: np.mean([lg[k] for lg in logits.values()], 0)
                                       for k in held}
@@ -459,14 +467,15 @@ def count_held(args, mnist) -> None:
         "|---|" + "---|" * len(logits)]
     scored = {name: {k: (lg[k], np.full(len(lg[k]), held[k][1])) for k in held}
               for name, lg in logits.items()}
-    right = {name: {k: ((s > held_threshold(sc)) == two).mean() for k, (s, two) in sc.items()}
+    thresholds = {name: held_threshold(sc) for name, sc in scored.items()}
+    right = {name: {k: ((s > thresholds[name]) == two).mean() for k, (s, two) in sc.items()}
              for name, sc in scored.items()}
     for k in held:
         lines.append(f"| {k[0]} at {k[1]} px | " + " | ".join(f"{r[k]:.3f}" for r in right.values())
                      + " |")
     worst = [min(v for (_, side), v in r.items() if side in SIDES + (FILLED,))
              for r in right.values()]
-    lines += ["| threshold | " + " | ".join(f"{held_threshold(sc):+.2f}" for sc in scored.values())
+    lines += ["| threshold | " + " | ".join(f"{t:+.2f}" for t in thresholds.values())
               + " |", "| worst group, pens as written | "
               + " | ".join(f"**{w:.3f}**" for w in worst) + " |"]
     report("\n".join(lines) + "\n", args.out)
