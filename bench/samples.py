@@ -260,6 +260,7 @@ def header(args, what: str) -> list[str]:
     """The report's first lines: the command (every option that shapes it) and the machine."""
     more = "".join(f" --{k} {getattr(args, k)}" for k in ("renders", "held", "channels", "fc",
                                                           "epochs") if hasattr(args, k))
+    more += " --distort" * getattr(args, "distort", False)
     files = "".join(f" {f}" for f in getattr(args, "counters", ())) + " --shifts" * getattr(
         args, "shifts", False)
     return [f"# python3 bench/samples.py count {args.how}{files} --n {args.n}{more} --seed "
@@ -316,10 +317,51 @@ def drawing_plan(rng: np.random.Generator, n: int) -> tuple[list, list, list]:
             list(rng.choice(PENS, n)))
 
 
+def distorted(images: np.ndarray, rng: np.random.Generator, share: float = 0.5,
+              turn: float = 15, shear: float = 0.3, stretch: float = 0.2) -> np.ndarray:
+    """Writers the counter never saw (count train --distort): a share of the uint8 digits
+    (N, H, W), each turned by up to turn degrees, sheared by up to shear and stretched along
+    each axis by up to stretch, about its centre of mass (bilinear); the rest as written."""
+    n, h, w = images.shape
+    x = images.astype(np.float32)
+    mass = x.sum((1, 2)) + 1e-9
+    centre = np.stack([(x.sum(2) * np.arange(h)).sum(1), (x.sum(1) * np.arange(w)).sum(1)],
+                      1) / mass[:, None]                                            # (N, 2)
+    a = np.radians(rng.uniform(-turn, turn, n))
+    rot = np.stack([np.cos(a), -np.sin(a), np.sin(a), np.cos(a)], 1).reshape(n, 2, 2)
+    shr = np.tile(np.eye(2), (n, 1, 1))
+    shr[:, 1, 0] = rng.uniform(-shear, shear, n)
+    scale = rng.uniform(1 - stretch, 1 + stretch, (n, 2))[:, :, None] * np.eye(2)   # (N, 2, 2)
+    back = np.linalg.inv(rot @ shr @ scale)      # each output pixel's place in the digit
+    grid = np.stack(np.meshgrid(np.arange(h), np.arange(w), indexing="ij"), -1).reshape(-1, 2)
+    src = np.einsum("nij,npj->npi", back, grid[None] - centre[:, None]) + centre[:, None]  # (N, HW, 2)
+    r0, c0 = np.floor(src[..., 0]).astype(int), np.floor(src[..., 1]).astype(int)
+    fr, fc = src[..., 0] - r0, src[..., 1] - c0
+    out = np.zeros((n, h * w), np.float32)
+    flat = x.reshape(n, -1)
+    for dr, dc, wt in ((0, 0, (1 - fr) * (1 - fc)), (0, 1, (1 - fr) * fc),
+                       (1, 0, fr * (1 - fc)), (1, 1, fr * fc)):
+        r, c = r0 + dr, c0 + dc
+        inside = (r >= 0) & (r < h) & (c >= 0) & (c < w)
+        out += wt * np.where(inside, np.take_along_axis(flat, np.clip(r, 0, h - 1) * w
+                                                         + np.clip(c, 0, w - 1), 1), 0)
+    warped = np.round(out).clip(0, 255).astype(np.uint8).reshape(n, h, w)
+    return np.where((rng.random(n) < share)[:, None, None], warped, images)
+
+
 def fit_plans(pools: dict, args, rng: np.random.Generator):
-    """count train's drawings of its fit images, in its order: (kind, images, drawing_plan)."""
-    for kind, (images, _) in source_images(pools["fit"], "train", args.n, args.seed).items():
-        for _ in range(args.renders):
+    """count train's drawings of its fit images, in its order: (kind, images, drawing_plan).
+    With --distort each render draws the same digits, distorted anew (by a generator of its own,
+    so that rng, and so the drawing plans and the held-out images, do not change)."""
+    fit = pools["fit"]
+    pool = lambda r, g: {"train_x": np.concatenate([distorted(c, g) for c in np.array_split(
+        fit["train_x"], 10)]), "train_y": fit["train_y"]} if args.distort else fit  # 10 pieces: memory
+    renders = [source_images(pool(r, np.random.default_rng([args.seed, r])), "train", args.n,
+                             args.seed)
+               for r in range(args.renders if args.distort else 1)]
+    for kind in KINDS:
+        for r in range(args.renders):
+            images = renders[r if args.distort else 0][kind][0]
             yield kind, images, drawing_plan(rng, len(images))
 
 
@@ -642,6 +684,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "%(default)s)")
         q.add_argument("--held", type=int, default=500, help="held-out images of each kind at "
                        "each size (default: %(default)s)")
+        q.add_argument("--distort", action="store_true", help="fit on digits turned, sheared "
+                       "and stretched at random, half of them (default: off)")
     cs = co_how.add_parser("score", help="measure the rule on test images",
                            description="Right count and digits named right, auto against "
                            "forced, per group of test images; the MNIST convention's rows.")
