@@ -323,6 +323,51 @@ def test_count_held_scores_a_counter_as_count_train_did(monkeypatch, tmp_path, c
         assert err.count("\n") == 1 and bad in err and "Traceback" not in err, err
 
 
+def test_count_train_distort_bends_half_the_fit_digits_and_nothing_else():
+    """--distort: with no turn, shear or stretch the warp is the identity; with them about half
+    the digits change, their ink's centre kept; each render draws the same digits bent anew, by
+    the same drawing plans as without it (so the held-out images are the same too)."""
+    import argparse
+    import samples
+    digits = mc.synthetic_mnist(np.random.default_rng(0), n_train=400, n_test=1)
+    x = digits["train_x"]
+    flat = samples.distorted(x, np.random.default_rng(1), share=1, turn=0, shear=0, stretch=0)
+    assert np.array_equal(flat, x)
+    bent = samples.distorted(x, np.random.default_rng(1))
+    changed = (bent != x).any((1, 2))
+    assert 0.35 < changed.mean() < 0.65
+    centre = lambda im: np.array([(im.sum(1 - ax) * np.arange(28)).sum() for ax in (0, 1)]
+                                 ) / im.sum()
+    assert max(np.abs(centre(b.astype(float)) - centre(a.astype(float))).max()
+               for a, b in zip(x[changed], bent[changed])) < 1.5
+    pools = {"fit": {"train_x": x, "train_y": digits["train_y"]}}
+    draws = {}
+    for distort in (False, True):
+        args = argparse.Namespace(n=30, renders=2, seed=3, distort=distort)
+        draws[distort] = list(samples.fit_plans(pools, args, np.random.default_rng(3)))
+    assert [(k, p) for k, _, p in draws[False]] == [(k, p) for k, _, p in draws[True]]
+    (_, a, _), (_, b, _) = draws[True][:2]  # the lone digits' two renders
+    assert np.array_equal(draws[False][0][1], draws[False][1][1]) and not np.array_equal(a, b)
+    assert 0.3 < (a == draws[False][0][1]).all((1, 2)).mean() < 0.7  # half as written
+
+
+def test_count_score_names_what_predict_would_name(monkeypatch, capsys):
+    """auto is scored by the digits predict names: a lone digit counted two but named alone is
+    right, two named for one is wrong; count score --mixed reads one group a size."""
+    import samples
+    g = dict(count=np.array([2, 2, 1, 1, 2]), found1=[[3], [3], [3], [4], [3]],
+             found2=[[3], [3, 1], [3, 5], [4], [3, 5]])
+    labels = [np.array([[3]] * 4 + [[5]]), np.array([[3, 5]] * 5)]
+    assert samples.named_auto(g, labels[0]).tolist() == [True, False, True, False, False]
+    assert samples.named_auto(g, labels[1]).tolist() == [False, False, False, False, True]
+    digits = mc.synthetic_mnist(np.random.default_rng(0), n_train=8, n_test=20)
+    monkeypatch.setattr(samples.mnist_fetch, "load_mnist", lambda data_dir=None: digits)
+    assert samples.main(["count", "score", "--n", "3", "--mixed"]) == 0
+    rows = [r for r in capsys.readouterr().out.splitlines() if r.startswith("| digits")
+            or r.startswith("| composites")]
+    assert len(rows) == 10 and all(" | mixed | 3 | " in r for r in rows), rows
+
+
 # ----------------------------------------------------------------------------------------------
 # affnist.py: the protocol chooses from validation alone; the runner on synthetic digits
 
