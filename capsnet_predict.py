@@ -355,11 +355,23 @@ def load_counter(path: Path = None) -> dict | None:
     return _COUNTERS[path]
 
 
-def count_scores(v: Views, counter: dict = None) -> np.ndarray:
-    """(N,) the counter's score for the views v: its logit less its threshold, two digits
-    above 0."""
+def count_features(logits: np.ndarray, ones: np.ndarray, one: Run) -> np.ndarray:
+    """(N, 3) what the count weighs: the counter's logits (N,) and the two longest capsules of
+    the MNIST model one on the one-digit views ones (N, 28, 28) uint8. A composite squeezed
+    into one digit's box reads as no digit well: its longest capsule is short, its second long."""
+    lengths = -np.sort(-mc.class_scores(mc.predict(one.eval_params, one.cfg, ones)), 1)  # (N, J)
+    return np.c_[logits, lengths[:, :2]]
+
+
+def count_scores(v: Views, counter: dict = None, one: Run | None = None) -> np.ndarray:
+    """(N,) the count's score for the views v, two digits above 0: with the MNIST model one and
+    a counter that has count fuse's weights, count_features weighed by them; else the counter's
+    logit less its threshold."""
     counter = counter or load_counter()
-    return counter_forward(counter_input(v.ones, v.twos), counter)[0] - counter["threshold"]
+    logits = counter_forward(counter_input(v.ones, v.twos), counter)[0]
+    if one is None or "fuse_w" not in counter:
+        return logits - counter["threshold"]
+    return count_features(logits, v.ones, one) @ counter["fuse_w"] + counter["fuse_b"][0]
 
 
 def choose_model(n: int, checkpoint: str | None) -> Path:
@@ -508,7 +520,8 @@ def how_many(ink: np.ndarray, args, runs: dict) -> tuple[int, str, Views | None]
     v = both_views([ink])
     if not v.ink[0]:
         return 1, "no ink to count", v
-    score = count_scores(v)[0]
+    one = _model(runs, MNIST_MODEL_FILE, args) if MNIST_MODEL_FILE.exists() else None
+    score = count_scores(v, one=one)[0]
     return (2 if score > 0 else 1), f"auto: the counter's score {score:+.2f}, two above 0", v
 
 

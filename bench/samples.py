@@ -41,6 +41,7 @@ MNIST is fetched into its cache first if it is not there.
 """
 import argparse
 import concurrent.futures
+import io
 import os
 import sys
 import time
@@ -221,7 +222,7 @@ def read_auto(images, models) -> dict:
     v = cp.both_views([cp.ink_on_black(x)[0] for x in images])
     s1 = mc.class_scores(mc.predict(one.eval_params, one.cfg, v.ones))
     s2 = mc.class_scores(mc.predict(two.eval_params, two.cfg, v.twos))
-    return dict(count=np.where(cp.count_scores(v) > 0, 2, 1),
+    return dict(count=np.where(cp.count_scores(v, one=one) > 0, 2, 1),
                 found1=[cp.digits_found(s, 1) for s in s1],
                 found2=[cp.digits_found(s, 2) for s in s2])
 
@@ -272,7 +273,9 @@ def header(args, what: str) -> list[str]:
                                                                                    False)
     files = "".join(f" {f}" for f in getattr(args, "counters", ())) + " --shifts" * getattr(
         args, "shifts", False)
-    return [f"# python3 bench/samples.py count {args.how}{files} --n {args.n}{more} --seed "
+    files += f" --counter {args.counter}" if hasattr(args, "counter") else ""
+    n = f" --n {args.n}" * (args.n is not None)
+    return [f"# python3 bench/samples.py count {args.how}{files}{n}{more} --seed "
             f"{args.seed}: {what}",
             f"# {cpu_model()}, {os.cpu_count()} cores; commit {commit()}"]
 
@@ -532,6 +535,75 @@ def count_held(args, mnist) -> None:
     report("\n".join(lines) + "\n", args.out)
 
 
+def fit_logistic(x: np.ndarray, y: np.ndarray, l2: float = 1e-4, steps: int = 30):
+    """Weights (D,) and bias of sigmoid(x @ w + b) that minimise the mean cross-entropy against
+    y (N,) in {0, 1}, plus l2 / 2 |w|^2, by Newton's method: x (N, D)."""
+    z = np.c_[x, np.ones(len(x))].astype(np.float64)                          # (N, D + 1)
+    reg = l2 * np.diag([1.0] * x.shape[1] + [0.0])                            # the bias is free
+    w = np.zeros(z.shape[1])
+    for _ in range(steps):
+        p = mc.sigmoid(z @ w)
+        hessian = (z * (p * (1 - p))[:, None]).T @ z / len(y) + reg
+        w = w - np.linalg.solve(hessian, z.T @ (p - y) / len(y) + reg @ w)
+    return w[:-1], w[-1]
+
+
+def fuse_fit(feats: dict, rows: dict) -> tuple[np.ndarray, float]:
+    """count fuse's rule fitted on the rows (bool masks) of feats {group: (features (N, 3), two
+    (N,))}: the logistic weights, and the bias less the maximin threshold of the fitted rows."""
+    w, b = fit_logistic(np.concatenate([f[rows[k]] for k, (f, _) in feats.items()]),
+                        np.concatenate([two[rows[k]] for k, (_, two) in feats.items()]))
+    return w, b - held_threshold({k: (f[rows[k]] @ w + b, two[rows[k]])
+                                  for k, (f, two) in feats.items()})
+
+
+def count_fuse(args, mnist) -> None:
+    """Weigh the counter's logit with the MNIST model's two longest capsules (count_features)
+    by logistic regression on held-out training images, the threshold maximin; right counts by
+    2-fold cross-validation against the counter alone; write the weights into --model."""
+    counter = counter_file(args.counter)
+    if why := mc.check_writable(args.model):
+        raise mc.CapsNetError(why)
+    if not cp.MNIST_MODEL_FILE.exists():
+        raise mc.CapsNetError(f"count fuse needs the MNIST model, models/{cp.MNIST_MODEL_FILE.name}")
+    one = mc.load_checkpoint(cp.MNIST_MODEL_FILE)
+    t0 = time.perf_counter()
+    held = held_sets(training_pools(mnist, args.seed), args, np.random.default_rng([args.seed, 2]))
+    feats = {k: (cp.count_features(counter_logits(hx, counter), hx[:, 4:32, 4:32, 1], one),
+                 np.full(len(hx), two)) for k, (hx, two) in held.items()}
+    print(f"drew and read {args.held} held-out images of each kind at each size: "
+          f"{time.perf_counter() - t0:.0f} s", flush=True)
+    halves = {k: np.arange(len(f)) % 2 == 0 for k, (f, _) in feats.items()}
+    right = {"counter alone": {k: 0.0 for k in feats}, "fused": {k: 0.0 for k in feats}}
+    for fit in (halves, {k: ~h for k, h in halves.items()}):
+        t = held_threshold({k: (f[fit[k], 0], two[fit[k]]) for k, (f, two) in feats.items()})
+        w, b = fuse_fit(feats, fit)
+        for k, (f, two) in feats.items():
+            right["counter alone"][k] += ((f[~fit[k], 0] > t) == two[~fit[k]]).mean() / 2
+            right["fused"][k] += ((f[~fit[k]] @ w + b > 0) == two[~fit[k]]).mean() / 2
+    w, b = fuse_fit(feats, {k: np.ones(len(f), bool) for k, (f, _) in feats.items()})
+    lines = header(args, "the count: the counter's logit and the MNIST model's two longest "
+                   "capsules, weighed on held-out training images") + [
+        f"# {args.counter} and models/{cp.MNIST_MODEL_FILE.name}; each group's right count is "
+        "the mean of 2 folds: fitted (weights and maximin threshold) on one half of every "
+        "group, counted on the other", "| group | n | counter alone | fused |", "|---|---|---|---|"]
+    for k in feats:
+        lines.append(f"| {k[0]} at {k[1]} px | {len(feats[k][0])} | "
+                     f"{right['counter alone'][k]:.3f} | {right['fused'][k]:.3f} |")
+    worst = {name: min(v for (_, side), v in r.items() if side in SIDES + (FILLED,))
+             for name, r in right.items()}
+    lines += [f"| worst group, pens as written | | **{worst['counter alone']:.3f}** | "
+              f"**{worst['fused']:.3f}** |", "",
+              f"fitted on all: score = {w[0]:+.4f} x logit {w[1]:+.4f} x longest {w[2]:+.4f} x "
+              f"second {b:+.4f}, two above 0"]
+    arrays = {k: v for k, v in counter.items() if not k.startswith("fuse_")}
+    buf = io.BytesIO()
+    np.savez_compressed(buf, **arrays, fuse_w=w.astype(np.float32), fuse_b=np.float32([b]))
+    mc.atomic_write(Path(args.model), buf.getvalue())
+    lines.append(f"wrote {args.model}")
+    report("\n".join(lines) + "\n", args.out)
+
+
 def count_score(args, mnist) -> None:
     """Measure --digits auto on test digits and composites, and the MNIST convention (point 2)."""
     models = load_shipped()
@@ -664,7 +736,7 @@ def build_parser() -> argparse.ArgumentParser:
                         f"measure it on test images drawn at {', '.join(map(str, SIDES))} px "
                         "and filling 28x28, in both polarities, against --digits 1|2, and how "
                         "the MNIST convention reads raw and frame-filling digits.")
-    co_how = co.add_subparsers(dest="how", required=True, metavar="{train,held,score}",
+    co_how = co.add_subparsers(dest="how", required=True, metavar="{train,held,fuse,score}",
                                parser_class=mc.ArgumentParser)
     ct = co_how.add_parser("train", help="train the pixel counter on training images",
                            description="Train the counter of --digits auto (a small convolutional "
@@ -696,6 +768,21 @@ def build_parser() -> argparse.ArgumentParser:
                        "each size (default: %(default)s)")
         q.add_argument("--distort", action="store_true", help="fit on digits turned, sheared "
                        "and stretched at random, half of them (default: off)")
+    cf = co_how.add_parser("fuse", help="weigh the counter's logit with the MNIST model's "
+                           "capsules on held-out training images",
+                           description="Fit the count's weights (the counter's logit, the MNIST "
+                           "model's two longest capsules on the one-digit view) by logistic "
+                           "regression on --held held-out training images of each kind at each "
+                           "size, its threshold maximin; give 2-fold cross-validated right "
+                           "counts against the counter alone; write --counter with the weights "
+                           "to --model.")
+    cf.set_defaults(fn=count_fuse, n=None)
+    cf.add_argument("--counter", default="models/count_cnn.npz",
+                    help="the counter read (default: %(default)s)")
+    cf.add_argument("--model", default="models/count_cnn.npz",
+                    help="where the counter with its weights goes (default: %(default)s)")
+    cf.add_argument("--held", type=int, default=1000, help="held-out images of each kind at "
+                    "each size (default: %(default)s)")
     cs = co_how.add_parser("score", help="measure the rule on test images",
                            description="Right count and digits named right, auto against "
                            "forced, per group of test images; the MNIST convention's rows.")
@@ -706,9 +793,10 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--n", type=int, default=q.get_default("n"),
                        help="images of each kind (default: %(default)s)")
         q.add_argument("--out", default=None, help="also write the report here (default: none)")
-    for q in (mn, w, s, ct, ch, cs):  # hand draws fixed digits: no --seed
+    cf.add_argument("--out", default=None, help="also write the report here (default: none)")
+    for q in (mn, w, s, ct, ch, cf, cs):  # hand draws fixed digits: no --seed
         q.add_argument("--seed", type=int, default=0, help="which digits (default: %(default)s)")
-    for q in (mn, w, h, s, ct, ch, cs):
+    for q in (mn, w, h, s, ct, ch, cf, cs):
         q.add_argument("--data-dir", default=None,
                        help="MNIST cache (default: $HINTON_MNIST_DIR or ~/.cache/hinton-mnist)")
         q.set_defaults(prog=q.prog)

@@ -21,7 +21,8 @@ SCRIPTS = sorted(p for p in (ROOT / "bench").glob("*.py") if p.name != "common.p
 COMMANDS = {
     "speed.py": ["", "step", "ab", "floor", "alternatives", "micro", "workers", "data", "torch"],
     "samples.py": ["", "mnist", "examples", "examples write", "examples hand", "examples score",
-                   "count", "count train", "count held", "count score"],
+                   "count", "count train", "count held", "count fuse",
+                   "count score"],
     "experiments.py": ["", "run", "long", "long-split", "summarize", "failures", "routing",
                        "task-stats"],
     "recipe.py": ["", "ab", "long", "score", "summarize", "throughput", "init-lengths", "ship"],
@@ -366,6 +367,47 @@ def test_count_score_names_what_predict_would_name(monkeypatch, capsys):
     rows = [r for r in capsys.readouterr().out.splitlines() if r.startswith("| digits")
             or r.startswith("| composites")]
     assert len(rows) == 10 and all(" | mixed | 3 | " in r for r in rows), rows
+
+
+def test_fit_logistic_reaches_the_minimum():
+    """fit_logistic's weights zero the gradient of its objective; moving any weight costs."""
+    import samples
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(300, 3))
+    y = (x @ [1.5, -2.0, 0.5] + 0.3 + rng.normal(size=300) > 0).astype(float)
+    w, b = samples.fit_logistic(x, y, l2=1e-2)
+    cost = lambda w, b: (np.mean(np.logaddexp(0, x @ w + b) - y * (x @ w + b))
+                         + 1e-2 / 2 * w @ w)
+    grad = x.T @ (mc.sigmoid(x @ w + b) - y) / len(y) + 1e-2 * w
+    assert np.abs(grad).max() < 1e-10 and abs(np.mean(mc.sigmoid(x @ w + b) - y)) < 1e-10
+    assert all(cost(w + d, b) > cost(w, b) for d in 1e-3 * np.eye(3))
+
+
+def test_count_fuse_writes_the_counter_with_weights_the_rule_uses(monkeypatch, tmp_path, capsys):
+    """count fuse on held-out (synthetic) training digits: the report's cross-validated table,
+    the file it writes keeps the counter and adds the weights count_scores weighs with the MNIST
+    model; an unwritable --model is one line before any drawing."""
+    import samples
+    cp = samples.cp
+    digits = mc.synthetic_mnist(np.random.default_rng(0), n_train=50040, n_test=8)
+    monkeypatch.setattr(samples.mnist_fetch, "load_mnist", lambda data_dir=None: digits)
+    out = tmp_path / "fused.npz"
+    assert samples.main(["count", "fuse", "--held", "4", "--model", str(out)]) == 0
+    report = capsys.readouterr().out
+    assert report.count(" | 4 | ") == 12 and "| worst group, pens as written | |" in report
+    fused, plain = cp.load_counter(out), cp.load_counter()
+    assert all(np.array_equal(fused[k], plain[k]) for k in plain if not k.startswith("fuse_"))
+    assert fused["fuse_w"].shape == (3,) and fused["fuse_b"].shape == (1,)
+    one = mc.load_checkpoint(cp.MNIST_MODEL_FILE)
+    v = cp.both_views([d / 255 for d in digits["test_x"][:3]])
+    logits = cp.count_scores(v, plain) + plain["threshold"]
+    np.testing.assert_allclose(cp.count_scores(v, fused, one), cp.count_features(
+        logits, v.ones, one) @ fused["fuse_w"] + fused["fuse_b"][0], rtol=1e-5)
+    np.testing.assert_allclose(cp.count_scores(v, fused), cp.count_scores(v, plain))  # no model
+    assert samples.main(["count", "fuse", "--held", "8", "--model", str(tmp_path / "no" / "f.npz")]
+                        ) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "does not exist" in err
 
 
 # ----------------------------------------------------------------------------------------------
