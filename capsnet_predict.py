@@ -6,8 +6,8 @@ each digit's reconstruction from its own capsule.
 Any size, grey or colour, either polarity: an image that already follows MNIST's convention is
 taken as it is (as_made), any other is cropped, scaled and centred as MNIST was (fit_digits).
 --digits auto counts the digits with a small convolutional network on the image normalised as
-one digit and as two (count_scores); one digit goes to the MNIST model, two to the MultiMNIST
-model.
+one digit and as two, weighed with the MNIST model's two longest capsules (count_scores); one
+digit goes to the MNIST model, two to the MultiMNIST model.
 """
 from __future__ import annotations
 
@@ -442,7 +442,7 @@ def build_predict_parser() -> argparse.ArgumentParser:
                    help="the image's background; auto: the side the median pixel is on (ink is "
                         "the minority) (default: %(default)s)")
     p.add_argument("--verbose", action="store_true",
-                   help="print how each image was cropped and scaled, the counter's score "
+                   help="print how each image was cropped and scaled, the count's score "
                         "(auto), and all ten capsule lengths")
     p.add_argument("--out", default=None,
                    help="an image (its suffix names the format): per input, the image as read, "
@@ -522,7 +522,7 @@ def how_many(ink: np.ndarray, args, runs: dict) -> tuple[int, str, Views | None]
         return 1, "no ink to count", v
     one = _model(runs, MNIST_MODEL_FILE, args) if MNIST_MODEL_FILE.exists() else None
     score = count_scores(v, one=one)[0]
-    return (2 if score > 0 else 1), f"auto: the counter's score {score:+.2f}, two above 0", v
+    return (2 if score > 0 else 1), f"auto: the count's score {score:+.2f}, two above 0", v
 
 
 def _predict_one(path, x: np.ndarray, args, runs: dict) -> Row:

@@ -387,8 +387,8 @@ def test_predict_reads_any_image_and_draws_what_it_did(tmp_path):
     assert heads[3] == "blank.jpg: no digit found  (no ink)" and heads[4] == "wrote p.png"
     assert "  120x90, inverted; enlarged to 128x96; ink >= " in r.stdout and "centred by mass in 28x28" in r.stdout
     assert "  28x28; ink box 19 px, MNIST's: taken as it is, moved by +3, +0 px to centre its " \
-        "mass in 28x28; model capsnet-mnist.npz, 1 digit (auto: the counter's score -" in r.stdout
-    assert "model capsnet-multimnist.npz, 2 digits (auto: the counter's score +" in r.stdout
+        "mass in 28x28; model capsnet-mnist.npz, 1 digit (auto: the count's score -" in r.stdout
+    assert "model capsnet-multimnist.npz, 2 digits (auto: the count's score +" in r.stdout
     assert r.stdout.count("  all ten: ") == 3
     pair_model = cli("--verbose", "--checkpoint", mc.MODEL_FILE, "five.png", cwd=tmp_path)
     assert "five.png: 5  (capsule length " in pair_model.stdout, pair_model.stdout
@@ -604,12 +604,12 @@ def frame_filling(img: np.ndarray, side: int = 28) -> np.ndarray:
     return np.clip(out, 0, 1)
 
 
-# Font digits the counter calls one with a margin of at least ONE_MARGIN at 200x200 and filling
-# 28x28 (runs/predict/count_train.txt's counter); composites of font digits it calls two with
-# at least TWO_MARGIN. At 28 and 36 px this bold font (strokes 4-6 px, twice MNIST's, wider than
+# Font digits the count calls one with a margin of at least ONE_MARGIN at 200x200 and filling
+# 28x28 (runs/predict/count_fuse.txt's weights); composites of font digits it calls two with at
+# least TWO_MARGIN. At 28 and 36 px this bold font (strokes 4-6 px, twice MNIST's, wider than
 # the pens the counter learnt from) reads as two for most digits: docs/model.md says so.
 ONE_DIGIT_CASES = (0, 2, 3, 5, 7)
-ONE_MARGIN, TWO_MARGIN = 3.0, 2.0
+ONE_MARGIN, TWO_MARGIN = 2.0, 2.0
 
 
 def lone_digits() -> dict:
@@ -634,14 +634,14 @@ def composites() -> dict:
 
 
 def test_auto_counts_one_digit_at_any_size_and_two_in_a_composite():
-    """The shipped counter (small, both views as two channels) on font digits at 200x200 and
-    filling 28x28, either polarity, and font composites: each counted right, with a margin;
-    which images are taken as they are."""
+    """The shipped count (a small counter on both views as two channels, weighed with the MNIST
+    model's capsules) on font digits at 200x200 and filling 28x28, either polarity, and font
+    composites: each counted right, with a margin; which images are taken as they are."""
     assert cp.COUNT_MODEL_FILE.exists() and cp.COUNT_MODEL_FILE.stat().st_size < 2 ** 20
     assert cp.load_counter()["cnn_conv1_w"].shape[2] == 2
     images = {**lone_digits(), **composites()}
     v = cp.both_views([cp.ink_on_black(x)[0] for x in images.values()])
-    score = dict(zip(images, cp.count_scores(v)))
+    score = dict(zip(images, cp.count_scores(v, one=mc.load_checkpoint(cp.MNIST_MODEL_FILE))))
     ones = {k: round(s, 2) for k, s in score.items()
             if len(k.split()[0]) == 1 and ("200x200" in k or "filling" in k)}
     twos = {k: round(s, 2) for k, s in score.items() if len(k.split()[0]) == 2}
@@ -729,7 +729,8 @@ def test_the_shipped_counter_counts_mnist_test_digits_and_composites():
                                         for n in (36, 64, 200) for d in x[:10]]
     twos = [c / 255 for c in pairs] + [1 - np.clip(cp.resize(c / 255, n, n), 0, 1)
                                        for n in (28, 64, 200) for c in pairs]
-    s = cp.count_scores(cp.both_views([cp.ink_on_black(i)[0] for i in ones + twos]))
+    s = cp.count_scores(cp.both_views([cp.ink_on_black(i)[0] for i in ones + twos]),
+                        one=mc.load_checkpoint(cp.MNIST_MODEL_FILE))
     two = np.arange(len(s)) >= len(ones)
     assert ((s > 0) == two).all(), np.round(s, 1)
 
@@ -741,6 +742,18 @@ def test_the_shipped_counter_is_the_one_its_training_wrote():
     threshold = float(text.split("threshold on the logit: ")[1].split()[0])
     assert round(float(cp.load_counter()["threshold"]), 2) == threshold
     assert text.startswith("# python3 bench/samples.py count train --n 20000 --seed 0: ")
+
+
+def test_the_shipped_count_weighs_what_count_fuse_wrote():
+    """The shipped count's weights are runs/predict/count_fuse.txt's, fitted on held-out training
+    images (`python3 bench/samples.py count fuse --seed 0`); without them (or without the MNIST
+    model) the score is the counter's logit less its threshold."""
+    text = (ROOT / "runs" / "predict" / "count_fuse.txt").read_text()
+    words = text.split("fitted on all: score = ")[1].split(", two above 0")[0].split()
+    c = cp.load_counter()
+    np.testing.assert_allclose([*c["fuse_w"], c["fuse_b"][0]],
+                               [float(t) for t in words if t[0] in "+-"], atol=6e-5)
+    assert text.startswith("# python3 bench/samples.py count fuse --counter models/count_cnn.npz ")
 
 
 def test_no_flag_reads_a_lone_digit_as_one_at_200x200_and_filling_28x28(tmp_path):
@@ -758,7 +771,7 @@ def test_no_flag_reads_a_lone_digit_as_one_at_200x200_and_filling_28x28(tmp_path
     assert r.returncode == 0 and [h.split("  (")[0] for h in heads] == [
         "seven.png: 7", "three.png: 3", "pair.png: 0 and 5"], r.stdout
     assert "  28x28; enlarged to 128x128; ink >= " in r.stdout and "to 15x20" in r.stdout
-    assert r.stdout.count("1 digit (auto: the counter's score -") == 2
+    assert r.stdout.count("1 digit (auto: the count's score -") == 2
 
 
 def test_the_count_benchs_counter_threshold_and_drawing():
