@@ -6,6 +6,7 @@ reads many such images.
     python3 bench/samples.py examples score [--n 1000] [--seed 0]  # the shipped model on many
     python3 bench/samples.py count train [--out FILE]              # --digits auto's counter
     python3 bench/samples.py count held COUNTER... [--shifts]      # counters on held-out images
+    python3 bench/samples.py count fuse [--out FILE]               # weighed with capsule lengths
     python3 bench/samples.py count score [--n 500] [--out FILE]    # measured on test images
 
 mnist: for each k < n, OUTDIR/digit_k_L.png, one 28x28 test digit of label L, as MNIST stores it,
@@ -28,14 +29,19 @@ count train: the pixel counter (models/count_cnn.npz) on 3 drawings each of n tr
 and n composites of the paper's task, each at a random size and polarity, from 50,000 of the
 60,000 training digits (the split by --seed); its threshold, the one that makes the worst group's
 right count largest, on --held of each kind drawn at 28, 36, 64 and 200 px (resampled) and
-filling a 28x28 frame, either polarity at random, from the other 10,000.
+filling a 28x28 frame, either polarity at random, from the other 10,000. --distort: half the
+fit digits turned, sheared and stretched at random, anew each drawing.
+
+count fuse: the count's weights (the counter's logit, the MNIST model's two longest capsules on
+the one-digit view) by logistic regression on --held held-out training images of each kind at
+each size, its threshold maximin; 2-fold cross-validated right counts against the counter alone.
 
 count score: n test digits and n test composites, drawn at each size in both polarities: per
 group, the right count of --digits auto (with its binomial standard error) and the digits named
 right with auto and with the true count forced (--digits 1|2), and their paired difference with
-its standard error; then the MNIST convention: all raw test digits and n raw composites
-read as they are and after to_canvas, and n test digits scaled to fill 28x28 against the same at
-64x64, with no flag.
+its standard error (--mixed: one group a size, each image in a random polarity); then the MNIST
+convention: all raw test digits and n raw composites read as they are and after to_canvas, and n
+test digits scaled to fill 28x28 against the same at 64x64, with no flag.
 
 MNIST is fetched into its cache first if it is not there.
 """
@@ -346,7 +352,8 @@ def distorted(images: np.ndarray, rng: np.random.Generator, share: float = 0.5,
     scale = rng.uniform(1 - stretch, 1 + stretch, (n, 2))[:, :, None] * np.eye(2)   # (N, 2, 2)
     back = np.linalg.inv(rot @ shr @ scale)      # each output pixel's place in the digit
     grid = np.stack(np.meshgrid(np.arange(h), np.arange(w), indexing="ij"), -1).reshape(-1, 2)
-    src = np.einsum("nij,npj->npi", back, grid[None] - centre[:, None]) + centre[:, None]  # (N, HW, 2)
+    src = np.einsum("nij,npj->npi", back, grid[None] - centre[:, None]) + centre[:, None]
+    # src (N, H * W, 2): where in its digit each output pixel is read, bilinearly
     r0, c0 = np.floor(src[..., 0]).astype(int), np.floor(src[..., 1]).astype(int)
     fr, fc = src[..., 0] - r0, src[..., 1] - c0
     out = np.zeros((n, h * w), np.float32)
@@ -366,10 +373,12 @@ def fit_plans(pools: dict, args, rng: np.random.Generator):
     With --distort each render draws the same digits, distorted anew (by a generator of its own,
     so that rng, and so the drawing plans and the held-out images, do not change)."""
     fit = pools["fit"]
-    pool = lambda r, g: {"train_x": np.concatenate([distorted(c, g) for c in np.array_split(
-        fit["train_x"], 10)]), "train_y": fit["train_y"]} if args.distort else fit  # 10 pieces: memory
-    renders = [source_images(pool(r, np.random.default_rng([args.seed, r])), "train", args.n,
-                             args.seed)
+
+    def pool(r):  # render r's fit digits, distorted in 10 pieces (memory)
+        g = np.random.default_rng([args.seed, r])
+        return {"train_x": np.concatenate([distorted(c, g) for c in np.array_split(
+            fit["train_x"], 10)]), "train_y": fit["train_y"]} if args.distort else fit
+    renders = [source_images(pool(r), "train", args.n, args.seed)
                for r in range(args.renders if args.distort else 1)]
     for kind in KINDS:
         for r in range(args.renders):
@@ -565,7 +574,7 @@ def count_fuse(args, mnist) -> None:
     if why := mc.check_writable(args.model):
         raise mc.CapsNetError(why)
     if not cp.MNIST_MODEL_FILE.exists():
-        raise mc.CapsNetError(f"count fuse needs the MNIST model, models/{cp.MNIST_MODEL_FILE.name}")
+        raise mc.CapsNetError(f"count fuse needs models/{cp.MNIST_MODEL_FILE.name}")
     one = mc.load_checkpoint(cp.MNIST_MODEL_FILE)
     t0 = time.perf_counter()
     held = held_sets(training_pools(mnist, args.seed), args, np.random.default_rng([args.seed, 2]))
