@@ -6,7 +6,7 @@ each digit's reconstruction from its own capsule.
 Any size, grey or colour, either polarity: an image that already follows MNIST's convention is
 taken as it is (as_made), any other is cropped, scaled and centred as MNIST was (fit_digits).
 --digits auto counts the digits with a small convolutional network on the image normalised as
-one digit and as two, weighed with the MNIST model's two longest capsules (count_scores); one
+one digit and as two, weighed with how well the MNIST model redraws it (count_scores); one
 digit goes to the MNIST model, two to the MultiMNIST model.
 """
 from __future__ import annotations
@@ -356,11 +356,14 @@ def load_counter(path: Path = None) -> dict | None:
 
 
 def count_features(logits: np.ndarray, ones: np.ndarray, one: Run) -> np.ndarray:
-    """(N, 3) what the count weighs: the counter's logits (N,) and the two longest capsules of
-    the MNIST model one on the one-digit views ones (N, 28, 28) uint8. A composite squeezed
-    into one digit's box reads as no digit well: its longest capsule is short, its second long."""
-    lengths = -np.sort(-mc.class_scores(mc.predict(one.eval_params, one.cfg, ones)), 1)  # (N, J)
-    return np.c_[logits, lengths[:, :2]]
+    """(N, 2) what the count weighs: the counter's logits (N,) and how badly the MNIST model one
+    redraws the one-digit views ones (N, 28, 28) uint8 from its longest capsule (the log of the
+    mean squared error). A composite squeezed into one digit's box is no digit its decoder can
+    draw; a bold lone digit still is."""
+    v = mc.predict(one.eval_params, one.cfg, ones)                                # (N, J, E)
+    recon = mc.reconstruct(one.eval_params, v, mc.class_scores(v, one.cfg).argmax(1))  # (N, HW)
+    err = ((recon - ones.reshape(len(ones), -1) / 255) ** 2).mean(1)
+    return np.c_[logits, np.log(err + 1e-4)]
 
 
 def count_scores(v: Views, counter: dict = None, one: Run | None = None) -> np.ndarray:

@@ -6,7 +6,7 @@ reads many such images.
     python3 bench/samples.py examples score [--n 1000] [--seed 0]  # the shipped model on many
     python3 bench/samples.py count train [--out FILE]              # --digits auto's counter
     python3 bench/samples.py count held COUNTER... [--shifts]      # counters on held-out images
-    python3 bench/samples.py count fuse [--out FILE]               # weighed with capsule lengths
+    python3 bench/samples.py count fuse [--out FILE]               # weighed with a redrawing
     python3 bench/samples.py count score [--n 500] [--out FILE]    # measured on test images
 
 mnist: for each k < n, OUTDIR/digit_k_L.png, one 28x28 test digit of label L, as MNIST stores it,
@@ -32,7 +32,7 @@ right count largest, on --held of each kind drawn at 28, 36, 64 and 200 px (resa
 filling a 28x28 frame, either polarity at random, from the other 10,000. --distort: half the
 fit digits turned, sheared and stretched at random, anew each drawing.
 
-count fuse: the count's weights (the counter's logit, the MNIST model's two longest capsules on
+count fuse: the count's weights (the counter's logit, the MNIST model's reconstruction error on
 the one-digit view) by logistic regression on --held held-out training images of each kind at
 each size, its threshold maximin; 2-fold cross-validated right counts against the counter alone.
 
@@ -558,7 +558,7 @@ def fit_logistic(x: np.ndarray, y: np.ndarray, l2: float = 1e-4, steps: int = 30
 
 
 def fuse_fit(feats: dict, rows: dict) -> tuple[np.ndarray, float]:
-    """count fuse's rule fitted on the rows (bool masks) of feats {group: (features (N, 3), two
+    """count fuse's rule fitted on the rows (bool masks) of feats {group: (features (N, F), two
     (N,))}: the logistic weights, and the bias less the maximin threshold of the fitted rows."""
     w, b = fit_logistic(np.concatenate([f[rows[k]] for k, (f, _) in feats.items()]),
                         np.concatenate([two[rows[k]] for k, (_, two) in feats.items()]))
@@ -567,7 +567,7 @@ def fuse_fit(feats: dict, rows: dict) -> tuple[np.ndarray, float]:
 
 
 def count_fuse(args, mnist) -> None:
-    """Weigh the counter's logit with the MNIST model's two longest capsules (count_features)
+    """Weigh the counter's logit with the MNIST model's reconstruction error (count_features)
     by logistic regression on held-out training images, the threshold maximin; right counts by
     2-fold cross-validation against the counter alone; write the weights into --model."""
     counter = counter_file(args.counter)
@@ -591,8 +591,8 @@ def count_fuse(args, mnist) -> None:
             right["counter alone"][k] += ((f[~fit[k], 0] > t) == two[~fit[k]]).mean() / 2
             right["fused"][k] += ((f[~fit[k]] @ w + b > 0) == two[~fit[k]]).mean() / 2
     w, b = fuse_fit(feats, {k: np.ones(len(f), bool) for k, (f, _) in feats.items()})
-    lines = header(args, "the count: the counter's logit and the MNIST model's two longest "
-                   "capsules, weighed on held-out training images") + [
+    lines = header(args, "the count: the counter's logit and the MNIST model's reconstruction "
+                   "error, weighed on held-out training images") + [
         f"# {args.counter} and models/{cp.MNIST_MODEL_FILE.name}; each group's right count is "
         "the mean of 2 folds: fitted (weights and maximin threshold) on one half of every "
         "group, counted on the other", "| group | n | counter alone | fused |", "|---|---|---|---|"]
@@ -603,8 +603,8 @@ def count_fuse(args, mnist) -> None:
              for name, r in right.items()}
     lines += [f"| worst group, pens as written | | **{worst['counter alone']:.3f}** | "
               f"**{worst['fused']:.3f}** |", "",
-              f"fitted on all: score = {w[0]:+.4f} x logit {w[1]:+.4f} x longest {w[2]:+.4f} x "
-              f"second {b:+.4f}, two above 0"]
+              f"fitted on all: score = {w[0]:+.4f} x logit {w[1]:+.4f} x log recon error "
+              f"{b:+.4f}, two above 0"]
     arrays = {k: v for k, v in counter.items() if not k.startswith("fuse_")}
     buf = io.BytesIO()
     np.savez_compressed(buf, **arrays, fuse_w=w.astype(np.float32), fuse_b=np.float32([b]))
@@ -778,9 +778,9 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--distort", action="store_true", help="fit on digits turned, sheared "
                        "and stretched at random, half of them (default: off)")
     cf = co_how.add_parser("fuse", help="weigh the counter's logit with the MNIST model's "
-                           "capsules on held-out training images",
+                           "reconstruction error on held-out training images",
                            description="Fit the count's weights (the counter's logit, the MNIST "
-                           "model's two longest capsules on the one-digit view) by logistic "
+                           "model's reconstruction error on the one-digit view) by logistic "
                            "regression on --held held-out training images of each kind at each "
                            "size, its threshold maximin; give 2-fold cross-validated right "
                            "counts against the counter alone; write --counter with the weights "

@@ -397,7 +397,7 @@ def test_count_fuse_writes_the_counter_with_weights_the_rule_uses(monkeypatch, t
     assert report.count(" | 4 | ") == 12 and "| worst group, pens as written | |" in report
     fused, plain = cp.load_counter(out), cp.load_counter()
     assert all(np.array_equal(fused[k], plain[k]) for k in plain if not k.startswith("fuse_"))
-    assert fused["fuse_w"].shape == (3,) and fused["fuse_b"].shape == (1,)
+    assert fused["fuse_w"].shape == (2,) and fused["fuse_b"].shape == (1,)
     one = mc.load_checkpoint(cp.MNIST_MODEL_FILE)
     v = cp.both_views([d / 255 for d in digits["test_x"][:3]])
     logits = cp.count_scores(v, plain) + plain["threshold"]
