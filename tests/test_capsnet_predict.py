@@ -607,7 +607,7 @@ def frame_filling(img: np.ndarray, side: int = 28) -> np.ndarray:
 # Font digits the count calls one with a margin of at least ONE_MARGIN at 200x200 and filling
 # 28x28 (runs/predict/count_fuse.txt's weights); composites of font digits it calls two with at
 # least TWO_MARGIN. At 28 and 36 px this bold font (strokes 4-6 px, twice MNIST's, wider than
-# the pens the counter learnt from) reads as two for most digits: docs/model.md says so.
+# the pens the counter learnt from) reads as two for some digits: docs/model.md says so.
 ONE_DIGIT_CASES = (0, 2, 3, 5, 7)
 ONE_MARGIN, TWO_MARGIN = 2.0, 2.0
 
@@ -635,7 +635,7 @@ def composites() -> dict:
 
 def test_auto_counts_one_digit_at_any_size_and_two_in_a_composite():
     """The shipped count (a small counter on both views as two channels, weighed with the MNIST
-    model's capsules) on font digits at 200x200 and filling 28x28, either polarity, and font
+    model's reconstruction error) on font digits at 200x200 and filling 28x28, either polarity, and font
     composites: each counted right, with a margin; which images are taken as they are."""
     assert cp.COUNT_MODEL_FILE.exists() and cp.COUNT_MODEL_FILE.stat().st_size < 2 ** 20
     assert cp.load_counter()["cnn_conv1_w"].shape[2] == 2
