@@ -276,9 +276,11 @@ def to_canvas(x: np.ndarray, canvas: int, n_digits: int) -> tuple[np.ndarray | N
 # shipped model would read it, and a small convolutional network on both views, the pixel counter,
 # says one or two. Trained on 50,000 training digits and composites of them, drawn at many sizes
 # in both polarities, its threshold chosen on the other 10,000 (`python3 bench/samples.py count
-# train`, runs/predict/count_train.txt); the test set only measures. It counts from pixels alone:
-# the shipped models learnt all 60,000 training digits, so no training image could show how their
-# capsules behave on a digit they never saw.
+# train`, runs/predict/count_train.txt); the test set only measures. Its logit is weighed with how
+# well the MNIST model redraws the one-digit view (count fuse, runs/predict/count_fuse.txt, fitted
+# on those 10,000 and cross-validated there). That model learnt all 60,000 training digits, so
+# its redrawings of them may flatter it: the test set says how much it helps on digits it never
+# saw (docs/model.md).
 
 
 @dataclass
@@ -512,7 +514,7 @@ class Row:
 
 def how_many(ink: np.ndarray, args, runs: dict) -> tuple[int, str, Views | None]:
     """How many digits to look for in the white-on-black image ink: --digits 1|2 as given; auto
-    asks the pixel counter (count_scores), which a one-digit --checkpoint needs not. -> (n, why
+    asks the count (count_scores), which a one-digit --checkpoint needs not. -> (n, why
     in words for --verbose, both models' views of the image or None)."""
     if args.digits != "auto":
         return int(args.digits), f"--digits {args.digits}", None
