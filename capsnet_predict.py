@@ -357,26 +357,27 @@ def load_counter(path: Path = None) -> dict | None:
     return _COUNTERS[path]
 
 
-def count_features(logits: np.ndarray, ones: np.ndarray, one: Run) -> np.ndarray:
+def count_features(logits: np.ndarray, ones: np.ndarray, one: Run, caps=None) -> np.ndarray:
     """(N, 2) what the count weighs: the counter's logits (N,) and how badly the MNIST model one
     redraws the one-digit views ones (N, 28, 28) uint8 from its longest capsule (the log of the
     mean squared error). A composite squeezed into one digit's box is no digit its decoder can
-    draw; a bold lone digit still is."""
-    v = mc.predict(one.eval_params, one.cfg, ones)                                # (N, J, E)
+    draw; a bold lone digit still is. caps: one's capsules (N, J, E) on ones, when a caller
+    has them already."""
+    v = mc.predict(one.eval_params, one.cfg, ones) if caps is None else caps     # (N, J, E)
     recon = mc.reconstruct(one.eval_params, v, mc.class_scores(v, one.cfg).argmax(1))  # (N, HW)
     err = ((recon - ones.reshape(len(ones), -1) / 255) ** 2).mean(1)
     return np.c_[logits, np.log(err + 1e-4)]
 
 
-def count_scores(v: Views, counter: dict = None, one: Run | None = None) -> np.ndarray:
+def count_scores(v: Views, counter: dict = None, one: Run | None = None, caps=None) -> np.ndarray:
     """(N,) the count's score for the views v, two digits above 0: with the MNIST model one and
-    a counter that has count fuse's weights, count_features weighed by them; else the counter's
-    logit less its threshold."""
+    a counter that has count fuse's weights, count_features weighed by them (caps: one's
+    capsules on v.ones, if computed); else the counter's logit less its threshold."""
     counter = counter or load_counter()
     logits = counter_forward(counter_input(v.ones, v.twos), counter)[0]
     if one is None or "fuse_w" not in counter:
         return logits - counter["threshold"]
-    return count_features(logits, v.ones, one) @ counter["fuse_w"] + counter["fuse_b"][0]
+    return count_features(logits, v.ones, one, caps) @ counter["fuse_w"] + counter["fuse_b"][0]
 
 
 def choose_model(n: int, checkpoint: str | None) -> Path:

@@ -401,8 +401,9 @@ def make_server(models: list[Served], digits=None, host: str = "127.0.0.1", port
     server.origins = {f"http://{h}" for h in server.hosts}
     server.url = f"http://{f'[{host}]' if ':' in host else host}:{port}/"
     server.counter = cp.load_counter()   # None without models/count_cnn.npz: no count
-    server.count_model = (mc.load_checkpoint(cp.MNIST_MODEL_FILE)  # the count weighs its redrawing
-                          if cp.MNIST_MODEL_FILE.exists() else None)
+    served = {m.path: m.run for m in models}  # the count weighs the MNIST model's redrawing
+    server.count_model = served.get(cp.MNIST_MODEL_FILE) or (
+        mc.load_checkpoint(cp.MNIST_MODEL_FILE) if cp.MNIST_MODEL_FILE.exists() else None)
     return server
 
 

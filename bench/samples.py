@@ -226,9 +226,10 @@ def read_auto(images, models) -> dict:
     lists) the digits named as one digit (--digits 1) and as two (--digits 2)}."""
     one, two = models
     v = cp.both_views([cp.ink_on_black(x)[0] for x in images])
-    s1 = mc.class_scores(mc.predict(one.eval_params, one.cfg, v.ones))
+    caps1 = mc.predict(one.eval_params, one.cfg, v.ones)          # (N, J, E): read once, used twice
+    s1 = mc.class_scores(caps1)
     s2 = mc.class_scores(mc.predict(two.eval_params, two.cfg, v.twos))
-    return dict(count=np.where(cp.count_scores(v, one=one) > 0, 2, 1),
+    return dict(count=np.where(cp.count_scores(v, one=one, caps=caps1) > 0, 2, 1),
                 found1=[cp.digits_found(s, 1) for s in s1],
                 found2=[cp.digits_found(s, 2) for s in s2])
 
