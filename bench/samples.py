@@ -7,6 +7,7 @@ reads many such images.
     python3 bench/samples.py count train [--out FILE]              # --digits auto's counter
     python3 bench/samples.py count held COUNTER... [--shifts]      # counters on held-out images
     python3 bench/samples.py count fuse [--out FILE]               # weighed with a redrawing
+    python3 bench/samples.py count features [--figure PNG]         # what else it could weigh
     python3 bench/samples.py count score [--n 500] [--out FILE]    # measured on test images
 
 mnist: for each k < n, OUTDIR/digit_k_L.png, one 28x28 test digit of label L, as MNIST stores it,
@@ -35,6 +36,9 @@ fit digits turned, sheared and stretched at random, anew each drawing.
 count fuse: the count's weights (the counter's logit, the MNIST model's reconstruction error on
 the one-digit view) by logistic regression on --held held-out training images of each kind at
 each size, its threshold maximin; 2-fold cross-validated right counts against the counter alone.
+
+count features: the same, on the same images, for other inputs the count could weigh (both
+models' capsule lengths, the MultiMNIST model's redrawings of the 36x36 view): which would help.
 
 count score: n test digits and n test composites, drawn at each size in both polarities: per
 group, the right count of --digits auto (with its binomial standard error) and the digits named
@@ -567,6 +571,23 @@ def fuse_fit(feats: dict, rows: dict) -> tuple[np.ndarray, float]:
                                   for k, (f, two) in feats.items()})
 
 
+def halves(feats: dict) -> tuple[dict, dict]:
+    """count fuse's 2 folds of feats {group: (features, two)}: {group: bool mask} each."""
+    even = {k: np.arange(len(f)) % 2 == 0 for k, (f, _) in feats.items()}
+    return even, {k: ~h for k, h in even.items()}
+
+
+def folds_right(feats: dict) -> dict:
+    """{group: right count} of fuse_fit's rule on feats {group: (features (N, F), two (N,))},
+    the mean over halves' 2 folds, each fitted on one and counted on the other."""
+    right = {k: 0.0 for k in feats}
+    for fit in halves(feats):
+        w, b = fuse_fit(feats, fit)
+        for k, (f, two) in feats.items():
+            right[k] += ((f[~fit[k]] @ w + b > 0) == two[~fit[k]]).mean() / 2
+    return right
+
+
 def count_fuse(args, mnist) -> None:
     """Weigh the counter's logit with the MNIST model's reconstruction error (count_features)
     by logistic regression on held-out training images, the threshold maximin; right counts by
@@ -583,14 +604,11 @@ def count_fuse(args, mnist) -> None:
                  np.full(len(hx), two)) for k, (hx, two) in held.items()}
     print(f"drew and read {args.held} held-out images of each kind at each size: "
           f"{time.perf_counter() - t0:.0f} s", flush=True)
-    halves = {k: np.arange(len(f)) % 2 == 0 for k, (f, _) in feats.items()}
-    right = {"counter alone": {k: 0.0 for k in feats}, "fused": {k: 0.0 for k in feats}}
-    for fit in (halves, {k: ~h for k, h in halves.items()}):
+    right = {"counter alone": {k: 0.0 for k in feats}, "fused": folds_right(feats)}
+    for fit in halves(feats):
         t = held_threshold({k: (f[fit[k], 0], two[fit[k]]) for k, (f, two) in feats.items()})
-        w, b = fuse_fit(feats, fit)
         for k, (f, two) in feats.items():
             right["counter alone"][k] += ((f[~fit[k], 0] > t) == two[~fit[k]]).mean() / 2
-            right["fused"][k] += ((f[~fit[k]] @ w + b > 0) == two[~fit[k]]).mean() / 2
     w, b = fuse_fit(feats, {k: np.ones(len(f), bool) for k, (f, _) in feats.items()})
     lines = header(args, "the count: the counter's logit and the MNIST model's reconstruction "
                    "error, weighed on held-out training images") + [
@@ -612,6 +630,104 @@ def count_fuse(args, mnist) -> None:
     mc.atomic_write(Path(args.model), buf.getvalue())
     lines.append(f"wrote {args.model}")
     report("\n".join(lines) + "\n", args.out)
+
+
+# count features: what else the count could weigh, each set weighed as count fuse weighs
+FEATURE_SETS = {
+    "counter alone": ("logit",),
+    "shipped (+ MNIST redrawing)": ("logit", "redraw1"),
+    "+ capsule lengths": ("logit", "redraw1", "lengths1", "lengths2"),
+    "+ MultiMNIST redrawings": ("logit", "redraw1", "redraw2"),
+    "all": ("logit", "redraw1", "lengths1", "lengths2", "redraw2"),
+}
+
+
+def candidate_features(hx: np.ndarray, counter: dict, one: mc.Run, two: mc.Run) -> dict:
+    """What the count could weigh on the counter's views hx (N, 36, 36, 2) uint8: {logit and
+    redraw1 (N, 1): count_features', lengths1 and lengths2 (N, J): each model's capsule lengths
+    sorted, redraw2 (N, 2): the log error of the MultiMNIST model's redrawing of the 36x36 view
+    from its longest capsule, and from its two longest (added and clipped)}."""
+    ones, twos = hx[:, 4:32, 4:32, 1], hx[..., 0]
+    caps1 = mc.predict(one.eval_params, one.cfg, ones)                          # (N, J, E)
+    logit, redraw1 = cp.count_features(counter_logits(hx, counter), ones, one, caps1).T
+    caps2 = mc.predict(two.eval_params, two.cfg, twos)
+    s2 = mc.class_scores(caps2)
+    top = np.argsort(-s2, 1)
+    r1, r2 = (mc.reconstruct(two.eval_params, caps2, top[:, i]) for i in (0, 1))  # (N, HW)
+    err = lambda r: np.log(((r - twos.reshape(len(twos), -1) / 255) ** 2).mean(1) + 1e-4)
+    return dict(logit=logit[:, None], redraw1=redraw1[:, None],
+                lengths1=np.sort(mc.class_scores(caps1), 1), lengths2=np.sort(s2, 1),
+                redraw2=np.c_[err(r1), err(np.clip(r1 + r2, 0, 1))])
+
+
+def count_features_study(args, mnist) -> None:
+    """FEATURE_SETS each weighed as count fuse weighs, cross-validated on the same held-out
+    training images; how often the composites the shipped rule misses hold a 1; --figure: the
+    counter's 36x36 view of some images it misses."""
+    counter = counter_file(args.counter)
+    if "fuse_w" not in counter:
+        raise mc.CapsNetError(f"{args.counter} has no count fuse weights")
+    if args.figure and (why := mc.check_writable(args.figure)):
+        raise mc.CapsNetError(why)
+    models, pools = load_shipped(), training_pools(mnist, args.seed)
+    held = held_sets(pools, args, np.random.default_rng([args.seed, 2]))
+    labels = {kind: y for kind, (_, y) in
+              source_images(pools["held"], "train", args.held, args.seed + 1).items()}
+    feats = {k: (candidate_features(hx, counter, *models), np.full(len(hx), two))
+             for k, (hx, two) in held.items()}
+    right = {name: folds_right({k: (np.hstack([f[c] for c in cols]), two)
+                                for k, (f, two) in feats.items()})
+             for name, cols in FEATURE_SETS.items()}
+    lines = header(args, "what else the count could weigh, on held-out training images") + [
+        "# each set weighed as count fuse weighs (logistic regression, maximin threshold), the "
+        "mean of 2 folds; lengths: both models' capsule lengths, sorted; MultiMNIST redrawings: "
+        "the 36x36 view redrawn from the longest capsule and from the two longest",
+        "| group | n | " + " | ".join(FEATURE_SETS) + " |", "|---|---|" + "---|" * len(right)]
+    for k, (f, _) in feats.items():
+        lines.append(f"| {k[0]} at {k[1]} px | {len(f['logit'])} | "
+                     + " | ".join(f"{r[k]:.3f}" for r in right.values()) + " |")
+    worst = [min(v for (_, side), v in r.items() if side in SIDES + (FILLED,))
+             for r in right.values()]
+    lines.append("| worst group, pens as written | | " + " | ".join(f"**{w:.3f}**" for w in worst)
+                 + " |")
+    score = {k: np.c_[f["logit"], f["redraw1"]] @ counter["fuse_w"] + counter["fuse_b"][0]
+             for k, (f, _) in feats.items()}
+    missed = {k: (s > 0) != feats[k][1] for k, s in score.items()}
+    ones = (labels["composites"] == 1).any(1)
+    pens = [k for k in feats if k[0] == "composites" and k[1] in SIDES + (FILLED,)]
+    hold = np.concatenate([ones[missed[k]] for k in pens])  # each missed composite: holds a 1?
+    lines += ["", "the shipped rule, fitted on these images (in-sample): composites missed, pens "
+              f"as written: {len(hold)} of {len(pens) * len(ones)}; "
+              f"{hold.mean() if len(hold) else 0:.2f} of those missed hold a 1, against "
+              f"{ones.mean():.2f} of all composites"]
+    if args.figure:
+        miss_figure(args.figure, held, labels, score, missed)
+        lines.append(f"wrote {args.figure}")
+    report("\n".join(lines) + "\n", args.out)
+
+
+def miss_figure(path: str, held: dict, labels: dict, score: dict, missed: dict,
+                groups=(("composites", 28), ("digits", 64)), n: int = 10) -> None:
+    """The counter's 36x36 view of the first n images of each of groups that the shipped rule
+    misses, each titled with its labels and score (two above 0), written to path."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=(n * 1.0, len(groups) * 1.3 + 0.2), dpi=100)
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(len(groups), n, squeeze=False)
+    for row, k in zip(axes, groups):
+        idx = np.flatnonzero(missed[k])[:n]
+        for a, i in zip(row, idx):
+            a.imshow(held[k][0][i, ..., 0], cmap="gray", vmin=0, vmax=255)
+            a.set_title(f"{'+'.join(map(str, labels[k[0]][i]))}: {score[k][i]:+.1f}", fontsize=8)
+        for a in row:
+            a.set_xticks([]), a.set_yticks([])
+        row[0].set_ylabel(f"{k[0]}, {k[1]} px", fontsize=8)
+    fig.suptitle("images the count misses (held-out training images; the count's score, two "
+                 "above 0)", fontsize=9)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    mc.atomic_write(Path(path), buf.getvalue())
 
 
 def count_score(args, mnist) -> None:
@@ -793,6 +909,18 @@ def build_parser() -> argparse.ArgumentParser:
                     help="where the counter with its weights goes (default: %(default)s)")
     cf.add_argument("--held", type=int, default=1000, help="held-out images of each kind at "
                     "each size (default: %(default)s)")
+    cx = co_how.add_parser("features", help="compare what else the count could weigh",
+                           description="Weigh each of FEATURE_SETS as count fuse weighs, 2-fold "
+                           "cross-validated on the same --held held-out training images of each "
+                           "kind at each size; count the composites the shipped rule misses that "
+                           "hold a 1; --figure: the counter's view of some it misses.")
+    cx.set_defaults(fn=count_features_study, n=None)
+    cx.add_argument("--counter", default="models/count_cnn.npz",
+                    help="the counter with count fuse's weights (default: %(default)s)")
+    cx.add_argument("--held", type=int, default=1000, help="held-out images of each kind at "
+                    "each size (default: %(default)s)")
+    cx.add_argument("--figure", default=None, help="write the misses' figure here (PNG; "
+                    "default: none)")
     cs = co_how.add_parser("score", help="measure the rule on test images",
                            description="Right count and digits named right, auto against "
                            "forced, per group of test images; the MNIST convention's rows.")
@@ -803,10 +931,11 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--n", type=int, default=q.get_default("n"),
                        help="images of each kind (default: %(default)s)")
         q.add_argument("--out", default=None, help="also write the report here (default: none)")
-    cf.add_argument("--out", default=None, help="also write the report here (default: none)")
-    for q in (mn, w, s, ct, ch, cf, cs):  # hand draws fixed digits: no --seed
+    for q in (cf, cx):
+        q.add_argument("--out", default=None, help="also write the report here (default: none)")
+    for q in (mn, w, s, ct, ch, cf, cx, cs):  # hand draws fixed digits: no --seed
         q.add_argument("--seed", type=int, default=0, help="which digits (default: %(default)s)")
-    for q in (mn, w, h, s, ct, ch, cf, cs):
+    for q in (mn, w, h, s, ct, ch, cf, cx, cs):
         q.add_argument("--data-dir", default=None,
                        help="MNIST cache (default: $HINTON_MNIST_DIR or ~/.cache/hinton-mnist)")
         q.set_defaults(prog=q.prog)

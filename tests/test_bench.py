@@ -10,6 +10,7 @@ import time
 import warnings
 from pathlib import Path
 
+import imageio.v3 as iio
 import numpy as np
 import pytest
 
@@ -22,7 +23,7 @@ COMMANDS = {
     "speed.py": ["", "step", "ab", "floor", "alternatives", "micro", "workers", "data", "torch"],
     "samples.py": ["", "mnist", "examples", "examples write", "examples hand", "examples score",
                    "count", "count train", "count held", "count fuse",
-                   "count score"],
+                   "count features", "count score"],
     "experiments.py": ["", "run", "long", "long-split", "summarize", "failures", "routing",
                        "task-stats"],
     "recipe.py": ["", "ab", "long", "score", "summarize", "throughput", "init-lengths", "ship"],
@@ -386,7 +387,9 @@ def test_fit_logistic_reaches_the_minimum():
 def test_count_fuse_writes_the_counter_with_weights_the_rule_uses(monkeypatch, tmp_path, capsys):
     """count fuse on held-out (synthetic) training digits: the report's cross-validated table,
     the file it writes keeps the counter and adds the weights count_scores weighs with the MNIST
-    model; an unwritable --model is one line before any drawing."""
+    model; an unwritable --model is one line before any drawing. count features on the same
+    images: a column per feature set, its shipped column fuse's fused one, a PNG of the misses;
+    a counter without weights, or an unwritable --figure, is one line."""
     import samples
     cp = samples.cp
     digits = mc.synthetic_mnist(np.random.default_rng(0), n_train=50040, n_test=8)
@@ -395,6 +398,13 @@ def test_count_fuse_writes_the_counter_with_weights_the_rule_uses(monkeypatch, t
     assert samples.main(["count", "fuse", "--held", "4", "--model", str(out)]) == 0
     report = capsys.readouterr().out
     assert report.count(" | 4 | ") == 12 and "| worst group, pens as written | |" in report
+    png = tmp_path / "misses.png"
+    assert samples.main(["count", "features", "--held", "4", "--figure", str(png)]) == 0
+    rows = [r.split(" | ") for r in capsys.readouterr().out.splitlines() if " | 4 | " in r]
+    assert len(rows) == 12 and all(len(r) == 2 + len(samples.FEATURE_SETS) for r in rows)
+    assert [r[3] for r in rows] == [r.split(" | ")[3].strip(" |") for r in report.splitlines()
+                                    if " | 4 | " in r]  # count features' shipped is fuse's fused
+    assert iio.imread(png).ndim == 3
     fused, plain = cp.load_counter(out), cp.load_counter()
     assert all(np.array_equal(fused[k], plain[k]) for k in plain if not k.startswith("fuse_"))
     assert fused["fuse_w"].shape == (2,) and fused["fuse_b"].shape == (1,)
@@ -408,6 +418,12 @@ def test_count_fuse_writes_the_counter_with_weights_the_rule_uses(monkeypatch, t
                         ) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "does not exist" in err
+    np.savez(tmp_path / "bare.npz", **{k: v for k, v in plain.items() if k[:5] != "fuse_"})
+    for argv, says in ((["--counter", str(tmp_path / "bare.npz")], "no count fuse weights"),
+                       (["--figure", str(tmp_path / "no" / "m.png")], "does not exist")):
+        assert samples.main(["count", "features", "--held", "4", *argv]) == 1
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and says in err
 
 
 # ----------------------------------------------------------------------------------------------

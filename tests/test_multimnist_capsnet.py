@@ -1504,8 +1504,8 @@ def test_second_sigint_exits_at_once_and_leaves_files_whole(tmp_path):
     (signal.SIGTERM, signal.SIGTERM, 0.0),   # timeout: the child, then its process group
     (signal.SIGINT, signal.SIGINT, 0.0),     # one Ctrl-C seen twice, or a double tap
     (signal.SIGTERM, signal.SIGINT, 0.0),    # a scheduler's TERM and a terminal's INT at once
-    (signal.SIGTERM, signal.SIGTERM, mc.StopFlag.REPEAT_S + 0.3),  # a repeated TERM, any time
-], ids=["term-term", "int-int", "term-int", "term-term-later"])
+], ids=["term-term", "int-int", "term-int"])
+# (a TERM repeated later is one request too: test_stop_flag_counts_only_a_later_sigint_...)
 def test_a_repeated_stop_signal_is_one_request_not_the_second_ctrl_c(tmp_path, first, second,
                                                                       delay):
     rc, err, _, _ = _signal_twice(tmp_path, first, second, delay)
