@@ -513,28 +513,31 @@ class Row:
     n: int = 2                 # how many digits were looked for
 
 
-def how_many(ink: np.ndarray, args, runs: dict) -> tuple[int, str, Views | None]:
+def how_many(ink: np.ndarray, args, runs: dict) -> tuple[int, str, Views | None,
+                                                          np.ndarray | None]:
     """How many digits to look for in the white-on-black image ink: --digits 1|2 as given; auto
     asks the count (count_scores), which a one-digit --checkpoint needs not. -> (n, why
-    in words for --verbose, both models' views of the image or None)."""
+    in words for --verbose, both models' views of the image or None, the MNIST model's capsules
+    (1, J, E) on the one-digit view when the count read them, else None)."""
     if args.digits != "auto":
-        return int(args.digits), f"--digits {args.digits}", None
+        return int(args.digits), f"--digits {args.digits}", None, None
     if args.checkpoint and _model(runs, Path(args.checkpoint), args).cfg.n_labels == 1:
-        return 1, "a one-digit model", None
+        return 1, "a one-digit model", None, None
     if load_counter() is None:
-        return 2, f"auto, without {COUNT_MODEL_FILE.name} to count with", None
+        return 2, f"auto, without {COUNT_MODEL_FILE.name} to count with", None, None
     v = both_views([ink])
     if not v.ink[0]:
-        return 1, "no ink to count", v
+        return 1, "no ink to count", v, None
     one = _model(runs, MNIST_MODEL_FILE, args) if MNIST_MODEL_FILE.exists() else None
-    score = count_scores(v, one=one)[0]
-    return (2 if score > 0 else 1), f"auto: the count's score {score:+.2f}, two above 0", v
+    caps = None if one is None else mc.predict(one.eval_params, one.cfg, v.ones)  # (1, J, E)
+    score = count_scores(v, one=one, caps=caps)[0]
+    return (2 if score > 0 else 1), f"auto: the count's score {score:+.2f}, two above 0", v, caps
 
 
 def _predict_one(path, x: np.ndarray, args, runs: dict) -> Row:
     """Print predict's answer for the image x read from path; -> its row of the --out figure."""
     ink, inverted = ink_on_black(x, args.background)
-    n, why, v = how_many(ink, args, runs)
+    n, why, v, caps = how_many(ink, args, runs)
     ckpt = choose_model(n, args.checkpoint)
     run = _model(runs, ckpt, args)
     cfg, params = run.cfg, run.eval_params
@@ -544,7 +547,10 @@ def _predict_one(path, x: np.ndarray, args, runs: dict) -> Row:
         img = img if v.ink[0] else None
     else:
         img, how = to_canvas(ink, cfg.canvas, n)
-    out = mc.predict(params, cfg, img[None]) if img is not None else None  # (1, J, E) or (1, J)
+    if caps is not None and ckpt == MNIST_MODEL_FILE and n == 1:
+        out = caps                            # the count read this view with this model already
+    else:
+        out = mc.predict(params, cfg, img[None]) if img is not None else None  # (1, J, E) or (1, J)
     found, scores = [], None
     if img is None:
         print(f"{path}: no digit found  (no ink)")

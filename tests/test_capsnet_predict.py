@@ -367,6 +367,25 @@ def test_the_model_is_chosen_by_the_digits_an_image_holds(tmp_path, monkeypatch)
     assert choose(1, "m.npz") == choose(2, "m.npz") == Path("m.npz")
 
 
+def test_a_digit_counted_as_one_is_read_once_by_the_mnist_model(tmp_path, monkeypatch, capsys):
+    """The MNIST model's capsules that the count read are the answer's: one forward pass for a
+    lone digit (and one more, of the MultiMNIST model, for a composite), the same line as
+    --digits 1 gives."""
+    (a, b), (ya, xa, yb, xb) = SHIPPED_CASES[0]
+    pair = np.minimum(font_digit(a, xa, ya).astype(int) + font_digit(b, xb, yb), 255)
+    iio.imwrite(tmp_path / "pair.png", pair.astype(np.uint8))
+    iio.imwrite(tmp_path / "five.png", font_digit(5)[4:32, 4:32])
+    canvases, predict = [], mc.predict
+    monkeypatch.setattr(mc, "predict", lambda params, cfg, x, *more: (
+        canvases.append(cfg.canvas), predict(params, cfg, x, *more))[1])
+    monkeypatch.chdir(tmp_path)
+    assert cp.main(["five.png", "pair.png"]) == 0
+    assert canvases == [28, 28, 36]
+    auto = capsys.readouterr().out.splitlines()
+    assert cp.main(["--digits", "1", "five.png"]) == 0
+    assert auto[0] == capsys.readouterr().out.strip() and auto[0].startswith("five.png: 5  (")
+
+
 def test_predict_reads_any_image_and_draws_what_it_did(tmp_path):
     """The shipped models, with no flag, on a composite, a 28x28 digit, a large photo of a digit
     on paper, a blank page: each counted, read, and drawn in one titled row."""
