@@ -6,7 +6,7 @@ each digit's reconstruction from its own capsule.
 Any size, grey or colour, either polarity: an image that already follows MNIST's convention is
 taken as it is (as_made), any other is cropped, scaled and centred as MNIST was (fit_digits).
 --digits auto counts the digits with a small convolutional network on the image normalised as
-one digit and as two, weighed with how well the MNIST model redraws it (count_scores); one
+one digit and as two, weighed with how well each shipped model redraws it (count_scores); one
 digit goes to the MNIST model, two to the MultiMNIST model.
 """
 from __future__ import annotations
@@ -277,10 +277,10 @@ def to_canvas(x: np.ndarray, canvas: int, n_digits: int) -> tuple[np.ndarray | N
 # says one or two. Trained on 50,000 training digits and composites of them, drawn at many sizes
 # in both polarities, its threshold chosen on the other 10,000 (`python3 bench/samples.py count
 # train`, runs/predict/count_train.txt); the test set only measures. Its logit is weighed with how
-# well the MNIST model redraws the one-digit view (count fuse, runs/predict/count_fuse.txt, fitted
-# on those 10,000 and cross-validated there). That model learnt all 60,000 training digits, so
-# its redrawings of them may flatter it: the test set says how much it helps on digits it never
-# saw (docs/model.md).
+# well the MNIST model redraws the one-digit view and the MultiMNIST model the two-digit one
+# (count fuse, runs/predict/count_fuse.txt, fitted on those 10,000 and cross-validated there).
+# Those models learnt all 60,000 training digits, so their redrawings of them may flatter them:
+# the test set says how much it helps on digits they never saw (docs/model.md).
 
 
 @dataclass
@@ -357,27 +357,44 @@ def load_counter(path: Path = None) -> dict | None:
     return _COUNTERS[path]
 
 
-def count_features(logits: np.ndarray, ones: np.ndarray, one: Run, caps=None) -> np.ndarray:
-    """(N, 2) what the count weighs: the counter's logits (N,) and how badly the MNIST model one
-    redraws the one-digit views ones (N, 28, 28) uint8 from its longest capsule (the log of the
-    mean squared error). A composite squeezed into one digit's box is no digit its decoder can
-    draw; a bold lone digit still is. caps: one's capsules (N, J, E) on ones, when a caller
-    has them already."""
-    v = mc.predict(one.eval_params, one.cfg, ones) if caps is None else caps     # (N, J, E)
-    recon = mc.reconstruct(one.eval_params, v, mc.class_scores(v, one.cfg).argmax(1))  # (N, HW)
-    err = ((recon - ones.reshape(len(ones), -1) / 255) ** 2).mean(1)
-    return np.c_[logits, np.log(err + 1e-4)]
+def redraw_errors(run: Run, x: np.ndarray, most: int, caps=None) -> np.ndarray:
+    """(N, most) how badly run redraws the uint8 views x (N, H, W): the log of the mean squared
+    error of its reconstruction from its longest capsule, then from its two longest (added and
+    clipped at 1, as the paper's composites are), up to most. caps: run's capsules (N, J, E) on
+    x, when a caller has them already."""
+    v = mc.predict(run.eval_params, run.cfg, x) if caps is None else caps          # (N, J, E)
+    order = np.argsort(-mc.class_scores(v, run.cfg), 1, kind="stable")          # (N, J)
+    target, recon, out = x.reshape(len(x), -1) / 255, 0, []                        # (N, HW)
+    for k in range(most):
+        recon = np.clip(recon + mc.reconstruct(run.eval_params, v, order[:, k]), 0, 1)
+        out.append(np.log(((recon - target) ** 2).mean(1) + 1e-4))
+    return np.stack(out, 1)
 
 
-def count_scores(v: Views, counter: dict = None, one: Run | None = None, caps=None) -> np.ndarray:
-    """(N,) the count's score for the views v, two digits above 0: with the MNIST model one and
-    a counter that has count fuse's weights, count_features weighed by them (caps: one's
-    capsules on v.ones, if computed); else the counter's logit less its threshold."""
+def count_features(logits: np.ndarray, ones: np.ndarray, twos: np.ndarray, one: Run, two: Run,
+                   caps=(None, None)) -> np.ndarray:
+    """(N, 4) what the count weighs: the counter's logits (N,); how badly the MNIST model one
+    redraws the one-digit views ones (N, 28, 28) uint8 from its longest capsule; how badly the
+    MultiMNIST model two redraws the two-digit views twos (N, 36, 36) from its longest capsule
+    and from its two longest (redraw_errors). A composite squeezed into one digit's box is no
+    digit the MNIST decoder can draw, and a lone digit leaves the second capsule nothing to add;
+    a bold lone digit is still a digit. caps: one's capsules on ones and two's on twos, each
+    None unless a caller has it."""
+    return np.c_[logits, redraw_errors(one, ones, 1, caps[0]), redraw_errors(two, twos, 2, caps[1])]
+
+
+def count_scores(v: Views, counter: dict = None, one: Run | None = None, two: Run | None = None,
+                 caps=(None, None)) -> np.ndarray:
+    """(N,) the count's score for the views v, two digits above 0: with the MNIST model one, the
+    MultiMNIST model two and a counter that has count fuse's weights, count_features weighed by
+    them (caps: one's capsules on v.ones and two's on v.twos, each if computed); else the
+    counter's logit less its threshold."""
     counter = counter or load_counter()
     logits = counter_forward(counter_input(v.ones, v.twos), counter)[0]
-    if one is None or "fuse_w" not in counter:
+    if one is None or two is None or "fuse_w" not in counter:
         return logits - counter["threshold"]
-    return count_features(logits, v.ones, one, caps) @ counter["fuse_w"] + counter["fuse_b"][0]
+    feats = count_features(logits, v.ones, v.twos, one, two, caps)
+    return feats @ counter["fuse_w"] + counter["fuse_b"][0]
 
 
 def choose_model(n: int, checkpoint: str | None) -> Path:
@@ -513,31 +530,35 @@ class Row:
     n: int = 2                 # how many digits were looked for
 
 
-def how_many(ink: np.ndarray, args, runs: dict) -> tuple[int, str, Views | None,
-                                                          np.ndarray | None]:
+def how_many(ink: np.ndarray, args, runs: dict) -> tuple[int, str, Views | None, dict]:
     """How many digits to look for in the white-on-black image ink: --digits 1|2 as given; auto
     asks the count (count_scores), which a one-digit --checkpoint needs not. -> (n, why
-    in words for --verbose, both models' views of the image or None, the MNIST model's capsules
-    (1, J, E) on the one-digit view when the count read them, else None)."""
+    in words for --verbose, both models' views of the image or None, {(model file, digits):
+    its capsules (1, J, E) on that view} for those the count read)."""
     if args.digits != "auto":
-        return int(args.digits), f"--digits {args.digits}", None, None
+        return int(args.digits), f"--digits {args.digits}", None, {}
     if args.checkpoint and _model(runs, Path(args.checkpoint), args).cfg.n_labels == 1:
-        return 1, "a one-digit model", None, None
+        return 1, "a one-digit model", None, {}
     if load_counter() is None:
-        return 2, f"auto, without {COUNT_MODEL_FILE.name} to count with", None, None
+        return 2, f"auto, without {COUNT_MODEL_FILE.name} to count with", None, {}
     v = both_views([ink])
     if not v.ink[0]:
-        return 1, "no ink to count", v, None
-    one = _model(runs, MNIST_MODEL_FILE, args) if MNIST_MODEL_FILE.exists() else None
-    caps = None if one is None else mc.predict(one.eval_params, one.cfg, v.ones)  # (1, J, E)
-    score = count_scores(v, one=one, caps=caps)[0]
-    return (2 if score > 0 else 1), f"auto: the count's score {score:+.2f}, two above 0", v, caps
+        return 1, "no ink to count", v, {}
+    one = two = None  # the count weighs their redrawings when both are there
+    read = {}
+    if MNIST_MODEL_FILE.exists() and MODEL_FILE.exists():
+        one, two = _model(runs, MNIST_MODEL_FILE, args), _model(runs, MODEL_FILE, args)
+        read = {(MNIST_MODEL_FILE, 1): mc.predict(one.eval_params, one.cfg, v.ones),  # (1, J, E)
+                (MODEL_FILE, 2): mc.predict(two.eval_params, two.cfg, v.twos)}
+    caps = (read.get((MNIST_MODEL_FILE, 1)), read.get((MODEL_FILE, 2)))
+    score = count_scores(v, None, one, two, caps)[0]
+    return (2 if score > 0 else 1), f"auto: the count's score {score:+.2f}, two above 0", v, read
 
 
 def _predict_one(path, x: np.ndarray, args, runs: dict) -> Row:
     """Print predict's answer for the image x read from path; -> its row of the --out figure."""
     ink, inverted = ink_on_black(x, args.background)
-    n, why, v, caps = how_many(ink, args, runs)
+    n, why, v, read = how_many(ink, args, runs)
     ckpt = choose_model(n, args.checkpoint)
     run = _model(runs, ckpt, args)
     cfg, params = run.cfg, run.eval_params
@@ -547,10 +568,9 @@ def _predict_one(path, x: np.ndarray, args, runs: dict) -> Row:
         img = img if v.ink[0] else None
     else:
         img, how = to_canvas(ink, cfg.canvas, n)
-    if caps is not None and ckpt == MNIST_MODEL_FILE and n == 1:
-        out = caps                            # the count read this view with this model already
-    else:
-        out = mc.predict(params, cfg, img[None]) if img is not None else None  # (1, J, E) or (1, J)
+    out = read.get((ckpt, n))                 # the count read this view with this model already
+    if out is None and img is not None:
+        out = mc.predict(params, cfg, img[None])                      # (1, J, E) or (1, J)
     found, scores = [], None
     if img is None:
         print(f"{path}: no digit found  (no ink)")

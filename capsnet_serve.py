@@ -132,21 +132,22 @@ def page_models(models: dict, digits) -> dict:
     return dict(models=out, sample=digits is not None, slider=SLIDER, min_length=cp.MIN_LENGTH)
 
 
-def count(x: np.ndarray, counter, n_labels: int, one=None) -> tuple[int, float | None]:
+def count(x: np.ndarray, counter, n_labels: int, models=(None, None)
+          ) -> tuple[int, float | None]:
     """How many digits the drawing x (white on black, in [0, 1]) holds, by predict's rule
-    (cp.count_scores; counter is cp.load_counter's, or None without the file; one the MNIST
-    model, or None without it): -> (1 or 2, the rule's score or None). A one-digit model reads
-    one."""
+    (cp.count_scores; counter is cp.load_counter's, or None without the file; models the
+    shipped MNIST and MultiMNIST runs, each None without its file): -> (1 or 2, the rule's
+    score or None). A one-digit model reads one."""
     if n_labels == 1 or counter is None:
         return n_labels, None
     v = cp.both_views([x])
     if not v.ink[0]:                        # a blank: nothing to count
         return n_labels, None
-    score = float(cp.count_scores(v, counter, one)[0])
+    score = float(cp.count_scores(v, counter, *models)[0])
     return (2 if score > 0 else 1), score
 
 
-def page_predict(m: Served, body: dict, counter=None, one=None) -> dict:
+def page_predict(m: Served, body: dict, counter=None, models=(None, None)) -> dict:
     """POST /api/predict {model, image, fit}: the capsule lengths, how many digits the drawing
     holds (count: predict's rule) and those found, the two longest capsules' reconstructions,
     the digit capsules, and the routing: per iteration and digit capsule, each primary-capsule
@@ -156,7 +157,7 @@ def page_predict(m: Served, body: dict, counter=None, one=None) -> dict:
     x, fit = _image(body, cfg.canvas), body.get("fit", False)
     if type(fit) is not bool:
         raise BadRequest(400, "'fit' must be true or false")
-    n, score = count(x, counter, cfg.n_labels, one)
+    n, score = count(x, counter, cfg.n_labels, models)
     img, how = cp.fit_digits(x, cfg.canvas, n) if fit else cp.to_canvas(x, cfg.canvas, n)
     if img is None:
         return dict(model=m.name, ink=False, how=how)
@@ -235,8 +236,8 @@ class PageHandler(http.server.BaseHTTPRequestHandler):
     def do_POST(self):
         if self._stranger(post=True):
             return
-        counter, one = self.server.counter, self.server.count_model
-        fn = {"/api/predict": lambda m, body: page_predict(m, body, counter, one),
+        counter, models = self.server.counter, self.server.count_models
+        fn = {"/api/predict": lambda m, body: page_predict(m, body, counter, models),
               "/api/perturb": page_perturb}.get(self.path)
         self._api(fn and (lambda: self._post(fn)))
 
@@ -401,9 +402,9 @@ def make_server(models: list[Served], digits=None, host: str = "127.0.0.1", port
     server.origins = {f"http://{h}" for h in server.hosts}
     server.url = f"http://{f'[{host}]' if ':' in host else host}:{port}/"
     server.counter = cp.load_counter()   # None without models/count_cnn.npz: no count
-    served = {m.path: m.run for m in models}  # the count weighs the MNIST model's redrawing
-    server.count_model = served.get(cp.MNIST_MODEL_FILE) or (
-        mc.load_checkpoint(cp.MNIST_MODEL_FILE) if cp.MNIST_MODEL_FILE.exists() else None)
+    served = {m.path: m.run for m in models}  # the count weighs both shipped models' redrawings
+    server.count_models = tuple(served.get(f) or (mc.load_checkpoint(f) if f.exists() else None)
+                                for f in (cp.MNIST_MODEL_FILE, cp.MODEL_FILE))
     return server
 
 

@@ -6,7 +6,7 @@ reads many such images.
     python3 bench/samples.py examples score [--n 1000] [--seed 0]  # the shipped model on many
     python3 bench/samples.py count train [--out FILE]              # --digits auto's counter
     python3 bench/samples.py count held COUNTER... [--shifts]      # counters on held-out images
-    python3 bench/samples.py count fuse [--out FILE]               # weighed with a redrawing
+    python3 bench/samples.py count fuse [--out FILE]               # weighed with redrawings
     python3 bench/samples.py count features [--figure PNG]         # what else it could weigh
     python3 bench/samples.py count score [--n 500] [--out FILE]    # measured on test images
 
@@ -34,11 +34,12 @@ filling a 28x28 frame, either polarity at random, from the other 10,000. --disto
 fit digits turned, sheared and stretched at random, anew each drawing.
 
 count fuse: the count's weights (the counter's logit, the MNIST model's reconstruction error on
-the one-digit view) by logistic regression on --held held-out training images of each kind at
-each size, its threshold maximin; 2-fold cross-validated right counts against the counter alone.
+the one-digit view, the MultiMNIST model's on the two-digit view) by logistic regression on
+--held held-out training images of each kind at each size, its threshold maximin; 2-fold
+cross-validated right counts against the counter alone.
 
-count features: the same, on the same images, for other inputs the count could weigh (both
-models' capsule lengths, the MultiMNIST model's redrawings of the 36x36 view): which would help.
+count features: the same, on the same images, for other sets of inputs the count could weigh
+(fewer, or both models' capsule lengths too): which would help.
 
 count score: n test digits and n test composites, drawn at each size in both polarities: per
 group, the right count of --digits auto (with its binomial standard error) and the digits named
@@ -230,10 +231,10 @@ def read_auto(images, models) -> dict:
     lists) the digits named as one digit (--digits 1) and as two (--digits 2)}."""
     one, two = models
     v = cp.both_views([cp.ink_on_black(x)[0] for x in images])
-    caps1 = mc.predict(one.eval_params, one.cfg, v.ones)          # (N, J, E): read once, used twice
-    s1 = mc.class_scores(caps1)
-    s2 = mc.class_scores(mc.predict(two.eval_params, two.cfg, v.twos))
-    return dict(count=np.where(cp.count_scores(v, one=one, caps=caps1) > 0, 2, 1),
+    caps = (mc.predict(one.eval_params, one.cfg, v.ones),      # (N, J, E) each: read once, used
+            mc.predict(two.eval_params, two.cfg, v.twos))      # twice
+    s1, s2 = mc.class_scores(caps[0]), mc.class_scores(caps[1])
+    return dict(count=np.where(cp.count_scores(v, None, one, two, caps) > 0, 2, 1),
                 found1=[cp.digits_found(s, 1) for s in s1],
                 found2=[cp.digits_found(s, 2) for s in s2])
 
@@ -588,20 +589,24 @@ def folds_right(feats: dict) -> dict:
     return right
 
 
+FEATURE_NAMES = ("logit", "log MNIST redraw error", "log MultiMNIST redraw error from one capsule",
+                 "from two")  # cp.count_features' columns, as count fuse's report names them
+
+
 def count_fuse(args, mnist) -> None:
-    """Weigh the counter's logit with the MNIST model's reconstruction error (count_features)
-    by logistic regression on held-out training images, the threshold maximin; right counts by
-    2-fold cross-validation against the counter alone; write the weights into --model."""
+    """Weigh the counter's logit with both shipped models' reconstruction errors
+    (count_features) by logistic regression on held-out training images, the threshold maximin;
+    right counts by 2-fold cross-validation against the counter alone; write the weights into
+    --model."""
     counter = counter_file(args.counter)
     if why := mc.check_writable(args.model):
         raise mc.CapsNetError(why)
-    if not cp.MNIST_MODEL_FILE.exists():
-        raise mc.CapsNetError(f"count fuse needs models/{cp.MNIST_MODEL_FILE.name}")
-    one = mc.load_checkpoint(cp.MNIST_MODEL_FILE)
+    models = load_shipped()
     t0 = time.perf_counter()
     held = held_sets(training_pools(mnist, args.seed), args, np.random.default_rng([args.seed, 2]))
-    feats = {k: (cp.count_features(counter_logits(hx, counter), hx[:, 4:32, 4:32, 1], one),
-                 np.full(len(hx), two)) for k, (hx, two) in held.items()}
+    feats = {k: (cp.count_features(counter_logits(hx, counter), hx[:, 4:32, 4:32, 1], hx[..., 0],
+                                   *models), np.full(len(hx), two))
+             for k, (hx, two) in held.items()}
     print(f"drew and read {args.held} held-out images of each kind at each size: "
           f"{time.perf_counter() - t0:.0f} s", flush=True)
     right = {"counter alone": {k: 0.0 for k in feats}, "fused": folds_right(feats)}
@@ -610,9 +615,10 @@ def count_fuse(args, mnist) -> None:
         for k, (f, two) in feats.items():
             right["counter alone"][k] += ((f[~fit[k], 0] > t) == two[~fit[k]]).mean() / 2
     w, b = fuse_fit(feats, {k: np.ones(len(f), bool) for k, (f, _) in feats.items()})
-    lines = header(args, "the count: the counter's logit and the MNIST model's reconstruction "
-                   "error, weighed on held-out training images") + [
-        f"# {args.counter} and models/{cp.MNIST_MODEL_FILE.name}; each group's right count is "
+    lines = header(args, "the count: the counter's logit and both shipped models' "
+                   "reconstruction errors, weighed on held-out training images") + [
+        f"# {args.counter}, models/{cp.MNIST_MODEL_FILE.name} and models/{cp.MODEL_FILE.name}; "
+        "each group's right count is "
         "the mean of 2 folds: fitted (weights and maximin threshold) on one half of every "
         "group, counted on the other", "| group | n | counter alone | fused |", "|---|---|---|---|"]
     for k in feats:
@@ -622,8 +628,8 @@ def count_fuse(args, mnist) -> None:
              for name, r in right.items()}
     lines += [f"| worst group, pens as written | | **{worst['counter alone']:.3f}** | "
               f"**{worst['fused']:.3f}** |", "",
-              f"fitted on all: score = {w[0]:+.4f} x logit {w[1]:+.4f} x log recon error "
-              f"{b:+.4f}, two above 0"]
+              "fitted on all: score = " + " ".join(f"{wk:+.4f} x {name}" for wk, name in zip(
+                  w, FEATURE_NAMES)) + f" {b:+.4f}, two above 0"]
     arrays = {k: v for k, v in counter.items() if not k.startswith("fuse_")}
     buf = io.BytesIO()
     np.savez_compressed(buf, **arrays, fuse_w=w.astype(np.float32), fuse_b=np.float32([b]))
@@ -633,31 +639,27 @@ def count_fuse(args, mnist) -> None:
 
 
 # count features: what else the count could weigh, each set weighed as count fuse weighs
+SHIPPED = "shipped: + both redrawings"
 FEATURE_SETS = {
     "counter alone": ("logit",),
-    "shipped (+ MNIST redrawing)": ("logit", "redraw1"),
-    "+ capsule lengths": ("logit", "redraw1", "lengths1", "lengths2"),
-    "+ MultiMNIST redrawings": ("logit", "redraw1", "redraw2"),
+    SHIPPED: ("logit", "redraw1", "redraw2"),
+    "+ MNIST redrawing only": ("logit", "redraw1"),
+    "+ MNIST redrawing, capsule lengths": ("logit", "redraw1", "lengths1", "lengths2"),
     "all": ("logit", "redraw1", "lengths1", "lengths2", "redraw2"),
 }
 
 
 def candidate_features(hx: np.ndarray, counter: dict, one: mc.Run, two: mc.Run) -> dict:
-    """What the count could weigh on the counter's views hx (N, 36, 36, 2) uint8: {logit and
-    redraw1 (N, 1): count_features', lengths1 and lengths2 (N, J): each model's capsule lengths
-    sorted, redraw2 (N, 2): the log error of the MultiMNIST model's redrawing of the 36x36 view
-    from its longest capsule, and from its two longest (added and clipped)}."""
+    """What the count could weigh on the counter's views hx (N, 36, 36, 2) uint8: {logit (N, 1),
+    redraw1 (N, 1) and redraw2 (N, 2): cp.count_features' columns; lengths1 and lengths2 (N, J):
+    each model's capsule lengths, sorted}."""
     ones, twos = hx[:, 4:32, 4:32, 1], hx[..., 0]
-    caps1 = mc.predict(one.eval_params, one.cfg, ones)                          # (N, J, E)
-    logit, redraw1 = cp.count_features(counter_logits(hx, counter), ones, one, caps1).T
-    caps2 = mc.predict(two.eval_params, two.cfg, twos)
-    s2 = mc.class_scores(caps2)
-    top = np.argsort(-s2, 1)
-    r1, r2 = (mc.reconstruct(two.eval_params, caps2, top[:, i]) for i in (0, 1))  # (N, HW)
-    err = lambda r: np.log(((r - twos.reshape(len(twos), -1) / 255) ** 2).mean(1) + 1e-4)
-    return dict(logit=logit[:, None], redraw1=redraw1[:, None],
-                lengths1=np.sort(mc.class_scores(caps1), 1), lengths2=np.sort(s2, 1),
-                redraw2=np.c_[err(r1), err(np.clip(r1 + r2, 0, 1))])
+    caps = (mc.predict(one.eval_params, one.cfg, ones),                         # (N, J, E)
+            mc.predict(two.eval_params, two.cfg, twos))
+    f = cp.count_features(counter_logits(hx, counter), ones, twos, one, two, caps)  # (N, 4)
+    return dict(logit=f[:, :1], redraw1=f[:, 1:2], redraw2=f[:, 2:],
+                lengths1=np.sort(mc.class_scores(caps[0]), 1),
+                lengths2=np.sort(mc.class_scores(caps[1]), 1))
 
 
 def count_features_study(args, mnist) -> None:
@@ -665,8 +667,9 @@ def count_features_study(args, mnist) -> None:
     training images; how often the composites the shipped rule misses hold a 1; --figure: the
     counter's 36x36 view of some images it misses."""
     counter = counter_file(args.counter)
-    if "fuse_w" not in counter:
-        raise mc.CapsNetError(f"{args.counter} has no count fuse weights")
+    if len(counter.get("fuse_w", ())) != len(FEATURE_NAMES):
+        raise mc.CapsNetError(f"{args.counter} has no count fuse weights for "
+                              f"{len(FEATURE_NAMES)} inputs (count fuse writes them)")
     if args.figure and (why := mc.check_writable(args.figure)):
         raise mc.CapsNetError(why)
     models, pools = load_shipped(), training_pools(mnist, args.seed)
@@ -680,8 +683,9 @@ def count_features_study(args, mnist) -> None:
              for name, cols in FEATURE_SETS.items()}
     lines = header(args, "what else the count could weigh, on held-out training images") + [
         "# each set weighed as count fuse weighs (logistic regression, maximin threshold), the "
-        "mean of 2 folds; lengths: both models' capsule lengths, sorted; MultiMNIST redrawings: "
-        "the 36x36 view redrawn from the longest capsule and from the two longest",
+        "mean of 2 folds; redrawings: the MNIST model's of the 28x28 view from its longest "
+        "capsule, the MultiMNIST model's of the 36x36 view from its longest and its two longest; "
+        "capsule lengths: both models', sorted",
         "| group | n | " + " | ".join(FEATURE_SETS) + " |", "|---|---|" + "---|" * len(right)]
     for k, (f, _) in feats.items():
         lines.append(f"| {k[0]} at {k[1]} px | {len(f['logit'])} | "
@@ -690,8 +694,8 @@ def count_features_study(args, mnist) -> None:
              for r in right.values()]
     lines.append("| worst group, pens as written | | " + " | ".join(f"**{w:.3f}**" for w in worst)
                  + " |")
-    score = {k: np.c_[f["logit"], f["redraw1"]] @ counter["fuse_w"] + counter["fuse_b"][0]
-             for k, (f, _) in feats.items()}
+    score = {k: np.hstack([f[c] for c in FEATURE_SETS[SHIPPED]]) @ counter["fuse_w"]
+             + counter["fuse_b"][0] for k, (f, _) in feats.items()}
     missed = {k: (s > 0) != feats[k][1] for k, s in score.items()}
     ones = (labels["composites"] == 1).any(1)
     pens = [k for k in feats if k[0] == "composites" and k[1] in SIDES + (FILLED,)]
@@ -894,10 +898,11 @@ def build_parser() -> argparse.ArgumentParser:
                        "each size (default: %(default)s)")
         q.add_argument("--distort", action="store_true", help="fit on digits turned, sheared "
                        "and stretched at random, half of them (default: off)")
-    cf = co_how.add_parser("fuse", help="weigh the counter's logit with the MNIST model's "
-                           "reconstruction error on held-out training images",
+    cf = co_how.add_parser("fuse", help="weigh the counter's logit with both models' "
+                           "reconstruction errors on held-out training images",
                            description="Fit the count's weights (the counter's logit, the MNIST "
-                           "model's reconstruction error on the one-digit view) by logistic "
+                           "model's reconstruction error on the one-digit view, the MultiMNIST "
+                           "model's on the two-digit view) by logistic "
                            "regression on --held held-out training images of each kind at each "
                            "size, its threshold maximin; give 2-fold cross-validated right "
                            "counts against the counter alone; write --counter with the weights "

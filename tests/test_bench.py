@@ -386,8 +386,8 @@ def test_fit_logistic_reaches_the_minimum():
 
 def test_count_fuse_writes_the_counter_with_weights_the_rule_uses(monkeypatch, tmp_path, capsys):
     """count fuse on held-out (synthetic) training digits: the report's cross-validated table,
-    the file it writes keeps the counter and adds the weights count_scores weighs with the MNIST
-    model; an unwritable --model is one line before any drawing. count features on the same
+    the file it writes keeps the counter and adds the weights count_scores weighs with both
+    shipped models; an unwritable --model is one line before any drawing. count features on the same
     images: a column per feature set, its shipped column fuse's fused one, a PNG of the misses;
     a counter without weights, or an unwritable --figure, is one line."""
     import samples
@@ -407,13 +407,14 @@ def test_count_fuse_writes_the_counter_with_weights_the_rule_uses(monkeypatch, t
     assert iio.imread(png).ndim == 3
     fused, plain = cp.load_counter(out), cp.load_counter()
     assert all(np.array_equal(fused[k], plain[k]) for k in plain if not k.startswith("fuse_"))
-    assert fused["fuse_w"].shape == (2,) and fused["fuse_b"].shape == (1,)
-    one = mc.load_checkpoint(cp.MNIST_MODEL_FILE)
+    assert fused["fuse_w"].shape == (4,) and fused["fuse_b"].shape == (1,)
+    models = samples.load_shipped()
     v = cp.both_views([d / 255 for d in digits["test_x"][:3]])
     logits = cp.count_scores(v, plain) + plain["threshold"]
-    np.testing.assert_allclose(cp.count_scores(v, fused, one), cp.count_features(
-        logits, v.ones, one) @ fused["fuse_w"] + fused["fuse_b"][0], rtol=1e-5)
-    np.testing.assert_allclose(cp.count_scores(v, fused), cp.count_scores(v, plain))  # no model
+    np.testing.assert_allclose(cp.count_scores(v, fused, *models), cp.count_features(
+        logits, v.ones, v.twos, *models) @ fused["fuse_w"] + fused["fuse_b"][0], rtol=1e-5)
+    for without in ((), models[:1]):  # without both models, the counter alone
+        np.testing.assert_allclose(cp.count_scores(v, fused, *without), cp.count_scores(v, plain))
     assert samples.main(["count", "fuse", "--held", "8", "--model", str(tmp_path / "no" / "f.npz")]
                         ) == 1
     err = capsys.readouterr().err

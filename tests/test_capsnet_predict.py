@@ -367,10 +367,9 @@ def test_the_model_is_chosen_by_the_digits_an_image_holds(tmp_path, monkeypatch)
     assert choose(1, "m.npz") == choose(2, "m.npz") == Path("m.npz")
 
 
-def test_a_digit_counted_as_one_is_read_once_by_the_mnist_model(tmp_path, monkeypatch, capsys):
-    """The MNIST model's capsules that the count read are the answer's: one forward pass for a
-    lone digit (and one more, of the MultiMNIST model, for a composite), the same line as
-    --digits 1 gives."""
+def test_the_count_and_the_answer_read_each_image_once(tmp_path, monkeypatch, capsys):
+    """The capsules the count read are the answer's: one forward pass of each shipped model an
+    image (the count weighs both), the same line as --digits 1 gives."""
     (a, b), (ya, xa, yb, xb) = SHIPPED_CASES[0]
     pair = np.minimum(font_digit(a, xa, ya).astype(int) + font_digit(b, xb, yb), 255)
     iio.imwrite(tmp_path / "pair.png", pair.astype(np.uint8))
@@ -380,7 +379,7 @@ def test_a_digit_counted_as_one_is_read_once_by_the_mnist_model(tmp_path, monkey
         canvases.append(cfg.canvas), predict(params, cfg, x, *more))[1])
     monkeypatch.chdir(tmp_path)
     assert cp.main(["five.png", "pair.png"]) == 0
-    assert canvases == [28, 28, 36]
+    assert canvases == [28, 36, 28, 36]
     auto = capsys.readouterr().out.splitlines()
     assert cp.main(["--digits", "1", "five.png"]) == 0
     assert auto[0] == capsys.readouterr().out.strip() and auto[0].startswith("five.png: 5  (")
@@ -631,6 +630,11 @@ ONE_DIGIT_CASES = (0, 2, 3, 5, 7)
 ONE_MARGIN, TWO_MARGIN = 2.0, 2.0
 
 
+def shipped_runs() -> tuple:
+    """The shipped MNIST and MultiMNIST models, which the count weighs."""
+    return mc.load_checkpoint(cp.MNIST_MODEL_FILE), mc.load_checkpoint(cp.MODEL_FILE)
+
+
 def lone_digits() -> dict:
     """{name: float image} of font digits at every size, either polarity, frame-filling too."""
     out = {}
@@ -660,7 +664,7 @@ def test_auto_counts_one_digit_at_any_size_and_two_in_a_composite():
     assert cp.load_counter()["cnn_conv1_w"].shape[2] == 2
     images = {**lone_digits(), **composites()}
     v = cp.both_views([cp.ink_on_black(x)[0] for x in images.values()])
-    score = dict(zip(images, cp.count_scores(v, one=mc.load_checkpoint(cp.MNIST_MODEL_FILE))))
+    score = dict(zip(images, cp.count_scores(v, None, *shipped_runs())))
     ones = {k: round(s, 2) for k, s in score.items()
             if len(k.split()[0]) == 1 and ("200x200" in k or "filling" in k)}
     twos = {k: round(s, 2) for k, s in score.items() if len(k.split()[0]) == 2}
@@ -748,8 +752,8 @@ def test_the_shipped_counter_counts_mnist_test_digits_and_composites():
                                         for n in (36, 64, 200) for d in x[:10]]
     twos = [c / 255 for c in pairs] + [1 - np.clip(cp.resize(c / 255, n, n), 0, 1)
                                        for n in (28, 64, 200) for c in pairs]
-    s = cp.count_scores(cp.both_views([cp.ink_on_black(i)[0] for i in ones + twos]),
-                        one=mc.load_checkpoint(cp.MNIST_MODEL_FILE))
+    s = cp.count_scores(cp.both_views([cp.ink_on_black(i)[0] for i in ones + twos]), None,
+                        *shipped_runs())
     two = np.arange(len(s)) >= len(ones)
     assert ((s > 0) == two).all(), np.round(s, 1)
 
