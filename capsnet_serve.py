@@ -132,18 +132,20 @@ def page_models(models: dict, digits) -> dict:
     return dict(models=out, sample=digits is not None, slider=SLIDER, min_length=cp.MIN_LENGTH)
 
 
-def count(x: np.ndarray, counter, n_labels: int, models=(None, None)
+def count(x: np.ndarray, counter, n_labels: int, models=(None, None), read_twos=None
           ) -> tuple[int, float | None]:
     """How many digits the drawing x (white on black, in [0, 1]) holds, by predict's rule
     (cp.count_scores; counter is cp.load_counter's, or None without the file; models the
-    shipped MNIST and MultiMNIST runs, each None without its file): -> (1 or 2, the rule's
-    score or None). A one-digit model reads one."""
+    shipped MNIST and MultiMNIST runs, each None without its file; read_twos(twos) -> the
+    MultiMNIST model's capsules (1, J, E) on its view twos (1, 36, 36), when a caller reads it
+    anyway): -> (1 or 2, the rule's score or None). A one-digit model reads one."""
     if n_labels == 1 or counter is None:
         return n_labels, None
     v = cp.both_views([x])
     if not v.ink[0]:                        # a blank: nothing to count
         return n_labels, None
-    score = float(cp.count_scores(v, counter, *models)[0])
+    caps = (None, read_twos(v.twos) if read_twos and models[1] is not None else None)
+    score = float(cp.count_scores(v, counter, *models, caps=caps)[0])
     return (2 if score > 0 else 1), score
 
 
@@ -157,12 +159,19 @@ def page_predict(m: Served, body: dict, counter=None, models=(None, None)) -> di
     x, fit = _image(body, cfg.canvas), body.get("fit", False)
     if type(fit) is not bool:
         raise BadRequest(400, "'fit' must be true or false")
-    n, score = count(x, counter, cfg.n_labels, models)
+    every = np.arange(cfg.n_classes)[None]                       # couplings to every capsule
+    routed = []
+
+    def read_twos(twos):  # this model's input if the count says two: routed once, for both
+        routed.append(next(viz.routing_batches(params, cfg, twos, every)))
+        return routed[0][3].astype(np.float32)  # mc.predict's capsules, widened and back
+    shared = m.run is models[1] and not fit
+    n, score = count(x, counter, cfg.n_labels, models, read_twos if shared else None)
     img, how = cp.fit_digits(x, cfg.canvas, n) if fit else cp.to_canvas(x, cfg.canvas, n)
     if img is None:
         return dict(model=m.name, ink=False, how=how)
-    every = np.arange(cfg.n_classes)[None]                       # couplings to every capsule
-    _, ulen, c, v = next(viz.routing_batches(params, cfg, img[None], every))
+    _, ulen, c, v = routed[0] if routed and n == 2 else next(
+        viz.routing_batches(params, cfg, img[None], every))
     lengths = np.linalg.norm(v[0], axis=1)
     top = mc.top2(lengths[None])[0]
     recon = mc.reconstruct(params, np.repeat(v, 2, 0), top)

@@ -116,6 +116,20 @@ def test_predict_reads_a_composite_and_shows_its_capsules_and_routing(url):
     assert not (routing[2] == routing[2, :1]).all()
 
 
+def test_a_drawing_counted_two_is_read_once_for_the_count_and_the_answer(monkeypatch):
+    """Served, the count's MultiMNIST model routes a drawing it counts two once: the reply is
+    the one a separate copy of the model gives, with one encoding of the 36x36 view, not two."""
+    one, counter = mc.load_checkpoint(cp.MNIST_MODEL_FILE), cp.load_counter()
+    served = cs.Served("capsnet-multimnist.npz", SHIPPED, "")
+    body = dict(image=composite().tolist(), fit=False)
+    apart = cs.page_predict(served, body, counter, (one, mc.load_checkpoint(mc.MODEL_FILE)))
+    sides, encode = [], mc.encode
+    monkeypatch.setattr(mc, "encode", lambda params, x, cfg: (sides.append(x.shape[1]),
+                                                              encode(params, x, cfg))[1])
+    shared = cs.page_predict(served, body, counter, (one, SHIPPED))
+    assert shared == apart and shared["count"] == 2 and sorted(sides) == [28, 36]
+
+
 def test_predict_scales_a_drawing_and_finds_no_digit_on_a_blank(url):
     x = np.zeros((36, 36))
     x[2:34, 16:19] = 1                                             # a tall stroke: a 1
