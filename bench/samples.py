@@ -700,8 +700,9 @@ def count_features_study(args, mnist) -> None:
     ones = (labels["composites"] == 1).any(1)
     pens = [k for k in feats if k[0] == "composites" and k[1] in SIDES + (FILLED,)]
     hold = np.concatenate([ones[missed[k]] for k in pens])  # each missed composite: holds a 1?
-    lines += ["", "the shipped rule, fitted on these images (in-sample): composites missed, pens "
-              f"as written: {len(hold)} of {len(pens) * len(ones)}; "
+    lines += ["", f"{args.counter}'s rule (in-sample if count fuse ran with the same --seed and "
+              f"--held): composites missed, pens as written: {len(hold)} of "
+              f"{len(pens) * len(ones)}; "
               f"{hold.mean() if len(hold) else 0:.2f} of those missed hold a 1, against "
               f"{ones.mean():.2f} of all composites"]
     if args.figure:
