@@ -144,7 +144,7 @@ def count(x: np.ndarray, counter, n_labels: int, models=(None, None), read_twos=
     v = cp.both_views([x])
     if not v.ink[0]:                        # a blank: nothing to count
         return n_labels, None
-    caps = (None, read_twos(v.twos) if read_twos and models[1] is not None else None)
+    caps = (None, read_twos(v.twos) if read_twos else None)
     score = float(cp.count_scores(v, counter, *models, caps=caps)[0])
     return (2 if score > 0 else 1), score
 
