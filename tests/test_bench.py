@@ -355,7 +355,8 @@ def test_count_train_distort_bends_half_the_fit_digits_and_nothing_else():
 
 def test_count_score_names_what_predict_would_name(monkeypatch, capsys):
     """auto is scored by the digits predict names: a lone digit counted two but named alone is
-    right, two named for one is wrong; count score --mixed reads one group a size."""
+    right, two named for one is wrong; count score --mixed reads one group a size, and its
+    second table puts the whole of auto - forced in the miscounted images."""
     import samples
     g = dict(count=np.array([2, 2, 1, 1, 2]), found1=[[3], [3], [3], [4], [3]],
              found2=[[3], [3, 1], [3, 5], [4], [3, 5]])
@@ -367,7 +368,12 @@ def test_count_score_names_what_predict_would_name(monkeypatch, capsys):
     assert samples.main(["count", "score", "--n", "3", "--mixed"]) == 0
     rows = [r for r in capsys.readouterr().out.splitlines() if r.startswith("| digits")
             or r.startswith("| composites")]
-    assert len(rows) == 10 and all(" | mixed | 3 | " in r for r in rows), rows
+    assert len(rows) == 20 and all(" | mixed | " in r for r in rows), rows
+    for first, gap in zip(rows[:10], rows[10:]):
+        n, right, diff = (float(first.split(" | ")[i].split()[0]) for i in (3, 4, 7))
+        missed, auto, forced = (int(c) for c in gap.split(" | ")[3:6])
+        assert first.split(" | ")[:3] == gap.split(" | ")[:3]
+        assert missed == round(n * (1 - right)) and abs((auto - forced) / n - diff) < 1e-3
 
 
 def test_fit_logistic_reaches_the_minimum():
