@@ -16,6 +16,7 @@ import math
 import os
 import sys
 import warnings
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,8 +60,9 @@ def _unit_range(x: np.ndarray, path) -> np.ndarray:
 
 def read_image(path) -> np.ndarray:
     """The image at path (any format imageio reads, or .npy) as float64 (H, W) in [0, 1], grey as
-    stored: colour becomes luminance, alpha is dropped. Anything else is a CapsNetError naming
-    the file."""
+    stored: colour becomes luminance, and where an alpha channel makes a pixel see-through, it
+    shows white paper behind it, as a browser does. Anything else is a CapsNetError naming the
+    file."""
     path = Path(path)
     try:
         if path.suffix.lower() == ".npy":
@@ -77,11 +79,11 @@ def read_image(path) -> np.ndarray:
     x = np.asarray(x)
     if x.size == 0:
         raise CapsNetError(f"{path} is empty")
-    if x.ndim == 3 and x.shape[2] in (1, 3, 4):
-        x = x[..., :3] if x.shape[2] > 1 else x[..., 0]             # alpha dropped
     x = _unit_range(x, path)
-    if x.ndim == 3 and x.shape[2] == 3:
-        x = x @ np.array([0.299, 0.587, 0.114])                     # (H, W) luminance
+    if x.ndim == 3 and x.shape[2] in (2, 4):  # drawing apps save black ink on see-through black
+        x = x[..., :-1] * x[..., -1:] + (1 - x[..., -1:])           # (H, W, 1 or 3) on white
+    if x.ndim == 3 and x.shape[2] in (1, 3):
+        x = x[..., 0] if x.shape[2] == 1 else x @ np.array([0.299, 0.587, 0.114])  # (H, W)
     if x.ndim != 2:
         raise CapsNetError(f"{path} has shape {x.shape}; expected a grey or colour image")
     return x
@@ -347,13 +349,19 @@ _COUNTERS: dict = {}
 
 def load_counter(path: Path = None) -> dict | None:
     """The counter at path (default COUNT_MODEL_FILE) as float32 {its cnn_ arrays..., threshold},
-    loaded once; None when the file is missing."""
+    loaded once; None when the file is missing, a CapsNetError when it is no counter."""
     path = Path(path or COUNT_MODEL_FILE)
     if path not in _COUNTERS:
         if not path.exists():
             return None
-        with np.load(path) as f:
-            _COUNTERS[path] = {k: f[k].astype(np.float32) for k in f.files}
+        try:
+            with np.load(path, allow_pickle=False) as f:
+                counter = {k: f[k].astype(np.float32) for k in f.files}
+        except (OSError, ValueError, TypeError, EOFError, zipfile.BadZipFile) as e:
+            raise CapsNetError(f"{path} is not a readable counter ({type(e).__name__})") from None
+        if not {"cnn_out_w", "threshold"} <= set(counter):
+            raise CapsNetError(f"{path}: not a counter (count train writes one)")
+        _COUNTERS[path] = counter
     return _COUNTERS[path]
 
 

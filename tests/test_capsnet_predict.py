@@ -297,6 +297,23 @@ def test_bad_images_are_a_clear_error_naming_the_file(tmp_path, kind):
     assert str(path) in str(e.value)
 
 
+def test_see_through_pixels_read_as_white_paper(tmp_path):
+    """A drawing app's PNG, black ink on see-through black (RGBA, or grey and alpha), reads as
+    that ink on white paper, and predict names its digit; an opaque alpha changes nothing."""
+    ink = digit(np.random.default_rng(3))
+    clear = np.zeros((28, 28), np.uint8)
+    iio.imwrite(tmp_path / "rgba.png", np.stack([clear, clear, clear, ink], -1))
+    iio.imwrite(tmp_path / "la.png", np.stack([clear, ink], -1))
+    for name in ("rgba.png", "la.png"):
+        np.testing.assert_allclose(cp.read_image(tmp_path / name), 1 - ink / 255, atol=1e-12)
+    np.testing.assert_array_equal(model_input(tmp_path / "la.png", canvas=28), ink)
+    rgb = np.random.default_rng(4).integers(0, 256, (28, 28, 3), dtype=np.uint8)
+    iio.imwrite(tmp_path / "rgb.png", rgb)
+    iio.imwrite(tmp_path / "opaque.png", np.dstack([rgb, np.full((28, 28), 255, np.uint8)]))
+    np.testing.assert_array_equal(cp.read_image(tmp_path / "opaque.png"),
+                                  cp.read_image(tmp_path / "rgb.png"))
+
+
 # ----------------------------------------------------------------------------------------------
 # The command
 
@@ -365,6 +382,23 @@ def test_the_model_is_chosen_by_the_digits_an_image_holds(tmp_path, monkeypatch)
     (tmp_path / "capsnet-mnist.npz").touch()
     assert choose(1, None) == cp.MNIST_MODEL_FILE and choose(2, None) == mc.MODEL_FILE
     assert choose(1, "m.npz") == choose(2, "m.npz") == Path("m.npz")
+
+
+def test_a_broken_counter_file_is_one_line_and_exit_1(tmp_path, monkeypatch, capsys):
+    """A counter file that is no zip, or a zip of other arrays, stops predict with one line
+    naming it, never a traceback; --digits 1 does not need it."""
+    iio.imwrite(tmp_path / "five.png", font_digit(5)[4:32, 4:32])
+    np.savez(tmp_path / "other.npz", w=np.zeros(3))
+    (tmp_path / "junk.npz").write_bytes(b"not a zip")
+    monkeypatch.chdir(tmp_path)
+    for name, why in (("junk.npz", "is not a readable counter (ValueError)"),
+                      ("other.npz", "not a counter (count train writes one)")):
+        monkeypatch.setattr(cp, "COUNT_MODEL_FILE", tmp_path / name)
+        assert cp.main(["five.png"]) == 1
+        out, err = capsys.readouterr()
+        assert out == "" and err.count("\n") == 1, err
+        assert err.startswith(f"capsnet_predict.py: error: {tmp_path / name}") and why in err
+    assert cp.main(["--digits", "1", "five.png"]) == 0
 
 
 def test_the_count_and_the_answer_read_each_image_once(tmp_path, monkeypatch, capsys):
