@@ -12,6 +12,7 @@ import argparse
 import contextlib
 import http.server
 import json
+import socket
 import sys
 import urllib.parse
 from dataclasses import dataclass
@@ -304,7 +305,7 @@ class PageHandler(http.server.BaseHTTPRequestHandler):
         models = self.server.models
         if name is None:
             return next(iter(models.values()))
-        if name not in models:
+        if not isinstance(name, str) or name not in models:
             raise BadRequest(400, f"no model {str(name)[:60]!r}; this server has "
                                   f"{', '.join(models)}")
         return models[name]
@@ -322,7 +323,15 @@ class PageHandler(http.server.BaseHTTPRequestHandler):
             self._discard(n)
             raise BadRequest(413, f"a body of {n:,} bytes; the limit is {MAX_BODY:,}")
         try:
-            body = json.loads(self.rfile.read(n))
+            data = self.rfile.read(n)
+        except OSError:                         # the socket's timeout too: a client gone quiet
+            self.close_connection = True
+            raise BadRequest(408, f"the body did not arrive within {self.timeout} s") from None
+        if len(data) < n:
+            self.close_connection = True
+            raise BadRequest(400, f"the body ended after {len(data):,} of its {n:,} bytes")
+        try:
+            body = json.loads(data)
         except (ValueError, RecursionError) as e:  # JSONDecodeError and bad UTF-8 are ValueErrors
             raise BadRequest(400, f"malformed JSON: {str(e)[:100]}") from None
         if not isinstance(body, dict):
@@ -377,6 +386,11 @@ class PageServer(http.server.ThreadingHTTPServer):
     """A thread per connection; a connection its client breaks (a reset, a closed pipe) is the
     client's business and leaves no line; any other failure is one line on stderr."""
     daemon_threads = True
+
+    def __init__(self, address, handler):
+        if ":" in address[0]:                   # an IPv6 address such as ::1
+            self.address_family = socket.AF_INET6
+        super().__init__(address, handler)
 
     def handle_error(self, request, client_address):
         if not isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):
@@ -454,9 +468,8 @@ def serve_main(argv) -> int:
     except CapsNetError as e:
         print(f"{parser.prog}: error: {e}", file=sys.stderr)
         return 1
-    host, port = server.server_address[:2]
-    print(f"serving {', '.join(m.name for m in models)} on http://{host}:{port}/ "
-          "(Ctrl-C stops)", flush=True)
+    print(f"serving {', '.join(m.name for m in models)} on {server.url} (Ctrl-C stops)",
+          flush=True)
     if digits is None:
         print(f"no MNIST test digits in {mc.mnist_dir(args.data_dir)}: the page's random-pair "
               "button is hidden (a training run fetches them)", flush=True)

@@ -231,6 +231,8 @@ BAD_POSTS = {  # name: (path, raw body, status, a piece of the one-line error)
                        "'fit' must be true or false"),
     "unknown model": ("/api/predict", json.dumps(dict(image=x36, model="../x.npz")).encode(), 400,
                       "no model '../x.npz'; this server has capsnet-multimnist.npz"),
+    "model not a name": ("/api/predict", json.dumps(dict(image=x36, model=[])).encode(), 400,
+                         "no model '[]'"),
     "capsule 10": ("/api/perturb", json.dumps(dict(capsule=10, pose=[0] * 16)).encode(), 400,
                    "'capsule' must be a digit 0..9"),
     "capsule true": ("/api/perturb", json.dumps(dict(capsule=True, pose=[0] * 16)).encode(), 400,
@@ -270,6 +272,28 @@ def test_raw_bad_requests_read_no_file_and_leave_the_server_up(url, request_byte
     got, error = status_and_error(raw_http(url, request_bytes))
     assert got == status and expect in error and "root:" not in error
     assert call(url, "/api/models")[0] == 200
+
+
+@pytest.mark.parametrize("then, status, expect", [
+    ("hang up", 400, "the body ended after 10 of its 100 bytes"),
+    ("go quiet", 408, "the body did not arrive within 0.5 s")])
+def test_a_body_shorter_than_its_length_is_one_line_and_no_log(url, monkeypatch, capfd, then,
+                                                                status, expect):
+    """A client that sends less than its Content-Length, then closes its side or waits past the
+    handler's timeout, gets one line, the connection closed, and leaves the log quiet."""
+    monkeypatch.setattr(cs.PageHandler, "timeout", 0.5)
+    host, port = url.split("//")[1].split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as s:
+        s.sendall(f"POST /api/predict HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Length: 100"
+                  "\r\n\r\n".encode() + b"{" * 10)
+        if then == "hang up":
+            s.shutdown(socket.SHUT_WR)
+        data = b""
+        while chunk := s.recv(65536):                   # to the end: the server closes
+            data += chunk
+    got, error = status_and_error(data)
+    assert got == status and error == expect and reply_head(data)[1]["connection"] == "close"
+    assert call(url, "/api/models")[0] == 200 and capfd.readouterr().err == ""
 
 
 def test_keep_alive_survives_a_refused_body(url):
@@ -329,6 +353,27 @@ def test_the_servers_own_names_are_answered(url, host):
                                             "0.0.0.0:80"}
     assert "[::1]:8000" in cs.own_hosts("::1", 8000) and "myhost:8000" in cs.own_hosts(
         "MyHost", 8000)
+
+
+def test_an_ipv6_address_is_served_under_its_bracketed_name():
+    """--host ::1 listens on IPv6 loopback and answers its own name, [::1] with the port."""
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+    except OSError as e:
+        pytest.skip(f"this machine has no IPv6 loopback ({e.strerror})")
+    shipped = cs.Served("capsnet-multimnist.npz", SHIPPED, "")
+    server = cs.make_server([shipped], None, "::1", 0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        port = server.server_address[1]
+        assert server.url == f"http://[::1]:{port}/"
+        with socket.create_connection(("::1", port), timeout=30) as s:
+            s.sendall(request("GET", "/api/models", f"[::1]:{port}"))
+            assert reply_head(s.recv(65536))[0] == 200
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 @pytest.mark.parametrize("origin, status", [("http://evil.example", 403),
