@@ -395,7 +395,8 @@ def test_count_fuse_writes_the_counter_with_weights_the_rule_uses(monkeypatch, t
     the file it writes keeps the counter and adds the weights count_scores weighs with both
     shipped models; an unwritable --model is one line before any drawing. count features on the same
     images: a column per feature set, its shipped column fuse's fused one, a PNG of the misses;
-    a counter without weights, or an unwritable --figure, is one line."""
+    a counter without weights, or an unwritable --figure, is one line; so is any count
+    subcommand's unwritable output, before MNIST is read."""
     import samples
     cp = samples.cp
     digits = mc.synthetic_mnist(np.random.default_rng(0), n_train=50040, n_test=8)
@@ -431,6 +432,14 @@ def test_count_fuse_writes_the_counter_with_weights_the_rule_uses(monkeypatch, t
         assert samples.main(["count", "features", "--held", "4", *argv]) == 1
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and says in err
+    loads = []  # an unwritable output is one line before MNIST is even read
+    monkeypatch.setattr(samples.mnist_fetch, "load_mnist", lambda data_dir=None: loads.append(1))
+    nowhere = str(tmp_path / "no" / "f.npz")
+    for argv in (["train", "--model", nowhere], ["score", "--out", nowhere],
+                 ["held", str(out), "--out", nowhere]):
+        assert samples.main(["count", *argv]) == 1 and loads == []
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"{argv[-2]}: directory " in err and "does not exist" in err
 
 
 # ----------------------------------------------------------------------------------------------
