@@ -224,6 +224,10 @@ def page_sample(m: Served, digits) -> dict:
                 labels=p["labels"][0].tolist())
 
 
+GET_PATHS = ("/", "/index.html", "/api/models", "/api/sample")  # the routes, by method
+POST_PATHS = ("/api/predict", "/api/perturb")
+
+
 class PageHandler(http.server.BaseHTTPRequestHandler):
     """The page and its JSON API, on fixed routes: no request names a file. Every error is a
     JSON {"error": one line} with its status; the server keeps serving after each."""
@@ -235,6 +239,8 @@ class PageHandler(http.server.BaseHTTPRequestHandler):
         if self._stranger():
             return
         path, _, query = self.path.partition("?")
+        if path in POST_PATHS:
+            return self._wrong_method("POST")
         if path in ("/", "/index.html"):
             return self._reply(200, self.server.page, "text/html; charset=utf-8")
         query = urllib.parse.parse_qs(query)
@@ -249,7 +255,16 @@ class PageHandler(http.server.BaseHTTPRequestHandler):
         counter, models = self.server.counter, self.server.count_models
         fn = {"/api/predict": lambda m, body: page_predict(m, body, counter, models),
               "/api/perturb": page_perturb}.get(self.path)
+        if fn is None and self.path.partition("?")[0] in GET_PATHS:
+            return self._wrong_method("GET")
         self._api(fn and (lambda: self._post(fn)))
+
+    def _wrong_method(self, allowed: str):
+        """405 for a route that exists under another method; a body sent with it is not read."""
+        self.close_connection = True
+        self._reply(405, json.dumps(dict(error=f"{self.command} {self.path.partition('?')[0]}: "
+                                               f"this route takes {allowed}")).encode(),
+                    "application/json", {"Allow": allowed})
 
     def do_OPTIONS(self):
         """What a client may send (a CORS preflight included): no cross-origin grant, so a
@@ -351,8 +366,10 @@ class PageHandler(http.server.BaseHTTPRequestHandler):
         except (ConnectionError, TimeoutError):
             self.close_connection = True
 
-    def _reply(self, status: int, data: bytes, kind: str):
+    def _reply(self, status: int, data: bytes, kind: str, more: dict = None):
         self.send_response(status)
+        for name, value in (more or {}).items():
+            self.send_header(name, value)
         self.send_header("Content-Type", kind)
         self.send_header("Content-Length", str(len(data)))
         self.send_header("Cache-Control", "no-store")
@@ -443,8 +460,9 @@ def build_serve_parser() -> argparse.ArgumentParser:
                                    "watch the capsules read them, their reconstructions, the "
                                    "routing, and the paper's Figure 4 on sliders. Ctrl-C stops.")
     p.add_argument("--host", default="127.0.0.1",
-                   help="address to listen on; the page has no login, so keep it on this "
-                        "machine (default: %(default)s)")
+                   help="address to listen on, and the one name it answers to besides "
+                        "localhost's: to open the page from another machine, give this "
+                        "machine's address (the page has no login) (default: %(default)s)")
     p.add_argument("--port", type=_port, default=8000,
                    help="port to listen on; 0 picks a free one (default: %(default)s)")
     shipped = Path("models", MODEL_FILE.name)
@@ -472,7 +490,11 @@ def serve_main(argv) -> int:
           flush=True)
     if digits is None:
         print(f"no MNIST test digits in {mc.mnist_dir(args.data_dir)}: the page's random-pair "
-              "button is hidden (a training run fetches them)", flush=True)
+              "button is hidden (python3 mnist_fetch.py fetches them)", flush=True)
+    if args.host in ("0.0.0.0", "::"):
+        print(f"{args.host} listens on every address, but answers only requests to localhost's "
+              "names: to open the page from another machine, give --host this machine's address",
+              flush=True)
     blas = mc.blas_limiter()  # one BLAS thread per request: requests run side by side
     try:
         with blas.limit(limits=1) if blas else contextlib.nullcontext():

@@ -265,12 +265,18 @@ def test_a_bad_request_is_one_line_and_the_server_keeps_serving(url, name):
     (b"GET /multimnist_capsnet.py HTTP/1.1\r\nHost: x\r\n\r\n", 404, "no such page"),
     (b"GET /models/capsnet-multimnist.npz HTTP/1.1\r\nHost: x\r\n\r\n", 404, "no such page"),
     (b"PUT / HTTP/1.1\r\nHost: x\r\n\r\n", 501, "Unsupported method ('PUT')"),
+    (b"GET /api/predict?x=1 HTTP/1.1\r\nHost: x\r\n\r\n", 405,
+     "GET /api/predict: this route takes POST"),
+    (b"POST /api/models HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}", 405,
+     "POST /api/models: this route takes GET"),
     (b"GET / HTTP/1.1 extra\r\n\r\n", 400, "Bad request version ('extra')"),
     (b"garbage\r\n\r\n", 400, "Bad request syntax ('garbage')"),
 ])
 def test_raw_bad_requests_read_no_file_and_leave_the_server_up(url, request_bytes, status, expect):
-    got, error = status_and_error(raw_http(url, request_bytes))
+    got, error = status_and_error(reply := raw_http(url, request_bytes))
     assert got == status and expect in error and "root:" not in error
+    if status == 405:                                   # and says which method the route takes
+        assert reply_head(reply)[1]["allow"] == expect.split()[-1]
     assert call(url, "/api/models")[0] == 200
 
 
@@ -450,13 +456,17 @@ def serve(*args, cwd):
 
 
 def test_serve_starts_on_a_free_port_and_stops_on_ctrl_c(tmp_path):
-    with serve("--port", "0", "--data-dir", tmp_path, cwd=tmp_path) as proc:
+    """On every address (0.0.0.0), saying which names it answers; no MNIST: no random pairs."""
+    with serve("--port", "0", "--data-dir", tmp_path, "--host", "0.0.0.0", cwd=tmp_path) as proc:
         try:
             first = proc.stdout.readline()
             assert first.startswith("serving capsnet-multimnist.npz"), first
             url = first.split(" on ", 1)[1].split()[0].rstrip("/")
-            assert url.startswith("http://127.0.0.1:"), first
-            assert "random-pair button is hidden" in proc.stdout.readline()
+            assert url.startswith("http://0.0.0.0:"), first
+            assert proc.stdout.readline().endswith("random-pair button is hidden (python3 "
+                                                   "mnist_fetch.py fetches them)\n")
+            assert proc.stdout.readline().startswith("0.0.0.0 listens on every address, but "
+                                                     "answers only requests to localhost's")
             status, info = call(url, "/api/models")
             assert status == 200 and info["sample"] is False
             assert info["models"][0]["accuracy"].startswith(
