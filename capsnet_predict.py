@@ -470,8 +470,9 @@ def build_predict_parser() -> argparse.ArgumentParser:
                         "them, from how well one digit and two explain the image, at any size "
                         "(default: %(default)s)")
     p.add_argument("--background", choices=("auto", "black", "white"), default="auto",
-                   help="the image's background; auto: the side the median pixel is on (ink is "
-                        "the minority) (default: %(default)s)")
+                   help="the paper's colour; auto: its edge's, where that stands out from the "
+                        "median pixel, else the majority's (ink is the minority) (default: "
+                        "%(default)s)")
     p.add_argument("--verbose", action="store_true",
                    help="print how each image was cropped and scaled, the count's score "
                         "(auto), and all ten capsule lengths")

@@ -650,11 +650,15 @@ def outdir_problem(path: str) -> str | None:
     return None
 
 
-def prepare_run(args, cfg: mc.Config) -> tuple[mc.Run, dict, dict | None, dict]:
+def prepare_run(args, cfg: mc.Config, given=()) -> tuple[mc.Run, dict, dict | None, dict]:
     """(run, mnist, pool, test): a fresh run with the module's own seed semantics, or the run in
-    --checkpoint (its config wins), with the data its config determines."""
+    --checkpoint, with the data its config determines; a training flag among the Config fields
+    given that disagrees with the checkpoint's config is an error, not silently ignored."""
     ckpt = getattr(args, "checkpoint", None)
     run = mc.load_checkpoint(ckpt) if ckpt else mc.new_run(cfg)
+    if differ := sorted(mc.flag(k) for k in given if getattr(cfg, k) != getattr(run.cfg, k)):
+        raise mc.CapsNetError(f"{', '.join(differ)}: {ckpt} was trained otherwise and is drawn "
+                              "as it was trained; drop the flag, or train without --checkpoint")
     if run.cfg.model != "capsnet":
         raise mc.CapsNetError(f"the figures show capsules and their reconstructions; a "
                               f"{run.cfg.model} has neither")
@@ -674,7 +678,8 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--checkpoint", nargs="?", const=str(mc.MODEL_FILE), default=None,
                    help="draw a saved model, no training: a checkpoint from "
                         "multimnist_capsnet.py --save, or with no value the shipped model "
-                        "(its config, data source included, replaces the training flags)")
+                        "(drawn with its own config, data source included: a training flag that "
+                        "disagrees is an error)")
     o.add_argument("--quiet", action="store_true",
                    help="no progress bar (it is drawn only when stderr is a terminal)")
     mc.add_training_flags(p)  # after its own flags: --help leads with what this script adds
@@ -721,7 +726,8 @@ def main(argv=None) -> int:
     outdir = Path(outdir).expanduser()
 
     def work():
-        run, mnist, pool, test = prepare_run(args, cfg)
+        given = mc.given_fields(build_parser(), argv) if args.checkpoint else set()
+        run, mnist, pool, test = prepare_run(args, cfg, given)
         if not args.checkpoint:
             mc.train(run, mnist, pool, test, progress=not args.quiet)
         for path in write_figures(run, test, outdir):

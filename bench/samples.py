@@ -148,7 +148,9 @@ def stroke(p, q, width: float, side: int = 200) -> np.ndarray:
 def examples_hand(args, mnist) -> None:
     """Lone digits as a user brings them, black on white: test digit 0 at 200x200, a thick 7
     drawn with two strokes at 200x200, test digits 1-10 at 112x112, and 11-15 filling a 28x28
-    frame (those white on black, as MNIST)."""
+    frame (those white on black, as MNIST); and one that needs --background: test digit 0 cut
+    to its ink's box, 120 px tall, drawn with a pen 15 px wider, so that ink fills half the
+    image and most of its edge."""
     out = Path(args.outdir)
     out.mkdir(parents=True, exist_ok=True)
     x, y = mnist["test_x"] / 255, mnist["test_y"]
@@ -160,6 +162,10 @@ def examples_hand(args, mnist) -> None:
                    for i in range(1, 11)})
     images.update({f"test{i}_filling28_{y[i]}.png": frame_filling(mnist["test_x"][i])
                    for i in range(11, 16)})
+    rows, cols = np.flatnonzero(x[0].any(1)), np.flatnonzero(x[0].any(0))
+    crop = x[0][rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
+    tall = cp.resize(crop, 120, round(120 * crop.shape[1] / crop.shape[0]))
+    images[f"bold_test0_{y[0]}.png"] = 255 - widened(u8(tall), 15)
     for name, img in images.items():
         mc.atomic_write(out / name, iio.imwrite("<bytes>", img, extension=".png"))
     print(*(out / n for n in images))

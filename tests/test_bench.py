@@ -286,7 +286,9 @@ def test_samples_write_labelled_digits_composites_and_examples(synthetic_mnist, 
     names = sorted(p.suffix for p in (tmp_path / "e").iterdir())
     assert names == [".jpg", ".png", ".png"]
     assert samples.main(["examples", "hand", str(tmp_path / "h")]) == 0
-    assert len(list((tmp_path / "h").iterdir())) == 17
+    assert len(list((tmp_path / "h").iterdir())) == 18
+    bold = iio.imread(next((tmp_path / "h").glob("bold_test0_*.png"))) < 128  # black ink
+    assert bold.shape[0] == 120 and bold[[0, -1]].any(1).all() and bold[:, [0, -1]].any(0).all()
     assert samples.main(["examples", "score", "--n", "3"]) == 0
     out = capsys.readouterr().out
     assert out.count("top-1") == 3 and out.count("set acc") == 2

@@ -212,6 +212,12 @@ def test_visualize_from_checkpoint(tmp_path, capsys):
     assert "epoch 1/1" not in capsys.readouterr().out  # drawn from the checkpoint, not retrained
     for name in FIGURES:
         check_png(out / name)
+    assert viz.main(["--quiet", "--checkpoint", str(ckpt), "--n-epochs", "3", "--lr", "0.5",
+                     "--outdir", str(tmp_path / "other")]) == 1   # a flag that would be ignored
+    err = capsys.readouterr().err
+    assert err == (f"visualize_multimnist_capsnet.py: error: --lr, --n-epochs: {ckpt} was trained "
+                   "otherwise and is drawn as it was trained; drop the flag, or train without "
+                   "--checkpoint\n") and not list((tmp_path / "other").glob("*.png"))
 
 
 def test_visualize_a_model_file(tmp_path, capsys):
