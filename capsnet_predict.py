@@ -321,6 +321,11 @@ def counter_input(ones: np.ndarray, twos: np.ndarray) -> np.ndarray:
     return x
 
 
+def counter_views(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """counter_input's two views back from x (N, 36, 36, 2): (ones (N, 28, 28), twos (N, 36, 36))."""
+    return x[:, 4:32, 4:32, 1], x[..., 0]
+
+
 def counter_forward(x: np.ndarray, p: dict) -> tuple[np.ndarray, tuple]:
     """x (N, 36, 36, 2) -> (the logit of two digits (N,), cache)."""
     logits, cache = cnn_baseline.cnn_forward(p, x)                          # (N, 1)
@@ -571,7 +576,6 @@ def _predict_one(path, x: np.ndarray, args, runs: dict) -> Row:
     ckpt = choose_model(n, args.checkpoint)
     run = _model(runs, ckpt, args)
     cfg, params = run.cfg, run.eval_params
-    n = min(n, cfg.n_labels)
     if v is not None and (cfg.canvas, n) in ((28, 1), (36, 2)):  # the count's view: no second pass
         img, how = (v.ones, v.twos)[n - 1][0], v.hows[0][n - 1]
         img = img if v.ink[0] else None
@@ -612,7 +616,7 @@ def _missing(row: Row, k: int) -> str:
         return ""
     if k >= row.n:
         return "one digit counted"
-    return "none at 0.50" if k == 0 else "no second at 0.50"
+    return f"none at {MIN_LENGTH:.2f}" if k == 0 else f"no second at {MIN_LENGTH:.2f}"
 
 
 def prediction_figure(rows: list[Row]):

@@ -537,8 +537,8 @@ def count_held(args, mnist) -> None:
     counters = {f: counter_file(f) for f in args.counters}  # a bad file fails before the drawing
     rng = np.random.default_rng(args.seed)
     pools = training_pools(mnist, args.seed)
-    for _ in fit_plans(pools, args, rng):
-        pass  # count train's draws, undrawn, to reach its held-out ones
+    for _ in range(len(KINDS) * args.renders):
+        drawing_plan(rng, args.n)  # count train's draws from rng, undrawn, to reach the held-out
     held = held_sets(pools, args, rng)
     shifts = SHIFTS if args.shifts else [(0, 0)]
 
@@ -618,10 +618,10 @@ def count_fuse(args, mnist) -> None:
     right counts by 2-fold cross-validation against the counter alone; write the weights into
     --model."""
     counter = counter_file(args.counter)
-    models = load_shipped()
+    models = load_shipped(counter=False)
     t0 = time.perf_counter()
     held = held_sets(training_pools(mnist, args.seed), args, np.random.default_rng([args.seed, 2]))
-    feats = {k: (cp.count_features(counter_logits(hx, counter), hx[:, 4:32, 4:32, 1], hx[..., 0],
+    feats = {k: (cp.count_features(counter_logits(hx, counter), *cp.counter_views(hx),
                                    *models), np.full(len(hx), two))
              for k, (hx, two) in held.items()}
     print(f"drew and read {args.held} held-out images of each kind at each size: "
@@ -670,7 +670,7 @@ def candidate_features(hx: np.ndarray, counter: dict, one: mc.Run, two: mc.Run) 
     """What the count could weigh on the counter's views hx (N, 36, 36, 2) uint8: {logit (N, 1),
     redraw1 (N, 1) and redraw2 (N, 2): cp.count_features' columns; lengths1 and lengths2 (N, J):
     each model's capsule lengths, sorted}."""
-    ones, twos = hx[:, 4:32, 4:32, 1], hx[..., 0]
+    ones, twos = cp.counter_views(hx)
     caps = (mc.predict(one.eval_params, one.cfg, ones),                         # (N, J, E)
             mc.predict(two.eval_params, two.cfg, twos))
     f = cp.count_features(counter_logits(hx, counter), ones, twos, one, two, caps)  # (N, 4)
@@ -687,7 +687,7 @@ def count_features_study(args, mnist) -> None:
     if len(counter.get("fuse_w", ())) != len(FEATURE_NAMES):
         raise mc.CapsNetError(f"{args.counter} has no count fuse weights for "
                               f"{len(FEATURE_NAMES)} inputs (count fuse writes them)")
-    models, pools = load_shipped(), training_pools(mnist, args.seed)
+    models, pools = load_shipped(counter=False), training_pools(mnist, args.seed)
     held = held_sets(pools, args, np.random.default_rng([args.seed, 2]))
     labels = {kind: s.labels for kind, s in
               source_images(pools["held"], "train", args.held, args.seed + 1).items()}
@@ -829,9 +829,10 @@ def convention_rows(mnist, args, models) -> list[str]:
             f"{(old_filled.argmax(1) == dy[:, 0]).mean():.3f}"]
 
 
-def load_shipped() -> tuple:
-    """The shipped MNIST and MultiMNIST models, which count score reads with (and the counter)."""
-    files = (cp.MNIST_MODEL_FILE, cp.MODEL_FILE, cp.COUNT_MODEL_FILE)
+def load_shipped(counter: bool = True) -> tuple:
+    """The shipped MNIST and MultiMNIST models, which the count weighs, checking that the shipped
+    counter is there too unless (counter False) the caller brings its own."""
+    files = (cp.MNIST_MODEL_FILE, cp.MODEL_FILE) + (cp.COUNT_MODEL_FILE,) * counter
     if not all(f.exists() for f in files):
         raise mc.CapsNetError("count needs the shipped models, " + ", ".join(
             f"models/{f.name}" for f in files))
@@ -922,8 +923,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "%(default)s)")
         q.add_argument("--held", type=int, default=500, help="held-out images of each kind at "
                        "each size (default: %(default)s)")
-        q.add_argument("--distort", action="store_true", help="fit on digits turned, sheared "
-                       "and stretched at random, half of them (default: off)")
+    ct.add_argument("--distort", action="store_true", help="fit on digits turned, sheared and "
+                    "stretched at random, half of them (default: off)")
     cf = co_how.add_parser("fuse", help="weigh the counter's logit with both models' "
                            "reconstruction errors on held-out training images",
                            description="Fit the count's weights (the counter's logit, the MNIST "
