@@ -308,7 +308,8 @@ def header(args, what: str) -> list[str]:
     n = f" --n {args.n}" * (args.n is not None)
     return [f"# python3 bench/samples.py count {args.how}{files}{n}{more} --seed "
             f"{args.seed}: {what}",
-            f"# {cpu_model()}, {os.cpu_count()} cores; commit {commit()}"]
+            f"# {cpu_model()}, {os.cpu_count()} cores; commit "
+            f"{getattr(args, 'commit', None) or commit()}"]
 
 
 def training_pools(mnist, seed: int) -> dict:
@@ -979,6 +980,7 @@ def main(argv=None) -> int:
         if getattr(args, flag, None) and (why := mc.check_writable(getattr(args, flag))):
             print(f"{args.prog}: error: --{flag}: {why}", file=sys.stderr)  # before any work
             return 1
+    args.commit = commit()  # the code that runs, not what the tree holds when the report is written
     try:
         args.fn(args, mnist_fetch.load_mnist(args.data_dir))
     except mc.CapsNetError as e:
