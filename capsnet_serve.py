@@ -224,8 +224,17 @@ def page_sample(m: Served, digits) -> dict:
                 labels=p["labels"][0].tolist())
 
 
-GET_PATHS = ("/", "/index.html", "/api/models", "/api/sample")  # the routes, by method
-POST_PATHS = ("/api/predict", "/api/perturb")
+# The routes, each path under one method: the page, GET's JSON answers (handler, query) and
+# POST's (handler, model, body).
+PAGE_PATHS = ("/", "/index.html")
+GET_ROUTES = {
+    "/api/models": lambda h, query: page_models(h.server.models, h.server.digits),
+    "/api/sample": lambda h, query: page_sample(h._model(query.get("model", [None])[0]),
+                                                h.server.digits)}
+POST_ROUTES = {
+    "/api/predict": lambda h, m, body: page_predict(m, body, h.server.counter,
+                                                    h.server.count_models),
+    "/api/perturb": lambda h, m, body: page_perturb(m, body)}
 
 
 class PageHandler(http.server.BaseHTTPRequestHandler):
@@ -239,25 +248,20 @@ class PageHandler(http.server.BaseHTTPRequestHandler):
         if self._stranger():
             return
         path, _, query = self.path.partition("?")
-        if path in POST_PATHS:
+        if path in POST_ROUTES:
             return self._wrong_method("POST")
-        if path in ("/", "/index.html"):
+        if path in PAGE_PATHS:
             return self._reply(200, self.server.page, "text/html; charset=utf-8")
-        query = urllib.parse.parse_qs(query)
-        routes = {"/api/models": lambda: page_models(self.server.models, self.server.digits),
-                  "/api/sample": lambda: page_sample(self._model(query.get("model", [None])[0]),
-                                                     self.server.digits)}
-        self._api(routes.get(path))
+        fn = GET_ROUTES.get(path)
+        self._api(fn and (lambda: fn(self, urllib.parse.parse_qs(query))))
 
     def do_POST(self):
         if self._stranger(post=True):
             return
-        counter, models = self.server.counter, self.server.count_models
-        fn = {"/api/predict": lambda m, body: page_predict(m, body, counter, models),
-              "/api/perturb": page_perturb}.get(self.path)
-        if fn is None and self.path.partition("?")[0] in GET_PATHS:
+        fn = POST_ROUTES.get(self.path)
+        if fn is None and self.path.partition("?")[0] in PAGE_PATHS + tuple(GET_ROUTES):
             return self._wrong_method("GET")
-        self._api(fn and (lambda: self._post(fn)))
+        self._api(fn and (lambda: self._post(lambda m, body: fn(self, m, body))))
 
     def _wrong_method(self, allowed: str):
         """405 for a route that exists under another method; a body sent with it is not read."""
