@@ -322,7 +322,8 @@ def counter_input(ones: np.ndarray, twos: np.ndarray) -> np.ndarray:
 
 
 def counter_views(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """counter_input's two views back from x (N, 36, 36, 2): (ones (N, 28, 28), twos (N, 36, 36))."""
+    """counter_input's two views back from x (N, 36, 36, 2): (ones (N, 28, 28), twos (N, 36,
+    36))."""
     return x[:, 4:32, 4:32, 1], x[..., 0]
 
 
@@ -382,6 +383,13 @@ def redraw_errors(run: Run, x: np.ndarray, most: int, caps=None) -> np.ndarray:
         recon = np.clip(recon + mc.reconstruct(run.eval_params, v, order[:, k]), 0, 1)
         out.append(np.log(((recon - target) ** 2).mean(1) + 1e-4))
     return np.stack(out, 1)
+
+
+def capsules(one: Run, two: Run, ones: np.ndarray, twos: np.ndarray) -> tuple:
+    """Both shipped models' capsules, each on its own view: (one's (N, J, E) on the one-digit
+    views ones (N, 28, 28), two's on the two-digit views twos (N, 36, 36)), both uint8; the
+    count weighs them (count_features) and the answer reuses them."""
+    return (mc.predict(one.eval_params, one.cfg, ones), mc.predict(two.eval_params, two.cfg, twos))
 
 
 def count_features(logits: np.ndarray, ones: np.ndarray, twos: np.ndarray, one: Run, two: Run,
@@ -548,7 +556,7 @@ def how_many(ink: np.ndarray, args, runs: dict) -> tuple[int, str, Views | None,
     """How many digits to look for in the white-on-black image ink: --digits 1|2 as given; auto
     asks the count (count_scores), which a one-digit --checkpoint needs not. -> (n, why
     in words for --verbose, both models' views of the image or None, {(model file, digits):
-    its capsules (1, J, E) on that view} for those the count read)."""
+    its capsules (1, J, E) on that view, None where the count read none})."""
     if args.digits != "auto":
         return int(args.digits), f"--digits {args.digits}", None, {}
     if args.checkpoint and _model(runs, Path(args.checkpoint), args).cfg.n_labels == 1:
@@ -559,13 +567,12 @@ def how_many(ink: np.ndarray, args, runs: dict) -> tuple[int, str, Views | None,
     if not v.ink[0]:
         return 1, "no ink to count", v, {}
     one = two = None  # the count weighs their redrawings when both are there
-    read = {}
+    caps = (None, None)
     if MNIST_MODEL_FILE.exists() and MODEL_FILE.exists():
         one, two = _model(runs, MNIST_MODEL_FILE, args), _model(runs, MODEL_FILE, args)
-        read = {(MNIST_MODEL_FILE, 1): mc.predict(one.eval_params, one.cfg, v.ones),  # (1, J, E)
-                (MODEL_FILE, 2): mc.predict(two.eval_params, two.cfg, v.twos)}
-    caps = (read.get((MNIST_MODEL_FILE, 1)), read.get((MODEL_FILE, 2)))
+        caps = capsules(one, two, v.ones, v.twos)                          # (1, J, E) each
     score = count_scores(v, None, one, two, caps)[0]
+    read = {(MNIST_MODEL_FILE, 1): caps[0], (MODEL_FILE, 2): caps[1]}  # None: not read
     return (2 if score > 0 else 1), f"auto: the count's score {score:+.2f}, two above 0", v, read
 
 

@@ -250,8 +250,7 @@ def read_auto(images, models) -> dict:
     lists) the digits named as one digit (--digits 1) and as two (--digits 2)}."""
     one, two = models
     v = cp.both_views([cp.ink_on_black(x)[0] for x in images])
-    caps = (mc.predict(one.eval_params, one.cfg, v.ones),      # (N, J, E) each: read once, used
-            mc.predict(two.eval_params, two.cfg, v.twos))      # twice
+    caps = cp.capsules(one, two, v.ones, v.twos)  # (N, J, E) each: read once, used twice
     s1, s2 = mc.class_scores(caps[0]), mc.class_scores(caps[1])
     return dict(count=np.where(cp.count_scores(v, None, one, two, caps) > 0, 2, 1),
                 found1=[cp.digits_found(s, 1) for s in s1],
@@ -672,8 +671,7 @@ def candidate_features(hx: np.ndarray, counter: dict, one: mc.Run, two: mc.Run) 
     redraw1 (N, 1) and redraw2 (N, 2): cp.count_features' columns; lengths1 and lengths2 (N, J):
     each model's capsule lengths, sorted}."""
     ones, twos = cp.counter_views(hx)
-    caps = (mc.predict(one.eval_params, one.cfg, ones),                         # (N, J, E)
-            mc.predict(two.eval_params, two.cfg, twos))
+    caps = cp.capsules(one, two, ones, twos)                                    # (N, J, E)
     f = cp.count_features(counter_logits(hx, counter), ones, twos, one, two, caps)  # (N, 4)
     return dict(logit=f[:, :1], redraw1=f[:, 1:2], redraw2=f[:, 2:],
                 lengths1=np.sort(mc.class_scores(caps[0]), 1),
