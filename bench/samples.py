@@ -411,9 +411,10 @@ def fit_plans(pools: dict, args, rng: np.random.Generator):
             yield kind, images, drawing_plan(rng, len(images))
 
 
-def held_sets(pools: dict, args, rng: np.random.Generator) -> dict:
-    """{(kind, size): (views (N, 36, 36, 2) uint8, two digits?)}: args.held held-out training
-    digits and composites drawn at each size, and at 64 px with a pen 2 px wider."""
+def held_sets(pools: dict, args, rng: np.random.Generator) -> tuple[dict, dict]:
+    """({(kind, size): (views (N, 36, 36, 2) uint8, two digits?)}, {kind: its Source}):
+    args.held held-out training digits and composites drawn at each size, and at 64 px with a
+    pen 2 px wider."""
     held, source = {}, source_images(pools["held"], "train", args.held, args.seed + 1)
     for kind, src in source.items():
         for side, pen in [(side, 1) for side in SIDES + (FILLED,)] + [(64, 3)]:
@@ -421,14 +422,23 @@ def held_sets(pools: dict, args, rng: np.random.Generator) -> dict:
             name = side if pen == 1 else f"{side}, pen +{pen - 1}"
             held[kind, name] = (draw_all(src.images, [side] * n, pols, [pen] * n),
                                 kind == "composites")
-    return held
+    return held, source
+
+
+def as_written(group: tuple) -> bool:
+    """Whether a held-out (kind, size) group was drawn with the pen as written (not bolder)."""
+    return group[1] in SIDES + (FILLED,)
+
+
+def worst_as_written(right: dict) -> float:
+    """The lowest right count {(kind, size): share} over the groups drawn as written."""
+    return min(v for k, v in right.items() if as_written(k))
 
 
 def held_threshold(scores: dict) -> float:
     """The threshold on the logit that makes the worst held-out group's right count largest,
     over the groups drawn with the pens as written: scores {(kind, size): (logits, two)}."""
-    return -maximin_bias({k: v for k, v in scores.items() if k[1] in SIDES + (FILLED,)},
-                         step=0.01, span=8)
+    return -maximin_bias({k: v for k, v in scores.items() if as_written(k)}, step=0.01, span=8)
 
 
 def counter_init(rng: np.random.Generator, channels: tuple, fc: int) -> dict:
@@ -491,7 +501,7 @@ def count_train(args, mnist) -> None:
         ys.append(np.full(len(images), kind == "composites", np.float32))
     x, y = np.concatenate(xs), np.concatenate(ys)
     print(f"drew and normalised {len(x)} training images: {time.perf_counter() - t0:.0f} s")
-    held = held_sets(pools, args, rng)
+    held, _ = held_sets(pools, args, rng)
     print(f"and {args.held} of each kind at each size to choose the threshold: "
           f"{time.perf_counter() - t0:.0f} s", flush=True)
     params = counter_init(rng, channels, args.fc)
@@ -539,7 +549,7 @@ def count_held(args, mnist) -> None:
     pools = training_pools(mnist, args.seed)
     for _ in range(len(KINDS) * args.renders):
         drawing_plan(rng, args.n)  # count train's draws from rng, undrawn, to reach the held-out
-    held = held_sets(pools, args, rng)
+    held, _ = held_sets(pools, args, rng)
     shifts = SHIFTS if args.shifts else [(0, 0)]
 
     def logit(hx, c):  # (N,) the counter's logit, averaged over the shifts
@@ -561,8 +571,7 @@ def count_held(args, mnist) -> None:
     for k in held:
         lines.append(f"| {k[0]} at {k[1]} px | " + " | ".join(f"{r[k]:.3f}" for r in right.values())
                      + " |")
-    worst = [min(v for (_, side), v in r.items() if side in SIDES + (FILLED,))
-             for r in right.values()]
+    worst = [worst_as_written(r) for r in right.values()]
     lines += ["| threshold | " + " | ".join(f"{t:+.2f}" for t in thresholds.values())
               + " |", "| worst group, pens as written | "
               + " | ".join(f"**{w:.3f}**" for w in worst) + " |"]
@@ -620,7 +629,8 @@ def count_fuse(args, mnist) -> None:
     counter = counter_file(args.counter)
     models = load_shipped(counter=False)
     t0 = time.perf_counter()
-    held = held_sets(training_pools(mnist, args.seed), args, np.random.default_rng([args.seed, 2]))
+    held, _ = held_sets(training_pools(mnist, args.seed), args,
+                        np.random.default_rng([args.seed, 2]))
     feats = {k: (cp.count_features(counter_logits(hx, counter), *cp.counter_views(hx),
                                    *models), np.full(len(hx), two))
              for k, (hx, two) in held.items()}
@@ -641,8 +651,7 @@ def count_fuse(args, mnist) -> None:
     for k in feats:
         lines.append(f"| {k[0]} at {k[1]} px | {len(feats[k][0])} | "
                      f"{right['counter alone'][k]:.3f} | {right['fused'][k]:.3f} |")
-    worst = {name: min(v for (_, side), v in r.items() if side in SIDES + (FILLED,))
-             for name, r in right.items()}
+    worst = {name: worst_as_written(r) for name, r in right.items()}
     lines += [f"| worst group, pens as written | | **{worst['counter alone']:.3f}** | "
               f"**{worst['fused']:.3f}** |", "",
               "fitted on all: score = " + " ".join(f"{wk:+.4f} x {name}" for wk, name in zip(
@@ -687,9 +696,8 @@ def count_features_study(args, mnist) -> None:
         raise mc.CapsNetError(f"{args.counter} has no count fuse weights for "
                               f"{len(FEATURE_NAMES)} inputs (count fuse writes them)")
     models, pools = load_shipped(counter=False), training_pools(mnist, args.seed)
-    held = held_sets(pools, args, np.random.default_rng([args.seed, 2]))
-    labels = {kind: s.labels for kind, s in
-              source_images(pools["held"], "train", args.held, args.seed + 1).items()}
+    held, source = held_sets(pools, args, np.random.default_rng([args.seed, 2]))
+    labels = {kind: s.labels for kind, s in source.items()}
     feats = {k: (candidate_features(hx, counter, *models), np.full(len(hx), two))
              for k, (hx, two) in held.items()}
     right = {name: folds_right({k: (np.hstack([f[c] for c in cols]), two)
@@ -704,15 +712,14 @@ def count_features_study(args, mnist) -> None:
     for k, (f, _) in feats.items():
         lines.append(f"| {k[0]} at {k[1]} px | {len(f['logit'])} | "
                      + " | ".join(f"{r[k]:.3f}" for r in right.values()) + " |")
-    worst = [min(v for (_, side), v in r.items() if side in SIDES + (FILLED,))
-             for r in right.values()]
+    worst = [worst_as_written(r) for r in right.values()]
     lines.append("| worst group, pens as written | | " + " | ".join(f"**{w:.3f}**" for w in worst)
                  + " |")
     score = {k: np.hstack([f[c] for c in FEATURE_SETS[SHIPPED]]) @ counter["fuse_w"]
              + counter["fuse_b"][0] for k, (f, _) in feats.items()}
     missed = {k: (s > 0) != feats[k][1] for k, s in score.items()}
     ones = (labels["composites"] == 1).any(1)
-    pens = [k for k in feats if k[0] == "composites" and k[1] in SIDES + (FILLED,)]
+    pens = [k for k in feats if k[0] == "composites" and as_written(k)]
     hold = np.concatenate([ones[missed[k]] for k in pens])  # each missed composite: holds a 1?
     lines += ["", f"{args.counter}'s rule (in-sample if count fuse ran with the same --seed and "
               f"--held): composites missed, pens as written: {len(hold)} of "
